@@ -1,0 +1,1 @@
+//! Gradient bucketing (filled below in this issue).

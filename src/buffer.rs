@@ -1,0 +1,226 @@
+//! Buffers: what a collective reads from and writes into.
+//!
+//! A collective sees a buffer as a typed view — [`Buf`] (read) or [`BufMut`] (write) — that carries the
+//! element type, the element count and *where* the memory lives. Host slices are one kind of memory;
+//! device memory (CUDA, next to the NCCL backend) is another variant of the same [`Mem`]/[`MemMut`]
+//! enums, so there is one API for both, in the way candle keeps `CpuStorage` and `CudaStorage` behind one
+//! `Storage`. Backends match on the variant and either use the memory directly or stage it.
+//!
+//! Users never build views by hand: anything implementing [`Buffer`]/[`BufferMut`] (`[T]`, `Vec<T>`,
+//! and later `CudaSlice<T>`) is accepted by the typed methods of [`crate::CommunicatorExt`].
+//! Non-blocking collectives take ownership of an [`OwnedBuffer`] and hand it back on completion, so the
+//! memory cannot be touched while the communication is in flight.
+
+use crate::{DType, Element};
+use std::any::Any;
+
+/// Where a buffer lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    /// Host (CPU) memory.
+    Host,
+    /// Device memory on the given CUDA ordinal.
+    Device(usize),
+}
+
+/// The memory behind a read-only view.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Mem<'a> {
+    /// Host bytes.
+    Host(&'a [u8]),
+}
+
+/// The memory behind a writable view.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum MemMut<'a> {
+    /// Host bytes.
+    Host(&'a mut [u8]),
+}
+
+/// A read-only typed view of a buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Buf<'a> {
+    /// Element type.
+    pub dtype: DType,
+    /// Number of elements.
+    pub len: usize,
+    /// The memory.
+    pub mem: Mem<'a>,
+}
+
+/// A writable typed view of a buffer.
+#[derive(Debug)]
+pub struct BufMut<'a> {
+    /// Element type.
+    pub dtype: DType,
+    /// Number of elements.
+    pub len: usize,
+    /// The memory.
+    pub mem: MemMut<'a>,
+}
+
+impl<'a> Buf<'a> {
+    /// View host bytes as `len` elements of `dtype`.
+    pub fn host(dtype: DType, bytes: &'a [u8]) -> Buf<'a> {
+        Buf {
+            dtype,
+            len: bytes.len() / dtype.size(),
+            mem: Mem::Host(bytes),
+        }
+    }
+    /// Where the memory lives.
+    pub fn location(&self) -> Location {
+        match self.mem {
+            Mem::Host(_) => Location::Host,
+        }
+    }
+    /// The host bytes, if this is host memory.
+    pub fn host_bytes(&self) -> Option<&'a [u8]> {
+        match self.mem {
+            Mem::Host(b) => Some(b),
+        }
+    }
+    /// Size in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+}
+
+impl<'a> BufMut<'a> {
+    /// View host bytes as `len` elements of `dtype`.
+    pub fn host(dtype: DType, bytes: &'a mut [u8]) -> BufMut<'a> {
+        BufMut {
+            dtype,
+            len: bytes.len() / dtype.size(),
+            mem: MemMut::Host(bytes),
+        }
+    }
+    /// Where the memory lives.
+    pub fn location(&self) -> Location {
+        match self.mem {
+            MemMut::Host(_) => Location::Host,
+        }
+    }
+    /// Reborrow as a read-only view.
+    pub fn as_buf(&self) -> Buf<'_> {
+        Buf {
+            dtype: self.dtype,
+            len: self.len,
+            mem: match &self.mem {
+                MemMut::Host(b) => Mem::Host(b),
+            },
+        }
+    }
+    /// Reborrow mutably (so a view can be passed on without giving it up).
+    pub fn reborrow(&mut self) -> BufMut<'_> {
+        BufMut {
+            dtype: self.dtype,
+            len: self.len,
+            mem: match &mut self.mem {
+                MemMut::Host(b) => MemMut::Host(b),
+            },
+        }
+    }
+    /// The host bytes, if this is host memory.
+    pub fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match &mut self.mem {
+            MemMut::Host(b) => Some(b),
+        }
+    }
+    /// Size in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+}
+
+/// Something a collective can read from.
+pub trait Buffer {
+    /// A read-only view.
+    fn buf(&self) -> Buf<'_>;
+}
+
+/// Something a collective can write into.
+pub trait BufferMut: Buffer {
+    /// A writable view.
+    fn buf_mut(&mut self) -> BufMut<'_>;
+}
+
+/// A buffer that a non-blocking collective can own while it is in flight and hand back afterwards.
+pub trait OwnedBuffer: BufferMut + Send + 'static {
+    /// For handing the concrete type back out of a type-erased box.
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
+}
+
+impl<T: Element> Buffer for [T] {
+    fn buf(&self) -> Buf<'_> {
+        Buf {
+            dtype: T::DTYPE,
+            len: self.len(),
+            mem: Mem::Host(bytemuck::cast_slice(self)),
+        }
+    }
+}
+impl<T: Element> BufferMut for [T] {
+    fn buf_mut(&mut self) -> BufMut<'_> {
+        BufMut {
+            dtype: T::DTYPE,
+            len: self.len(),
+            mem: MemMut::Host(bytemuck::cast_slice_mut(self)),
+        }
+    }
+}
+impl<T: Element> Buffer for Vec<T> {
+    fn buf(&self) -> Buf<'_> {
+        self.as_slice().buf()
+    }
+}
+impl<T: Element> BufferMut for Vec<T> {
+    fn buf_mut(&mut self) -> BufMut<'_> {
+        self.as_mut_slice().buf_mut()
+    }
+}
+impl<T: Element> OwnedBuffer for Vec<T> {
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+impl<T: Element, const N: usize> Buffer for [T; N] {
+    fn buf(&self) -> Buf<'_> {
+        self.as_slice().buf()
+    }
+}
+impl<T: Element, const N: usize> BufferMut for [T; N] {
+    fn buf_mut(&mut self) -> BufMut<'_> {
+        self.as_mut_slice().buf_mut()
+    }
+}
+
+/// An empty buffer of a dtype, for ranks that contribute nothing (e.g. non-roots' receive side).
+#[derive(Debug, Clone, Copy)]
+pub struct Empty(pub DType);
+
+impl Buffer for Empty {
+    fn buf(&self) -> Buf<'_> {
+        Buf {
+            dtype: self.0,
+            len: 0,
+            mem: Mem::Host(&[]),
+        }
+    }
+}
+impl BufferMut for Empty {
+    fn buf_mut(&mut self) -> BufMut<'_> {
+        BufMut {
+            dtype: self.0,
+            len: 0,
+            mem: MemMut::Host(&mut []),
+        }
+    }
+}
+impl OwnedBuffer for Empty {
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}

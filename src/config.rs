@@ -1,0 +1,100 @@
+//! Run-time settings read from the environment.
+
+use crate::{Error, Result};
+use std::time::Duration;
+
+/// Default bound on every blocking call: 300 s, as torch.distributed's default process-group timeout
+/// is in the same range and a hung job is far costlier than a slow one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Settings shared by every backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Bound on every blocking call (`FERROCCL_TIMEOUT`, seconds, fractional allowed).
+    pub timeout: Duration,
+    /// Checked mode (`FERROCCL_CHECK=1`): ranks compare each collective's signature before running it.
+    pub check: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            timeout: DEFAULT_TIMEOUT,
+            check: false,
+        }
+    }
+}
+
+impl Config {
+    /// Read `FERROCCL_TIMEOUT` and `FERROCCL_CHECK`.
+    pub fn from_env() -> Result<Config> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Same as [`Config::from_env`] with a custom lookup (tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let mut c = Config::default();
+        if let Some(v) = get("FERROCCL_TIMEOUT") {
+            let secs: f64 = v.trim().parse().map_err(|_| Error::Config {
+                var: "FERROCCL_TIMEOUT".into(),
+                value: v.clone(),
+                why: "expected a number of seconds, e.g. 300 or 0.5".into(),
+            })?;
+            if !(secs.is_finite() && secs > 0.0) {
+                return Err(Error::Config {
+                    var: "FERROCCL_TIMEOUT".into(),
+                    value: v,
+                    why: "must be a positive number of seconds".into(),
+                });
+            }
+            c.timeout = Duration::from_secs_f64(secs);
+        }
+        if let Some(v) = get("FERROCCL_CHECK") {
+            c.check = match v.trim() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" | "" => false,
+                _ => {
+                    return Err(Error::Config {
+                        var: "FERROCCL_CHECK".into(),
+                        value: v,
+                        why: "expected 1 or 0".into(),
+                    })
+                }
+            };
+        }
+        Ok(c)
+    }
+
+    /// Builder: set the timeout.
+    pub fn with_timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Builder: set checked mode.
+    pub fn with_check(mut self, on: bool) -> Self {
+        self.check = on;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects() {
+        let c = Config::from_lookup(|k| match k {
+            "FERROCCL_TIMEOUT" => Some("2.5".into()),
+            "FERROCCL_CHECK" => Some("1".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(2500));
+        assert!(c.check);
+        let e = Config::from_lookup(|k| (k == "FERROCCL_TIMEOUT").then(|| "soon".into())).unwrap_err();
+        assert!(e.to_string().contains("FERROCCL_TIMEOUT"), "{e}");
+        assert!(Config::from_lookup(|k| (k == "FERROCCL_TIMEOUT").then(|| "-1".into())).is_err());
+        assert!(Config::from_lookup(|k| (k == "FERROCCL_CHECK").then(|| "maybe".into())).is_err());
+    }
+}

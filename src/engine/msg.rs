@@ -1,0 +1,136 @@
+//! Messages between engines, and zero-copy lending.
+//!
+//! In one process a message can carry a *loan* instead of a copy: a pointer into the sender's buffer,
+//! guarded by a mutex. The receiver reads (or reduces from) the sender's memory directly under the lock
+//! and acknowledges; the sender waits for the acknowledgement before it overwrites or releases the
+//! memory. If the sender gives up (timeout, lost peer, panic), dropping its [`LendGuard`] revokes the
+//! loan under the same lock, so a late reader finds nothing rather than freed memory. This is what
+//! makes the in-process ring single-copy, as NCCL's P2P transport is within a node.
+
+use crate::{Error, Result};
+use crossbeam::channel::{bounded, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Which operation and step a message belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Tag {
+    /// Step `step` of collective number `seq` on this communicator.
+    Coll { seq: u64, step: u32 },
+    /// Point-to-point message with a user tag.
+    P2p(u32),
+}
+
+struct LendSlot {
+    mem: Mutex<Option<(usize, usize)>>,
+    ack: Sender<()>,
+}
+
+/// A loan of the sender's memory (see the module docs).
+pub(crate) struct Lend(Arc<LendSlot>);
+
+/// The sender's side of a loan; drop revokes it.
+pub(crate) struct LendGuard {
+    slot: Arc<LendSlot>,
+    ack: Receiver<()>,
+    pub peer: usize,
+}
+
+/// Lend `bytes` to a receiver.
+///
+/// Safety contract (upheld by the engine): the memory stays valid and unmodified until the returned
+/// guard has either received its acknowledgement ([`LendGuard::wait`]) or been dropped.
+pub(crate) fn lend(bytes: &[u8], peer: usize) -> (Lend, LendGuard) {
+    let (tx, rx) = bounded(1);
+    let slot = Arc::new(LendSlot {
+        mem: Mutex::new(Some((bytes.as_ptr() as usize, bytes.len()))),
+        ack: tx,
+    });
+    (Lend(slot.clone()), LendGuard { slot, ack: rx, peer })
+}
+
+impl Lend {
+    /// Read the lent bytes; `None` if the lender revoked the loan.
+    pub fn with<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let g = self.0.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let (ptr, len) = (*g)?;
+        // SAFETY: the lender keeps [ptr, ptr+len) valid and unmodified until it has our ack or has
+        // revoked the loan, and revoking takes this lock, which we hold until we are done reading.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+        let r = f(bytes);
+        drop(g);
+        let _ = self.0.ack.try_send(());
+        Some(r)
+    }
+
+    pub fn len(&self) -> usize {
+        let g = self.0.mem.lock().unwrap_or_else(|e| e.into_inner());
+        g.map(|(_, l)| l).unwrap_or(0)
+    }
+}
+
+impl LendGuard {
+    /// Wait until the receiver has read the loan. `alive` is polled so a lost peer ends the wait.
+    pub fn wait(&self, deadline: Instant, alive: &dyn Fn() -> Result<()>) -> Result<()> {
+        loop {
+            match self.ack.recv_timeout(Duration::from_millis(5)) {
+                Ok(()) => return Ok(()),
+                Err(crossbeam::channel::RecvTimeoutError::Disconnected) => return Ok(()),
+                Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
+            }
+            alive()?;
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    during: "waiting for a peer to read a loaned buffer",
+                    after: Duration::ZERO,
+                    waiting_for: Some(self.peer),
+                });
+            }
+        }
+    }
+}
+
+impl Drop for LendGuard {
+    fn drop(&mut self) {
+        let mut g = self.slot.mem.lock().unwrap_or_else(|e| e.into_inner());
+        *g = None;
+    }
+}
+
+/// What a message carries.
+pub(crate) enum Payload {
+    /// An owned copy.
+    Bytes(Vec<u8>),
+    /// A loan of the sender's memory (in-process only).
+    Lent(Lend),
+}
+
+impl Payload {
+    /// Read the payload; a revoked loan is reported as a lost sender.
+    pub fn with<R>(&self, src: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        match self {
+            Payload::Bytes(b) => Ok(f(b)),
+            Payload::Lent(l) => l.with(f).ok_or(Error::PeerLost {
+                rank: src,
+                during: "reading a message (the sender gave up)",
+            }),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Bytes(b) => b.len(),
+            Payload::Lent(l) => l.len(),
+        }
+    }
+}
+
+/// One message.
+pub(crate) struct Msg {
+    /// Sender's rank in the communicator.
+    pub src: usize,
+    pub tag: Tag,
+    pub payload: Payload,
+    /// Modelled arrival time (seconds) under a link model; 0 otherwise.
+    pub arrive: f64,
+}

@@ -1,0 +1,48 @@
+//! # ferroccl
+//!
+//! Collective communication for distributed training, in Rust. One [`Communicator`] trait over three
+//! kinds of backend — in-process threads ([`local`], the default, no system dependencies), MPI (feature
+//! `mpi`) and NCCL (feature `cuda`) — and, on top, primitives that compose: bucketed all-reduce
+//! ([`bucket`]), and in later modules Deep Gradient Compression, local SGD, gradient coding and MoE
+//! all-to-all scheduling.
+//!
+//! ```
+//! use ferroccl::prelude::*;
+//! let sums = ferroccl::local::run(4, |comm| {
+//!     let mut v = vec![comm.rank() as f32; 3];
+//!     comm.all_reduce(&mut v, ReduceOp::Sum)?;
+//!     Ok(v)
+//! }).unwrap();
+//! assert!(sums.iter().all(|v| v == &vec![6.0; 3]));
+//! ```
+//!
+//! See ARCHITECTURE.md for the layers and where each algorithm lives.
+#![deny(missing_docs)]
+
+pub mod bucket;
+pub mod buffer;
+pub mod comm;
+pub mod config;
+pub mod dtype;
+mod engine;
+pub mod error;
+mod init;
+pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod rendezvous;
+pub mod tcp;
+pub mod work;
+
+pub use buffer::{Buf, BufMut, Buffer, BufferMut, Location, OwnedBuffer};
+pub use comm::{Collective, CollectiveOwned, CollectiveRef, Communicator, CommunicatorExt};
+pub use config::Config;
+pub use dtype::{DType, Element, ReduceOp};
+pub use error::{Error, Result};
+pub use init::{init, init_with, Backend};
+pub use work::Work;
+
+/// The names most programs need.
+pub mod prelude {
+    pub use crate::{Communicator, CommunicatorExt, DType, Error, ReduceOp, Result, Work};
+}

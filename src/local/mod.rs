@@ -1,0 +1,336 @@
+//! The in-process backend: N ranks as threads of one process.
+//!
+//! No system dependencies; it is the default backend, what the tests and the quickstart use, and —
+//! with a [`LinkModel`] — a laboratory for what compression and straggler tolerance buy on a slow
+//! network. Ranks talk through crossbeam channels; large blocks move single-copy (the receiver reads
+//! the sender's memory under a loan, see `engine::msg`); the algorithms are the ring and tree
+//! algorithms of `engine::algo`, not a gather to rank 0.
+//!
+//! ```
+//! use ferroccl::prelude::*;
+//! let out = ferroccl::local::run(3, |comm| {
+//!     let mut v = vec![0i64; 6];
+//!     comm.all_gather(&[comm.rank() as i64, 1], &mut v)?;
+//!     Ok(v)
+//! }).unwrap();
+//! assert_eq!(out[2], vec![0, 1, 1, 1, 2, 1]);
+//! ```
+//!
+//! Failure semantics: if a rank's closure panics or a rank drops its communicator while others still
+//! wait on it, the others' pending and later collectives return [`crate::Error::PeerLost`] (never a
+//! hang); [`run`] returns the first rank's error or panic message.
+
+pub mod link;
+
+use crate::comm::{CollectiveOwned, CollectiveRef};
+use crate::engine::{Engine, Health, Job};
+use crate::work::{ChannelPending, Work};
+use crate::{Collective, Communicator, CommunicatorExt, Config, Error, Result};
+use crossbeam::channel::{bounded, unbounded, Sender};
+pub use link::{Link, LinkModel, TimeMode};
+use link::Clock;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Options for an in-process world.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Timeout and checked mode (default: from the environment).
+    pub config: Option<Config>,
+    /// A link model (default: none — memory speed).
+    pub link: Option<LinkModel>,
+    /// Disable single-copy loans (every message is copied), for comparison.
+    pub copy_only: bool,
+}
+
+/// State shared by all communicators of one `run` (for `split`).
+struct WorldShared {
+    next_id: AtomicU64,
+    splits: Mutex<HashMap<(u64, u64, u32), Arc<GroupSetup>>>,
+    epoch: Instant,
+}
+
+/// The channels of one new group, created by whichever member arrives first.
+struct GroupSetup {
+    id: u64,
+    senders: Vec<Sender<crate::engine::msg::Msg>>,
+    inboxes: Mutex<Vec<Option<crossbeam::channel::Receiver<crate::engine::msg::Msg>>>>,
+    health: Arc<Health>,
+}
+
+impl GroupSetup {
+    fn new(id: u64, n: usize) -> GroupSetup {
+        let (senders, inboxes): (Vec<_>, Vec<_>) = (0..n).map(|_| unbounded()).unzip();
+        GroupSetup {
+            id,
+            senders,
+            inboxes: Mutex::new(inboxes.into_iter().map(Some).collect()),
+            health: Health::new(n),
+        }
+    }
+}
+
+/// One rank's communicator in an in-process world.
+pub struct LocalComm {
+    rank: usize,
+    size: usize,
+    id: u64,
+    cfg: Config,
+    jobs: Option<Sender<Job>>,
+    worker: Option<JoinHandle<()>>,
+    health: Arc<Health>,
+    clock: Option<Arc<Mutex<Clock>>>,
+    bytes_sent: Arc<AtomicU64>,
+    world: Arc<WorldShared>,
+    opts: Options,
+    splits: AtomicU64,
+}
+
+impl LocalComm {
+    fn spawn(rank: usize, setup: &GroupSetup, cfg: Config, opts: &Options, world: Arc<WorldShared>) -> Result<LocalComm> {
+        let size = setup.senders.len();
+        let inbox = setup
+            .inboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(rank)
+            .and_then(Option::take)
+            .ok_or_else(|| Error::InvalidArgument(format!("internal: rank {rank} joined its group twice")))?;
+        let clock = opts
+            .link
+            .clone()
+            .map(|m| Arc::new(Mutex::new(Clock::new(m, rank, size, world.epoch))));
+        let bytes_sent = Arc::new(AtomicU64::new(0));
+        let engine = Engine::new(
+            rank,
+            size,
+            setup.senders.clone(),
+            inbox,
+            setup.health.clone(),
+            clock.clone(),
+            cfg.clone(),
+            bytes_sent.clone(),
+            !opts.copy_only,
+        );
+        let (jobs, job_rx) = unbounded::<Job>();
+        let worker = std::thread::Builder::new()
+            .name(format!("ferroccl-local-{rank}"))
+            .spawn(move || engine.serve(job_rx))
+            .map_err(|e| Error::io("spawning a rank's worker thread", e))?;
+        Ok(LocalComm {
+            rank,
+            size,
+            id: setup.id,
+            cfg,
+            jobs: Some(jobs),
+            worker: Some(worker),
+            health: setup.health.clone(),
+            clock,
+            bytes_sent,
+            world,
+            opts: opts.clone(),
+            splits: AtomicU64::new(0),
+        })
+    }
+
+    fn submit(&self, job: Job) -> Result<()> {
+        self.jobs
+            .as_ref()
+            .and_then(|j| j.send(job).ok())
+            .ok_or_else(|| Error::PeerLost {
+                rank: self.rank,
+                during: "submitting to this rank's worker (it stopped)",
+            })
+    }
+
+    /// The link model's clock as seconds, if a model is set.
+    pub fn now(&self) -> Option<f64> {
+        self.clock
+            .as_ref()
+            .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).now)
+    }
+}
+
+impl Communicator for LocalComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.size
+    }
+    fn backend(&self) -> &'static str {
+        "local"
+    }
+    fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
+        // The worker borrows the caller's buffers; the caller blocks until the worker replies (or the
+        // worker is gone, in which case the job — and every loan in it — has been dropped).
+        let mut c = Some(c);
+        let (tx, rx) = bounded::<Result<()>>(1);
+        let slot = SlotPtr(&mut c as *mut Option<CollectiveRef<'_>> as usize);
+        self.submit(Box::new(move |e: &mut Engine| {
+            let slot = slot;
+            // SAFETY: see above; the Option lives until rx receives or disconnects.
+            let c = unsafe { (*(slot.0 as *mut Option<CollectiveRef<'static>>)).take() };
+            let r = match c {
+                Some(c) => e.execute(c),
+                None => Err(Error::InvalidArgument("internal: job ran twice".into())),
+            };
+            let _ = tx.send(r);
+        }))?;
+        rx.recv().unwrap_or_else(|_| {
+            Err(Error::PeerLost {
+                rank: self.rank,
+                during: "this rank's worker stopped during a collective",
+            })
+        })
+    }
+
+    fn exec_async(&self, c: CollectiveOwned) -> Result<Work<CollectiveOwned>> {
+        let (tx, rx) = bounded(1);
+        if matches!(c, Collective::Recv { .. }) {
+            self.submit(Box::new(move |e: &mut Engine| e.post_recv(c, tx)))?;
+        } else {
+            let mut c = c;
+            self.submit(Box::new(move |e: &mut Engine| {
+                let r = e.execute(c.views());
+                let _ = tx.send(r.map(|_| c));
+            }))?;
+        }
+        Ok(Work::new(Box::new(ChannelPending(rx)), self.cfg.timeout, "non-blocking collective"))
+    }
+
+    fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
+        let n = self.size;
+        let mine = [color.map(i64::from).unwrap_or(-1), key as i64];
+        let mut all = vec![0i64; 2 * n];
+        self.all_gather(&mine, &mut all)?;
+        let Some(color) = color else { return Ok(None) };
+        let mut members: Vec<(i64, usize)> = (0..n)
+            .filter(|&r| all[2 * r] == color as i64)
+            .map(|r| (all[2 * r + 1], r))
+            .collect();
+        members.sort();
+        let new_rank = members
+            .iter()
+            .position(|&(_, r)| r == self.rank)
+            .ok_or_else(|| Error::InvalidArgument("internal: not a member of own color".into()))?;
+        let split_no = self.splits.fetch_add(1, Ordering::Relaxed);
+        let setup = {
+            let mut reg = self.world.splits.lock().unwrap_or_else(|e| e.into_inner());
+            reg.entry((self.id, split_no, color))
+                .or_insert_with(|| Arc::new(GroupSetup::new(self.world.next_id.fetch_add(1, Ordering::Relaxed), members.len())))
+                .clone()
+        };
+        let c = LocalComm::spawn(new_rank, &setup, self.cfg.clone(), &self.opts, self.world.clone())?;
+        Ok(Some(Box::new(c)))
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    fn compute(&self, d: Duration) -> Result<()> {
+        if let Some(c) = &self.clock {
+            c.lock().unwrap_or_else(|e| e.into_inner()).compute(d);
+        }
+        Ok(())
+    }
+
+    fn virtual_time(&self) -> Option<Duration> {
+        self.now().map(Duration::from_secs_f64)
+    }
+}
+
+/// Address of the caller's `Option<CollectiveRef>` handed to the worker.
+#[derive(Clone, Copy)]
+struct SlotPtr(usize);
+
+impl Drop for LocalComm {
+    fn drop(&mut self) {
+        // Stop the worker after it finished what was queued; then tell the peers we are gone.
+        drop(self.jobs.take());
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+        if std::thread::panicking() {
+            self.health.break_for(self.rank);
+        }
+        self.health.gone[self.rank].store(true, Ordering::Release);
+    }
+}
+
+/// Create the communicators of an in-process world of `n` ranks (for callers that manage threads).
+pub fn world(n: usize, opts: &Options) -> Result<Vec<LocalComm>> {
+    if n == 0 {
+        return Err(Error::InvalidArgument("world size must be at least 1".into()));
+    }
+    let cfg = match &opts.config {
+        Some(c) => c.clone(),
+        None => Config::from_env()?,
+    };
+    let shared = Arc::new(WorldShared {
+        next_id: AtomicU64::new(1),
+        splits: Mutex::new(HashMap::new()),
+        epoch: Instant::now(),
+    });
+    let setup = GroupSetup::new(0, n);
+    (0..n)
+        .map(|r| LocalComm::spawn(r, &setup, cfg.clone(), opts, shared.clone()))
+        .collect()
+}
+
+/// Run `f` on `n` ranks (one thread each) and return every rank's result, in rank order.
+///
+/// If any rank returns an error or panics, the first failure (lowest rank) is returned; the other ranks
+/// are not left hanging (their collectives fail with `PeerLost` within the timeout).
+pub fn run<T, F>(n: usize, f: F) -> Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(&LocalComm) -> Result<T> + Sync,
+{
+    run_with(n, &Options::default(), f)
+}
+
+/// [`run`] with options (link model, timeout, copy-only).
+pub fn run_with<T, F>(n: usize, opts: &Options, f: F) -> Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(&LocalComm) -> Result<T> + Sync,
+{
+    let comms = world(n, opts)?;
+    let f = &f;
+    let results: Vec<Result<T>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                std::thread::Builder::new()
+                    .name(format!("ferroccl-rank-{}", comm.rank))
+                    .spawn_scoped(s, move || f(&comm))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| match h {
+                Err(e) => Err(Error::io(format!("spawning rank {r}"), e)),
+                Ok(h) => h.join().unwrap_or_else(|p| {
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "non-string panic".into());
+                    Err(Error::InvalidArgument(format!("rank {r} panicked: {msg}")))
+                }),
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+

@@ -1,0 +1,240 @@
+//! Rendezvous: how the processes of one job find each other.
+//!
+//! Before any collective can run, the ranks of a job launched torchrun-style (one process per GPU,
+//! configured through `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) have to agree
+//! on a few small values: the NCCL unique id that rank 0 generates, the listening address of each rank's
+//! TCP transport, and "everybody is here" barriers. This module provides a small TCP key/value store
+//! for that, in the spirit of PyTorch's `TCPStore`:
+//!
+//! 1. Rank 0 hosts a [`StoreServer`] (background threads; dropping it stops it).
+//! 2. Every rank, rank 0 included, opens a [`StoreClient`] to `MASTER_ADDR:MASTER_PORT`.
+//!    [`StoreClient::connect`] retries until the server is up, so start order does not matter.
+//! 3. Ranks exchange values with [`set`](StoreClient::set) / [`get`](StoreClient::get) (`get` blocks
+//!    until the key exists), count with [`add`](StoreClient::add), and meet at
+//!    [`barrier`](StoreClient::barrier)s.
+//!
+//! [`EnvRendezvous`] does steps 1 and 2 from the torchrun environment variables:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use ferroccl::rendezvous::EnvRendezvous;
+//!
+//! # fn main() -> ferroccl::Result<()> {
+//! let Some(env) = EnvRendezvous::from_env()? else {
+//!     return Ok(()); // not launched torchrun-style (RANK / WORLD_SIZE unset): run single-process
+//! };
+//! // Keep `_server` alive for as long as other ranks may still talk to the store.
+//! let (_server, store) = env.connect(Duration::from_secs(300))?;
+//! if env.rank == 0 {
+//!     store.set("nccl/unique_id", b"...128 bytes...")?;
+//! }
+//! let id = store.get("nccl/unique_id", Duration::from_secs(60))?;
+//! store.barrier("init", env.world_size, Duration::from_secs(60))?;
+//! # let _ = id;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Protocol
+//!
+//! One TCP connection per client; every message is a length-prefixed binary frame
+//! `[magic 0xFC][version 1][opcode u8][payload length u32 BE][payload]` with payloads of at most
+//! 64 MiB (see the [`frame`] module for the opcode table). Each request gets exactly one reply.
+//!
+//! * The first frame of a connection must be `AUTH` carrying the shared token (`FERROCCL_TOKEN`),
+//!   which the server compares in constant time. A wrong token is answered with `AUTH_FAILED`
+//!   ([`Error::BadToken`] on the client) and the connection is closed. The
+//!   empty token means "no secret"; it only keeps mismatched jobs apart, it does not keep anyone out.
+//! * A connection that sends nothing within 10 s, sends a frame before `AUTH`, an unknown opcode, an
+//!   oversize length, a truncated frame, a key that is not UTF-8 or plain garbage is answered with an
+//!   `ERROR` frame where possible and closed, with a `tracing::warn!`; every other connection keeps
+//!   being served (one thread per connection).
+//! * `GET` waits on the server (a condition variable woken by every `SET`/`ADD`; the map lock is not
+//!   held while waiting) and replies `TIMEOUT` when its wait runs out.
+//! * On the client, every socket read has a timeout; a store that goes away gives
+//!   [`Error::Rendezvous`] or [`Error::Io`] saying the
+//!   store at ADDR closed, and a garbled reply gives [`Error::BadFrame`].
+//!
+//! The store is meant for a handful of small values per rank, not for data: there is no persistence,
+//! no replication, and everything lives in rank 0's memory.
+
+pub mod frame;
+mod store;
+
+pub use store::{StoreClient, StoreServer, DEFAULT_AUTH_TIMEOUT};
+
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// Default `MASTER_PORT`, the same as torchrun's.
+pub const DEFAULT_MASTER_PORT: u16 = 29500;
+
+/// The torchrun-style launch environment of this process: who it is and where the store lives.
+///
+/// | variable              | field         | default                       |
+/// |-----------------------|---------------|-------------------------------|
+/// | `RANK`                | `rank`        | required                      |
+/// | `WORLD_SIZE`          | `world_size`  | required                      |
+/// | `LOCAL_RANK`          | `local_rank`  | `0`                           |
+/// | `MASTER_ADDR`         | `master_addr` | `127.0.0.1`                   |
+/// | `MASTER_PORT`         | `master_port` | `29500`                       |
+/// | `FERROCCL_TOKEN`      | `token`       | empty (no secret)             |
+/// | `FERROCCL_STORE_BIND` | `bind`        | `0.0.0.0:<MASTER_PORT>`       |
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvRendezvous {
+    /// This process's rank, `0..world_size` (`RANK`).
+    pub rank: usize,
+    /// Number of processes in the job (`WORLD_SIZE`).
+    pub world_size: usize,
+    /// Rank within this node, typically the GPU index to use (`LOCAL_RANK`, default 0).
+    pub local_rank: usize,
+    /// Host of rank 0, where the store runs (`MASTER_ADDR`, default `127.0.0.1`).
+    pub master_addr: String,
+    /// Port of the store (`MASTER_PORT`, default 29500).
+    pub master_port: u16,
+    /// Shared secret presented to the store (`FERROCCL_TOKEN`). The default, the empty string, means
+    /// "no secret": any process that can reach the port can join, so set a token on shared networks.
+    pub token: String,
+    /// Address rank 0's store binds (`FERROCCL_STORE_BIND`, default `0.0.0.0:<MASTER_PORT>`).
+    pub bind: String,
+}
+
+fn config(var: &str, value: &str, why: impl Into<String>) -> Error {
+    Error::Config {
+        var: var.to_string(),
+        value: value.to_string(),
+        why: why.into(),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(var: &str, raw: &str, what: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    raw.trim()
+        .parse::<T>()
+        .map_err(|e| config(var, raw, format!("expected {what} ({e})")))
+}
+
+impl EnvRendezvous {
+    /// Read the launch environment from the process environment variables.
+    ///
+    /// Returns `Ok(None)` when `RANK` or `WORLD_SIZE` is unset (the process was not launched as part
+    /// of a multi-process job), and [`Error::Config`] naming the variable when a value cannot be used.
+    pub fn from_env() -> Result<Option<EnvRendezvous>> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`EnvRendezvous::from_env`], but reading variables through `f` (for tests and for
+    /// launchers that keep their configuration somewhere other than the environment).
+    pub fn from_lookup(f: impl Fn(&str) -> Option<String>) -> Result<Option<EnvRendezvous>> {
+        let (Some(rank_raw), Some(world_raw)) = (f("RANK"), f("WORLD_SIZE")) else {
+            return Ok(None);
+        };
+        let rank: usize = parse_num("RANK", &rank_raw, "a non-negative integer")?;
+        let world_size: usize = parse_num("WORLD_SIZE", &world_raw, "a positive integer")?;
+        if world_size == 0 {
+            return Err(config("WORLD_SIZE", &world_raw, "must be at least 1"));
+        }
+        if rank >= world_size {
+            return Err(config(
+                "RANK",
+                &rank_raw,
+                format!("must be below WORLD_SIZE={world_size} (ranks are 0..{world_size})"),
+            ));
+        }
+        let local_rank = match f("LOCAL_RANK") {
+            Some(raw) => parse_num("LOCAL_RANK", &raw, "a non-negative integer")?,
+            None => 0,
+        };
+        let master_addr = match f("MASTER_ADDR") {
+            Some(raw) if raw.trim().is_empty() => {
+                return Err(config(
+                    "MASTER_ADDR",
+                    &raw,
+                    "expected a host name or IP address",
+                ))
+            }
+            Some(raw) => raw.trim().to_string(),
+            None => "127.0.0.1".to_string(),
+        };
+        let master_port: u16 = match f("MASTER_PORT") {
+            Some(raw) => parse_num("MASTER_PORT", &raw, "a TCP port number 1..=65535")?,
+            None => DEFAULT_MASTER_PORT,
+        };
+        if master_port == 0 && rank != 0 {
+            return Err(config(
+                "MASTER_PORT",
+                "0",
+                "port 0 (an ephemeral port) can only be used by rank 0; other ranks need the real port",
+            ));
+        }
+        let token = f("FERROCCL_TOKEN").unwrap_or_default();
+        let bind = match f("FERROCCL_STORE_BIND") {
+            Some(raw) if raw.trim().is_empty() => {
+                return Err(config(
+                    "FERROCCL_STORE_BIND",
+                    &raw,
+                    "expected host:port, e.g. 0.0.0.0:29500",
+                ))
+            }
+            Some(raw) => raw.trim().to_string(),
+            None => format!("0.0.0.0:{master_port}"),
+        };
+        Ok(Some(EnvRendezvous {
+            rank,
+            world_size,
+            local_rank,
+            master_addr,
+            master_port,
+            token,
+            bind,
+        }))
+    }
+
+    /// `host:port` of the store as the clients see it.
+    pub fn store_addr(&self) -> String {
+        join_host_port(&self.master_addr, self.master_port)
+    }
+
+    /// Start the store on rank 0 and connect this rank's client to it.
+    ///
+    /// Rank 0 binds a [`StoreServer`] on `bind` and returns it as `Some(server)`: keep it alive until
+    /// every rank is done with the store (dropping it closes every client's connection). Every rank then
+    /// connects a [`StoreClient`] to `master_addr:master_port`, retrying for up to `timeout`.
+    ///
+    /// If `bind` asks for port 0, rank 0's server gets an ephemeral port and rank 0's own client
+    /// connects to `master_addr:<the port actually bound>`; read it from
+    /// [`StoreServer::local_addr`] and hand it to the other ranks as their `MASTER_PORT` (this is how
+    /// single-machine tests avoid fixed ports).
+    pub fn connect(&self, timeout: Duration) -> Result<(Option<StoreServer>, StoreClient)> {
+        if self.rank == 0 {
+            let server = StoreServer::bind(&self.bind, &self.token)?;
+            let port = match bind_port(&self.bind) {
+                Some(0) | None => server.local_addr().port(),
+                Some(_) => self.master_port,
+            };
+            let addr = join_host_port(&self.master_addr, port);
+            let client = StoreClient::connect(&addr, &self.token, timeout)?;
+            Ok((Some(server), client))
+        } else {
+            let client = StoreClient::connect(&self.store_addr(), &self.token, timeout)?;
+            Ok((None, client))
+        }
+    }
+}
+
+/// The port of a `host:port` bind address, if it parses.
+fn bind_port(bind: &str) -> Option<u16> {
+    bind.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+}
+
+/// `host:port`, bracketing bare IPv6 addresses.
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}

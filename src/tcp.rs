@@ -1,0 +1,1 @@
+//! TCP backend (placeholder module, filled below in this issue).
