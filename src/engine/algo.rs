@@ -9,7 +9,7 @@
 //!
 //! Large blocks travel as loans (single copy in one process); see [`super::msg`].
 
-use super::msg::{LendGuard, Tag};
+use super::msg::{Aligned, LendGuard, Tag};
 use super::{copy_in, Engine, Raw};
 use crate::dtype::{finish_avg, reduce3, reduce_into};
 use crate::{Collective, CollectiveRef, DType, Error, ReduceOp, Result};
@@ -169,8 +169,8 @@ impl Engine {
                 let m = self.recv(r - 1, Tag::Coll { seq, step: 0 }, during)?;
                 check_len(r - 1, m.payload.len(), len)?;
                 // lower rank's data is the left operand, as in the exchange below
-                let mine = out.get(0, len).to_vec();
-                m.payload.with(r - 1, |b| reduce3(dtype, op, out.get_mut(0, len), b, &mine))??;
+                let mine = Aligned::copy_of(out.get(0, len));
+                m.payload.with(r - 1, |b| reduce3(dtype, op, out.get_mut(0, len), b, mine.as_bytes()))??;
                 Some(r / 2)
             }
         } else {
@@ -186,8 +186,8 @@ impl Engine {
                 let m = self.recv(peer, Tag::Coll { seq, step }, during)?;
                 check_len(peer, m.payload.len(), len)?;
                 if peer < r {
-                    let mine = out.get(0, len).to_vec();
-                    m.payload.with(peer, |b| reduce3(dtype, op, out.get_mut(0, len), b, &mine))??;
+                    let mine = Aligned::copy_of(out.get(0, len));
+                    m.payload.with(peer, |b| reduce3(dtype, op, out.get_mut(0, len), b, mine.as_bytes()))??;
                 } else {
                     m.payload.with(peer, |b| reduce_into(dtype, op, out.get_mut(0, len), b))??;
                 }
@@ -261,8 +261,9 @@ impl Engine {
         }
         let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
         let during = "reduce_scatter";
-        let mut scratch = [vec![0u8; bl], vec![0u8; bl]];
-        let raws = [Raw::from_mut(&mut scratch[0]), Raw::from_mut(&mut scratch[1])];
+        let mut s0 = Aligned::zeroed(bl);
+        let mut s1 = Aligned::zeroed(bl);
+        let raws = [Raw::from_mut(s0.as_bytes_mut()), Raw::from_mut(s1.as_bytes_mut())];
         let mut guards: Vec<Option<LendGuard>> = Vec::with_capacity(n);
         for k in 0..n - 1 {
             let step = k as u32;
@@ -344,8 +345,8 @@ impl Engine {
         let acc: Raw = match out {
             Some(o) => o,
             None => {
-                scratch = vec![0u8; len];
-                Raw::from_mut(&mut scratch)
+                scratch = Aligned::zeroed(len);
+                Raw::from_mut(scratch.as_bytes_mut())
             }
         };
         acc.get_mut(0, len).copy_from_slice(inp);

@@ -13,7 +13,7 @@
 pub(crate) mod algo;
 pub(crate) mod msg;
 
-use crate::buffer::{BufMut, OwnedBuffer};
+use crate::buffer::BufMut;
 use crate::comm::CollectiveOwned;
 use crate::local::link::Clock;
 use crate::{Collective, Config, Error, Result};
@@ -212,7 +212,7 @@ impl Engine {
 
     /// Send a copy of `bytes` (eager: returns at once).
     pub fn send_copy(&mut self, dst: usize, tag: Tag, bytes: &[u8]) -> Result<()> {
-        self.post(dst, tag, Payload::Bytes(bytes.to_vec()))
+        self.post(dst, tag, Payload::Bytes(msg::Aligned::copy_of(bytes)))
     }
 
     /// Lend `bytes` to `dst`; keep the guard until [`Engine::wait_guard`] succeeded. Falls back to a

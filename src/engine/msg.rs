@@ -34,6 +34,8 @@ pub(crate) struct LendGuard {
     slot: Arc<LendSlot>,
     ack: Receiver<()>,
     pub peer: usize,
+    /// Set once the acknowledgement was taken, so waiting twice is harmless.
+    acked: std::cell::Cell<bool>,
 }
 
 /// Lend `bytes` to a receiver.
@@ -46,7 +48,15 @@ pub(crate) fn lend(bytes: &[u8], peer: usize) -> (Lend, LendGuard) {
         mem: Mutex::new(Some((bytes.as_ptr() as usize, bytes.len()))),
         ack: tx,
     });
-    (Lend(slot.clone()), LendGuard { slot, ack: rx, peer })
+    (
+        Lend(slot.clone()),
+        LendGuard {
+            slot,
+            ack: rx,
+            peer,
+            acked: std::cell::Cell::new(false),
+        },
+    )
 }
 
 impl Lend {
@@ -72,10 +82,12 @@ impl Lend {
 impl LendGuard {
     /// Wait until the receiver has read the loan. `alive` is polled so a lost peer ends the wait.
     pub fn wait(&self, deadline: Instant, alive: &dyn Fn() -> Result<()>) -> Result<()> {
-        loop {
+        while !self.acked.get() {
             match self.ack.recv_timeout(Duration::from_millis(5)) {
-                Ok(()) => return Ok(()),
-                Err(crossbeam::channel::RecvTimeoutError::Disconnected) => return Ok(()),
+                Ok(()) | Err(crossbeam::channel::RecvTimeoutError::Disconnected) => {
+                    self.acked.set(true);
+                    return Ok(());
+                }
                 Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
             }
             alive()?;
@@ -87,6 +99,7 @@ impl LendGuard {
                 });
             }
         }
+        Ok(())
     }
 }
 
@@ -99,8 +112,8 @@ impl Drop for LendGuard {
 
 /// What a message carries.
 pub(crate) enum Payload {
-    /// An owned copy.
-    Bytes(Vec<u8>),
+    /// An owned copy, 8-byte aligned so it can be viewed as any element type.
+    Bytes(Aligned),
     /// A loan of the sender's memory (in-process only).
     Lent(Lend),
 }
@@ -109,7 +122,7 @@ impl Payload {
     /// Read the payload; a revoked loan is reported as a lost sender.
     pub fn with<R>(&self, src: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
         match self {
-            Payload::Bytes(b) => Ok(f(b)),
+            Payload::Bytes(b) => Ok(f(b.as_bytes())),
             Payload::Lent(l) => l.with(f).ok_or(Error::PeerLost {
                 rank: src,
                 during: "reading a message (the sender gave up)",
@@ -119,7 +132,7 @@ impl Payload {
 
     pub fn len(&self) -> usize {
         match self {
-            Payload::Bytes(b) => b.len(),
+            Payload::Bytes(b) => b.len,
             Payload::Lent(l) => l.len(),
         }
     }
@@ -133,4 +146,31 @@ pub(crate) struct Msg {
     pub payload: Payload,
     /// Modelled arrival time (seconds) under a link model; 0 otherwise.
     pub arrive: f64,
+}
+
+/// An 8-byte-aligned byte buffer (a `Vec<u8>` is only 1-aligned, and reductions view payloads as
+/// `f64`/`i64`).
+pub(crate) struct Aligned {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Aligned {
+    pub fn zeroed(len: usize) -> Aligned {
+        Aligned {
+            words: vec![0u64; len.div_ceil(8)],
+            len,
+        }
+    }
+    pub fn copy_of(b: &[u8]) -> Aligned {
+        let mut a = Aligned::zeroed(b.len());
+        a.as_bytes_mut().copy_from_slice(b);
+        a
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.len]
+    }
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
+    }
 }
