@@ -19,7 +19,9 @@ const ELEMENTS: usize = 1 << 20;
 fn main() -> Result<()> {
     let comm = MpiComm::world(Config::from_env()?)?;
     let (rank, n) = (comm.rank(), comm.world_size());
-    let mut x: Vec<f32> = (0..ELEMENTS).map(|i| rank as f32 + i as f32 * 1e-3).collect();
+    let mut x: Vec<f32> = (0..ELEMENTS)
+        .map(|i| rank as f32 + i as f32 * 1e-3)
+        .collect();
 
     comm.barrier()?;
     let t0 = Instant::now();
@@ -35,7 +37,10 @@ fn main() -> Result<()> {
         max_rel = max_rel.max(rel);
     }
     let ok = max_rel <= 1e-6 * n as f64;
-    println!("rank {rank}/{n}: {} (max relative error {max_rel:.2e}, {seconds:.4} s)", if ok { "ok" } else { "WRONG" });
+    println!(
+        "rank {rank}/{n}: {} (max relative error {max_rel:.2e}, {seconds:.4} s)",
+        if ok { "ok" } else { "WRONG" }
+    );
 
     // Every rank's verdict: the minimum over ranks.
     let mut all_ok = [i32::from(ok)];

@@ -20,7 +20,7 @@ fn main() {
 #[cfg(feature = "mpi")]
 mod imp {
     use ferroccl::dtype::{finish_avg, reduce_into};
-    use ferroccl::mpi::{launched_by_mpirun, raw_allreduce_f32, MpiComm};
+    use ferroccl::mpi::{launched_by_mpirun, raw_allreduce_f32, raw_allreduce_into_f32, MpiComm};
     use ferroccl::prelude::*;
     use ferroccl::{Config, Element};
     use half::{bf16, f16};
@@ -41,7 +41,7 @@ mod imp {
         };
     }
 
-    /// Run `$f::<T>(args)` for every element type.
+    /// Run `$f::<T>(args)` for every element type (a block of type `R`).
     macro_rules! each_dtype {
         ($f:ident($($a:expr),*)) => {{
             $f::<f32>($($a),*)?;
@@ -51,6 +51,7 @@ mod imp {
             $f::<i32>($($a),*)?;
             $f::<i64>($($a),*)?;
             $f::<u8>($($a),*)?;
+            Ok(())
         }};
     }
 
@@ -109,7 +110,12 @@ mod imp {
         let mut acc = input::<T>(0, len, op);
         for r in 1..WORLD {
             let x = input::<T>(r, len, op);
-            reduce_into(T::DTYPE, op, bytemuck::cast_slice_mut(&mut acc), bytemuck::cast_slice(&x))?;
+            reduce_into(
+                T::DTYPE,
+                op,
+                bytemuck::cast_slice_mut(&mut acc),
+                bytemuck::cast_slice(&x),
+            )?;
         }
         finish_avg(T::DTYPE, op, bytemuck::cast_slice_mut(&mut acc), WORLD)?;
         Ok(acc)
@@ -121,9 +127,16 @@ mod imp {
     }
 
     fn same<T: TE>(got: &[T], want: &[T], what: &str) -> R {
-        ensure!(got.len() == want.len(), "{what}: length {} != {}", got.len(), want.len());
+        ensure!(
+            got.len() == want.len(),
+            "{what}: length {} != {}",
+            got.len(),
+            want.len()
+        );
         if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
-            return Err(format!("{what}: element {i}: got {:?}, want {:?}", got[i], want[i]).into());
+            return Err(
+                format!("{what}: element {i}: got {:?}, want {:?}", got[i], want[i]).into(),
+            );
         }
         Ok(())
     }
@@ -135,11 +148,23 @@ mod imp {
                 let want = reference::<T>(len, op)?;
                 let mut v = input::<T>(me, len, op);
                 c.all_reduce(&mut v, op)?;
-                same(&v, &want, &format!("all_reduce {} {} len {len} in place", T::DTYPE, op.name()))?;
+                same(
+                    &v,
+                    &want,
+                    &format!("all_reduce {} {} len {len} in place", T::DTYPE, op.name()),
+                )?;
                 let send = input::<T>(me, len, op);
                 let mut recv = vec![T::of(0); len];
                 c.all_reduce_into(&send, &mut recv, op)?;
-                same(&recv, &want, &format!("all_reduce {} {} len {len} out of place", T::DTYPE, op.name()))?;
+                same(
+                    &recv,
+                    &want,
+                    &format!(
+                        "all_reduce {} {} len {len} out of place",
+                        T::DTYPE,
+                        op.name()
+                    ),
+                )?;
             }
         }
         Ok(())
@@ -153,7 +178,11 @@ mod imp {
                 let send = input::<T>(me, WORLD * block, op);
                 let mut recv = vec![T::of(0); block];
                 c.reduce_scatter(&send, &mut recv, op)?;
-                same(&recv, &want[me * block..(me + 1) * block], &format!("reduce_scatter {} {} block {block}", T::DTYPE, op.name()))?;
+                same(
+                    &recv,
+                    &want[me * block..(me + 1) * block],
+                    &format!("reduce_scatter {} {} block {block}", T::DTYPE, op.name()),
+                )?;
             }
         }
         Ok(())
@@ -164,7 +193,9 @@ mod imp {
             let send = input::<T>(c.rank(), len, ReduceOp::Sum);
             let mut recv = vec![T::of(0); WORLD * len];
             c.all_gather(&send, &mut recv)?;
-            let want: Vec<T> = (0..WORLD).flat_map(|r| input::<T>(r, len, ReduceOp::Sum)).collect();
+            let want: Vec<T> = (0..WORLD)
+                .flat_map(|r| input::<T>(r, len, ReduceOp::Sum))
+                .collect();
             same(&recv, &want, &format!("all_gather {} len {len}", T::DTYPE))?;
         }
         Ok(())
@@ -174,9 +205,17 @@ mod imp {
         for root in [3, 0] {
             for len in LENS {
                 let want = input::<T>(root, len, ReduceOp::Sum);
-                let mut buf = if c.rank() == root { want.clone() } else { vec![T::of(0); len] };
+                let mut buf = if c.rank() == root {
+                    want.clone()
+                } else {
+                    vec![T::of(0); len]
+                };
                 c.broadcast(&mut buf, root)?;
-                same(&buf, &want, &format!("broadcast {} root {root} len {len}", T::DTYPE))?;
+                same(
+                    &buf,
+                    &want,
+                    &format!("broadcast {} root {root} len {len}", T::DTYPE),
+                )?;
             }
         }
         Ok(())
@@ -191,7 +230,11 @@ mod imp {
                         let mut recv = vec![T::of(0); len];
                         c.reduce(&send, Some(&mut recv), op, root)?;
                         let want = reference::<T>(len, op)?;
-                        same(&recv, &want, &format!("reduce {} {} root {root} len {len}", T::DTYPE, op.name()))?;
+                        same(
+                            &recv,
+                            &want,
+                            &format!("reduce {} {} root {root} len {len}", T::DTYPE, op.name()),
+                        )?;
                     } else {
                         c.reduce(&send, None::<&mut Vec<T>>, op, root)?;
                     }
@@ -204,11 +247,19 @@ mod imp {
     fn all_to_all<T: TE>(c: &MpiComm) -> R {
         let me = c.rank();
         for block in BLOCKS {
-            let send: Vec<T> = (0..WORLD * block).map(|x| a2a(me, x / block.max(1), x % block.max(1))).collect();
+            let send: Vec<T> = (0..WORLD * block)
+                .map(|x| a2a(me, x / block.max(1), x % block.max(1)))
+                .collect();
             let mut recv = vec![T::of(0); WORLD * block];
             c.all_to_all(&send, &mut recv)?;
-            let want: Vec<T> = (0..WORLD * block).map(|x| a2a(x / block.max(1), me, x % block.max(1))).collect();
-            same(&recv, &want, &format!("all_to_all {} block {block}", T::DTYPE))?;
+            let want: Vec<T> = (0..WORLD * block)
+                .map(|x| a2a(x / block.max(1), me, x % block.max(1)))
+                .collect();
+            same(
+                &recv,
+                &want,
+                &format!("all_to_all {} block {block}", T::DTYPE),
+            )?;
         }
         Ok(())
     }
@@ -221,8 +272,12 @@ mod imp {
     fn a2av_data<T: TE>(me: usize, scale: usize) -> (Vec<T>, Vec<usize>, Vec<usize>, Vec<T>) {
         let send_counts: Vec<usize> = (0..WORLD).map(|d| a2av_count(me, d, scale)).collect();
         let recv_counts: Vec<usize> = (0..WORLD).map(|s| a2av_count(s, me, scale)).collect();
-        let send: Vec<T> = (0..WORLD).flat_map(|d| (0..send_counts[d]).map(move |k| a2a(me, d, k))).collect();
-        let want: Vec<T> = (0..WORLD).flat_map(|s| (0..recv_counts[s]).map(move |k| a2a(s, me, k))).collect();
+        let send: Vec<T> = (0..WORLD)
+            .flat_map(|d| (0..send_counts[d]).map(move |k| a2a(me, d, k)))
+            .collect();
+        let want: Vec<T> = (0..WORLD)
+            .flat_map(|s| (0..recv_counts[s]).map(move |k| a2a(s, me, k)))
+            .collect();
         (send, send_counts, recv_counts, want)
     }
 
@@ -231,7 +286,11 @@ mod imp {
             let (send, sc, rc, want) = a2av_data::<T>(c.rank(), scale);
             let mut recv = vec![T::of(0); want.len()];
             c.all_to_allv(&send, &sc, &mut recv, &rc)?;
-            same(&recv, &want, &format!("all_to_allv {} scale {scale} counts {sc:?}", T::DTYPE))?;
+            same(
+                &recv,
+                &want,
+                &format!("all_to_allv {} scale {scale} counts {sc:?}", T::DTYPE),
+            )?;
         }
         Ok(())
     }
@@ -241,47 +300,100 @@ mod imp {
         let n = 1031;
         // Two all-reduces in flight at once, then the rest of the family.
         let w1 = c.iall_reduce(input::<f32>(me, n, ReduceOp::Sum), ReduceOp::Sum)?;
-        let w2 = c.iall_reduce_into(input::<f16>(me, n, ReduceOp::Max), vec![f16::ZERO; n], ReduceOp::Max)?;
+        let w2 = c.iall_reduce_into(
+            input::<f16>(me, n, ReduceOp::Max),
+            vec![f16::ZERO; n],
+            ReduceOp::Max,
+        )?;
         let (_, r2) = w2.wait()?;
         let mut w1 = w1;
         while !w1.is_done() {
             std::thread::yield_now();
         }
-        same(&w1.wait()?, &reference::<f32>(n, ReduceOp::Sum)?, "iall_reduce f32 sum")?;
-        same(&r2, &reference::<f16>(n, ReduceOp::Max)?, "iall_reduce_into f16 max")?;
+        same(
+            &w1.wait()?,
+            &reference::<f32>(n, ReduceOp::Sum)?,
+            "iall_reduce f32 sum",
+        )?;
+        same(
+            &r2,
+            &reference::<f16>(n, ReduceOp::Max)?,
+            "iall_reduce_into f16 max",
+        )?;
 
-        let (_, rs) = c.ireduce_scatter(input::<bf16>(me, WORLD * 7, ReduceOp::Avg), vec![bf16::ZERO; 7], ReduceOp::Avg)?.wait()?;
-        same(&rs, &reference::<bf16>(WORLD * 7, ReduceOp::Avg)?[me * 7..me * 7 + 7], "ireduce_scatter bf16 avg")?;
+        let (_, rs) = c
+            .ireduce_scatter(
+                input::<bf16>(me, WORLD * 7, ReduceOp::Avg),
+                vec![bf16::ZERO; 7],
+                ReduceOp::Avg,
+            )?
+            .wait()?;
+        same(
+            &rs,
+            &reference::<bf16>(WORLD * 7, ReduceOp::Avg)?[me * 7..me * 7 + 7],
+            "ireduce_scatter bf16 avg",
+        )?;
 
-        let (_, ag) = c.iall_gather(input::<i64>(me, 5, ReduceOp::Sum), vec![0i64; WORLD * 5])?.wait()?;
-        let want: Vec<i64> = (0..WORLD).flat_map(|r| input::<i64>(r, 5, ReduceOp::Sum)).collect();
+        let (_, ag) = c
+            .iall_gather(input::<i64>(me, 5, ReduceOp::Sum), vec![0i64; WORLD * 5])?
+            .wait()?;
+        let want: Vec<i64> = (0..WORLD)
+            .flat_map(|r| input::<i64>(r, 5, ReduceOp::Sum))
+            .collect();
         same(&ag, &want, "iall_gather i64")?;
 
-        let buf = if me == 3 { input::<u8>(3, 100, ReduceOp::Sum) } else { vec![0u8; 100] };
-        same(&c.ibroadcast(buf, 3)?.wait()?, &input::<u8>(3, 100, ReduceOp::Sum), "ibroadcast u8 root 3")?;
+        let buf = if me == 3 {
+            input::<u8>(3, 100, ReduceOp::Sum)
+        } else {
+            vec![0u8; 100]
+        };
+        same(
+            &c.ibroadcast(buf, 3)?.wait()?,
+            &input::<u8>(3, 100, ReduceOp::Sum),
+            "ibroadcast u8 root 3",
+        )?;
 
         let recv = (me == 1).then(|| vec![0f64; 64]);
-        let (_, red) = c.ireduce(input::<f64>(me, 64, ReduceOp::Avg), recv, ReduceOp::Avg, 1)?.wait()?;
-        ensure!(red.is_some() == (me == 1), "ireduce: receive buffer on the wrong ranks");
+        let (_, red) = c
+            .ireduce(input::<f64>(me, 64, ReduceOp::Avg), recv, ReduceOp::Avg, 1)?
+            .wait()?;
+        ensure!(
+            red.is_some() == (me == 1),
+            "ireduce: receive buffer on the wrong ranks"
+        );
         if let Some(r) = red {
-            same(&r, &reference::<f64>(64, ReduceOp::Avg)?, "ireduce f64 avg root 1")?;
+            same(
+                &r,
+                &reference::<f64>(64, ReduceOp::Avg)?,
+                "ireduce f64 avg root 1",
+            )?;
         }
 
         let block = 9;
-        let send: Vec<i32> = (0..WORLD * block).map(|x| a2a(me, x / block, x % block)).collect();
+        let send: Vec<i32> = (0..WORLD * block)
+            .map(|x| a2a(me, x / block, x % block))
+            .collect();
         let (_, a) = c.iall_to_all(send, vec![0i32; WORLD * block])?.wait()?;
-        let want: Vec<i32> = (0..WORLD * block).map(|x| a2a(x / block, me, x % block)).collect();
+        let want: Vec<i32> = (0..WORLD * block)
+            .map(|x| a2a(x / block, me, x % block))
+            .collect();
         same(&a, &want, "iall_to_all i32")?;
 
         let (send, sc, rc, want) = a2av_data::<f32>(me, 2);
-        let (_, av) = c.iall_to_allv(send, sc, vec![0f32; want.len()], rc)?.wait()?;
+        let (_, av) = c
+            .iall_to_allv(send, sc, vec![0f32; want.len()], rc)?
+            .wait()?;
         same(&av, &want, "iall_to_allv f32")?;
 
         let next = (me + 1) % WORLD;
         let prev = (me + WORLD - 1) % WORLD;
         let r = c.irecv(vec![0i64; 3], prev, 11)?;
         let s = c.isend(vec![me as i64; 3], next, 11)?;
-        same(&r.wait()?, &[prev as i64; 3], "irecv from the previous rank")?;
+        same(
+            &r.wait()?,
+            &[prev as i64; 3],
+            "irecv from the previous rank",
+        )?;
         s.wait()?;
         c.ibarrier()?.wait()?;
         Ok(())
@@ -298,10 +410,18 @@ mod imp {
         let s2 = c.isend((0..big).map(|k| val(me, k)).collect::<Vec<_>>(), next, 6)?;
         let mut b = vec![0f32; big];
         c.recv(&mut b, prev, 6)?;
-        same(&b, &(0..big).map(|k| val(prev, k)).collect::<Vec<_>>(), "recv tag 6")?;
+        same(
+            &b,
+            &(0..big).map(|k| val(prev, k)).collect::<Vec<_>>(),
+            "recv tag 6",
+        )?;
         let mut a = vec![0f32; 7];
         c.recv(&mut a, prev, 5)?;
-        same(&a, &(0..7).map(|k| val(prev, k)).collect::<Vec<_>>(), "recv tag 5")?;
+        same(
+            &a,
+            &(0..7).map(|k| val(prev, k)).collect::<Vec<_>>(),
+            "recv tag 5",
+        )?;
         s1.wait()?;
         s2.wait()?;
         // Blocking ring: even ranks send first, odd ranks receive first.
@@ -326,11 +446,17 @@ mod imp {
     fn split(c: &MpiComm) -> R {
         let me = c.rank();
         // Even/odd, key reversed: the highest old rank gets new rank 0.
-        let sub = c.split(Some((me % 2) as u32), -(me as i32))?.ok_or("split returned None for a colour")?;
+        let sub = c
+            .split(Some((me % 2) as u32), -(me as i32))?
+            .ok_or("split returned None for a colour")?;
         ensure!(sub.backend() == "mpi", "backend {}", sub.backend());
         ensure!(sub.world_size() == 2, "sub world size {}", sub.world_size());
         let want_rank = 1 - me / 2;
-        ensure!(sub.rank() == want_rank, "rank {me}: new rank {} want {want_rank}", sub.rank());
+        ensure!(
+            sub.rank() == want_rank,
+            "rank {me}: new rank {} want {want_rank}",
+            sub.rank()
+        );
         let mut v = vec![me as i64; 10];
         sub.all_reduce(&mut v, ReduceOp::Sum)?;
         let want = if me % 2 == 0 { 2 } else { 4 };
@@ -343,9 +469,18 @@ mod imp {
         // Opting out.
         let color = (me != 3).then_some(0);
         let sub = c.split(color, me as i32)?;
-        ensure!(sub.is_some() == (me != 3), "rank {me}: opted-out split returned {:?}", sub.is_some());
+        ensure!(
+            sub.is_some() == (me != 3),
+            "rank {me}: opted-out split returned {:?}",
+            sub.is_some()
+        );
         if let Some(sub) = sub {
-            ensure!(sub.world_size() == 3 && sub.rank() == me, "rank {me}: {} of {}", sub.rank(), sub.world_size());
+            ensure!(
+                sub.world_size() == 3 && sub.rank() == me,
+                "rank {me}: {} of {}",
+                sub.rank(),
+                sub.world_size()
+            );
             let mut x = [1u8];
             sub.all_reduce(&mut x, ReduceOp::Sum)?;
             ensure!(x[0] == 3, "sum over 3 ranks = {}", x[0]);
@@ -355,21 +490,44 @@ mod imp {
 
     fn errors(c: &MpiComm) -> R {
         let me = c.rank();
-        let e = c.reduce_scatter(&vec![0f32; WORLD * 3 + 1], &mut vec![0f32; 3], ReduceOp::Sum);
-        ensure!(matches!(e, Err(Error::LengthMismatch { .. })), "reduce_scatter bad length: {e:?}");
+        let e = c.reduce_scatter(
+            &vec![0f32; WORLD * 3 + 1],
+            &mut vec![0f32; 3],
+            ReduceOp::Sum,
+        );
+        ensure!(
+            matches!(e, Err(Error::LengthMismatch { .. })),
+            "reduce_scatter bad length: {e:?}"
+        );
         let e = c.broadcast(&mut vec![0f32; 3], WORLD);
-        ensure!(matches!(e, Err(Error::RankOutOfRange { .. })), "broadcast root 4: {e:?}");
+        ensure!(
+            matches!(e, Err(Error::RankOutOfRange { .. })),
+            "broadcast root 4: {e:?}"
+        );
         let e = c.reduce(&[1i32], Some(&mut [0i32]), ReduceOp::Sum, 9);
-        ensure!(matches!(e, Err(Error::RankOutOfRange { .. })), "reduce root 9: {e:?}");
+        ensure!(
+            matches!(e, Err(Error::RankOutOfRange { .. })),
+            "reduce root 9: {e:?}"
+        );
         let e = c.send(&[1u8], (me + 1) % WORLD, u32::MAX);
-        ensure!(matches!(e, Err(Error::InvalidArgument(_))), "tag u32::MAX: {e:?}");
+        ensure!(
+            matches!(e, Err(Error::InvalidArgument(_))),
+            "tag u32::MAX: {e:?}"
+        );
         // Receive length mismatches, both ways; the message is consumed and the communicator stays usable.
         match me {
             0 => c.send(&[1f32; 5], 1, 42)?,
             1 => {
                 let e = c.recv(&mut [0f32; 4], 0, 42);
                 ensure!(
-                    matches!(e, Err(Error::LengthMismatch { expected: 4, got: 5, .. })),
+                    matches!(
+                        e,
+                        Err(Error::LengthMismatch {
+                            expected: 4,
+                            got: 5,
+                            ..
+                        })
+                    ),
                     "longer message: {e:?}"
                 );
             }
@@ -377,7 +535,14 @@ mod imp {
             _ => {
                 let e = c.recv(&mut [0f32; 6], 2, 42);
                 ensure!(
-                    matches!(e, Err(Error::LengthMismatch { expected: 6, got: 3, .. })),
+                    matches!(
+                        e,
+                        Err(Error::LengthMismatch {
+                            expected: 6,
+                            got: 3,
+                            ..
+                        })
+                    ),
                     "shorter message: {e:?}"
                 );
             }
@@ -391,18 +556,31 @@ mod imp {
 
     fn checked(c: &MpiComm) -> R {
         let me = c.rank();
-        let cc = MpiComm::world(Config::default().with_timeout(Duration::from_secs(60)).with_check(true))?;
+        let cc = MpiComm::world(
+            Config::default()
+                .with_timeout(Duration::from_secs(60))
+                .with_check(true),
+        )?;
         let len = if me == 0 { 5 } else { 6 };
         let e = cc.all_reduce(&mut vec![1f32; len], ReduceOp::Sum);
-        ensure!(matches!(e, Err(Error::CollectiveMismatch { .. })), "count mismatch: {e:?}");
+        ensure!(
+            matches!(e, Err(Error::CollectiveMismatch { .. })),
+            "count mismatch: {e:?}"
+        );
         let e = if me == 1 {
             cc.all_reduce(&mut vec![1f64; 6], ReduceOp::Sum)
         } else {
             cc.all_reduce(&mut vec![1f32; 6], ReduceOp::Sum)
         };
-        ensure!(matches!(e, Err(Error::CollectiveMismatch { .. })), "dtype mismatch: {e:?}");
+        ensure!(
+            matches!(e, Err(Error::CollectiveMismatch { .. })),
+            "dtype mismatch: {e:?}"
+        );
         let e = cc.broadcast(&mut [0u8; 4], if me == 2 { 1 } else { 0 });
-        ensure!(matches!(e, Err(Error::CollectiveMismatch { .. })), "root mismatch: {e:?}");
+        ensure!(
+            matches!(e, Err(Error::CollectiveMismatch { .. })),
+            "root mismatch: {e:?}"
+        );
         // No MPI call was made with mismatched arguments: the communicator still works.
         let mut v = vec![1f32; 6];
         cc.all_reduce(&mut v, ReduceOp::Sum)?;
@@ -413,11 +591,24 @@ mod imp {
     fn recv_timeout(c: &MpiComm) -> R {
         let me = c.rank();
         // Only rank 0 has a short timeout; its receive never matches, so nothing is left in flight.
-        let t = if me == 0 { Duration::from_millis(300) } else { Duration::from_secs(60) };
+        let t = if me == 0 {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(60)
+        };
         let tc = MpiComm::world(Config::default().with_timeout(t))?;
         if me == 0 {
             let e = tc.recv(&mut [0u8; 4], 1, 777);
-            ensure!(matches!(e, Err(Error::Timeout { waiting_for: Some(1), .. })), "recv that never matches: {e:?}");
+            ensure!(
+                matches!(
+                    e,
+                    Err(Error::Timeout {
+                        waiting_for: Some(1),
+                        ..
+                    })
+                ),
+                "recv that never matches: {e:?}"
+            );
         }
         c.barrier()?;
         let mut v = [1i64];
@@ -430,7 +621,10 @@ mod imp {
         let before = c.bytes_sent();
         c.all_reduce(&mut vec![0f32; 1000], ReduceOp::Sum)?;
         let d = c.bytes_sent() - before;
-        ensure!(d == 6000, "all_reduce of 4000 bytes on 4 ranks counted {d}, want 2*3/4*4000");
+        ensure!(
+            d == 6000,
+            "all_reduce of 4000 bytes on 4 ranks counted {d}, want 2*3/4*4000"
+        );
         let before = c.bytes_sent();
         c.all_gather(&[0u8; 10], &mut [0u8; 40])?;
         let d = c.bytes_sent() - before;
@@ -448,7 +642,15 @@ mod imp {
         raw_allreduce_f32(c, &mut a)?;
         c.all_reduce(&mut b, ReduceOp::Sum)?;
         same(&a, &b, "raw rsmpi all_reduce vs ferroccl")?;
-        same(&a, &reference::<f32>(4099, ReduceOp::Sum)?, "raw rsmpi all_reduce vs reference")?;
+        same(
+            &a,
+            &reference::<f32>(4099, ReduceOp::Sum)?,
+            "raw rsmpi all_reduce vs reference",
+        )?;
+        let send: Vec<f32> = input(c.rank(), 4099, ReduceOp::Sum);
+        let mut recv = vec![0f32; 4099];
+        raw_allreduce_into_f32(c, &send, &mut recv)?;
+        same(&recv, &a, "raw rsmpi all_reduce_into")?;
         Ok(())
     }
 
@@ -516,13 +718,13 @@ mod imp {
         }
         let me = comm.rank();
         let checks: Vec<Check> = vec![
-            ("all_reduce", |c| Ok(each_dtype!(all_reduce(c)))),
-            ("reduce_scatter", |c| Ok(each_dtype!(reduce_scatter(c)))),
-            ("all_gather", |c| Ok(each_dtype!(all_gather(c)))),
-            ("broadcast", |c| Ok(each_dtype!(broadcast(c)))),
-            ("reduce", |c| Ok(each_dtype!(reduce(c)))),
-            ("all_to_all", |c| Ok(each_dtype!(all_to_all(c)))),
-            ("all_to_allv", |c| Ok(each_dtype!(all_to_allv(c)))),
+            ("all_reduce", |c| each_dtype!(all_reduce(c))),
+            ("reduce_scatter", |c| each_dtype!(reduce_scatter(c))),
+            ("all_gather", |c| each_dtype!(all_gather(c))),
+            ("broadcast", |c| each_dtype!(broadcast(c))),
+            ("reduce", |c| each_dtype!(reduce(c))),
+            ("all_to_all", |c| each_dtype!(all_to_all(c))),
+            ("all_to_allv", |c| each_dtype!(all_to_allv(c))),
             ("nonblocking", nonblocking),
             ("send_recv", send_recv),
             ("split", split),
@@ -533,7 +735,12 @@ mod imp {
             ("raw_baseline", raw_baseline),
         ];
         if me == 0 {
-            println!("MPI: {} ranks, {:?}, {}", comm.world_size(), comm.threading(), comm.library_version().lines().next().unwrap_or(""));
+            println!(
+                "MPI: {} ranks, {:?}, {}",
+                comm.world_size(),
+                comm.threading(),
+                comm.library_version().lines().next().unwrap_or("")
+            );
         }
         let (mut passed, mut failed) = (0, 0);
         for (name, f) in checks {
@@ -558,7 +765,10 @@ mod imp {
             }
             if me == 0 {
                 let verdict = if ok[0] == 1 { "ok" } else { "FAILED" };
-                println!("test {name} ... {verdict} ({:.2}s)", t0.elapsed().as_secs_f64());
+                println!(
+                    "test {name} ... {verdict} ({:.2}s)",
+                    t0.elapsed().as_secs_f64()
+                );
             }
         }
         drop(comm); // the last communicator: MPI_Finalize

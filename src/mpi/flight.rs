@@ -86,7 +86,8 @@ fn count(n: usize, what: &str) -> Result<c_int> {
 }
 
 fn rank_arg(r: usize) -> Result<c_int> {
-    c_int::try_from(r).map_err(|_| Error::InvalidArgument(format!("rank {r} does not fit an MPI int")))
+    c_int::try_from(r)
+        .map_err(|_| Error::InvalidArgument(format!("rank {r} does not fit an MPI int")))
 }
 
 fn unsupported(what: &str) -> Error {
@@ -140,7 +141,12 @@ impl Flight {
 
     fn avg(&mut self, op: ReduceOp, ptr: *mut u8, bytes: usize, dtype: DType, n: usize) {
         if op == ReduceOp::Avg && bytes > 0 {
-            self.after = After::Avg { ptr, bytes, dtype, n };
+            self.after = After::Avg {
+                ptr,
+                bytes,
+                dtype,
+                n,
+            };
         }
     }
 
@@ -161,14 +167,21 @@ impl Flight {
         match c {
             C::AllReduce { send, mut recv, op } => {
                 let what = "all_reduce";
-                let (dt, mop, n) = (s.datatype(recv.dtype)?, s.op(recv.dtype, op)?, count(recv.len, what)?);
+                let (dt, mop, n) = (
+                    s.datatype(recv.dtype)?,
+                    s.op(recv.dtype, op)?,
+                    count(recv.len, what)?,
+                );
                 let rp = host_mut(&mut recv, what)?;
                 let sp: *const c_void = match send {
                     Some(b) => host(&b, what)?,
                     None => match s.in_place {
                         InPlace::Sentinel(p) => p as *const c_void,
                         InPlace::Copy => {
-                            f.scratch = recv.host_bytes_mut().map(|b| b.to_vec()).unwrap_or_default();
+                            f.scratch = recv
+                                .host_bytes_mut()
+                                .map(|b| b.to_vec())
+                                .unwrap_or_default();
                             scratch_ptr(&mut f.scratch).cast_const().cast()
                         }
                     },
@@ -181,7 +194,11 @@ impl Flight {
             }
             C::ReduceScatter { send, mut recv, op } => {
                 let what = "reduce_scatter";
-                let (dt, mop, n) = (s.datatype(recv.dtype)?, s.op(recv.dtype, op)?, count(recv.len, what)?);
+                let (dt, mop, n) = (
+                    s.datatype(recv.dtype)?,
+                    s.op(recv.dtype, op)?,
+                    count(recv.len, what)?,
+                );
                 count(send.len, what)?;
                 let sp = host(&send, what)?;
                 let rp = host_mut(&mut recv, what)?;
@@ -204,14 +221,29 @@ impl Flight {
             }
             C::Broadcast { mut buf, root } => {
                 let what = "broadcast";
-                let (dt, n, root) = (s.datatype(buf.dtype)?, count(buf.len, what)?, rank_arg(root)?);
+                let (dt, n, root) = (
+                    s.datatype(buf.dtype)?,
+                    count(buf.len, what)?,
+                    rank_arg(root)?,
+                );
                 let p = host_mut(&mut buf, what)?;
                 // SAFETY: as above.
-                s.call("MPI_Ibcast", || unsafe { ffi::MPI_Ibcast(p.cast(), n, dt, root, comm, &mut req) })?;
+                s.call("MPI_Ibcast", || unsafe {
+                    ffi::MPI_Ibcast(p.cast(), n, dt, root, comm, &mut req)
+                })?;
             }
-            C::Reduce { send, recv, op, root } => {
+            C::Reduce {
+                send,
+                recv,
+                op,
+                root,
+            } => {
                 let what = "reduce";
-                let (dt, mop, n) = (s.datatype(send.dtype)?, s.op(send.dtype, op)?, count(send.len, what)?);
+                let (dt, mop, n) = (
+                    s.datatype(send.dtype)?,
+                    s.op(send.dtype, op)?,
+                    count(send.len, what)?,
+                );
                 let is_root = t.rank == root;
                 let root = rank_arg(root)?;
                 let sp = host(&send, what)?;
@@ -249,7 +281,10 @@ impl Flight {
                 let what = "all_to_allv";
                 let dt = s.datatype(send.dtype)?;
                 let ints = |v: &[usize]| -> Result<(Vec<c_int>, Vec<c_int>)> {
-                    let counts = v.iter().map(|&x| count(x, what)).collect::<Result<Vec<_>>>()?;
+                    let counts = v
+                        .iter()
+                        .map(|&x| count(x, what))
+                        .collect::<Result<Vec<_>>>()?;
                     let mut displs = Vec::with_capacity(v.len());
                     let mut at = 0usize;
                     for &x in v {
@@ -265,7 +300,8 @@ impl Flight {
                 let rp = host_mut(&mut recv, what)?;
                 f.arrays = vec![sc, sd, rc, rd];
                 let a = &f.arrays;
-                let (scp, sdp, rcp, rdp) = (a[0].as_ptr(), a[1].as_ptr(), a[2].as_ptr(), a[3].as_ptr());
+                let (scp, sdp, rcp, rdp) =
+                    (a[0].as_ptr(), a[1].as_ptr(), a[2].as_ptr(), a[3].as_ptr());
                 // SAFETY: as above; the count/displacement arrays live in `f.arrays` (heap memory that
                 // does not move with `f`) until the request completes.
                 s.call("MPI_Ialltoallv", || unsafe {
@@ -274,10 +310,17 @@ impl Flight {
             }
             C::Send { buf, peer, tag } => {
                 let what = "send";
-                let (dt, n, peer, tag) = (s.datatype(buf.dtype)?, count(buf.len, what)?, rank_arg(peer)?, tag_arg(tag, t)?);
+                let (dt, n, peer, tag) = (
+                    s.datatype(buf.dtype)?,
+                    count(buf.len, what)?,
+                    rank_arg(peer)?,
+                    tag_arg(tag, t)?,
+                );
                 let p = host(&buf, what)?;
                 // SAFETY: as above.
-                s.call("MPI_Isend", || unsafe { ffi::MPI_Isend(p, n, dt, peer, tag, comm, &mut req) })?;
+                s.call("MPI_Isend", || unsafe {
+                    ffi::MPI_Isend(p, n, dt, peer, tag, comm, &mut req)
+                })?;
             }
             C::Recv { mut buf, peer, tag } => {
                 let what = "recv";
@@ -294,7 +337,9 @@ impl Flight {
             }
             C::Barrier => {
                 // SAFETY: no buffers.
-                s.call("MPI_Ibarrier", || unsafe { ffi::MPI_Ibarrier(comm, &mut req) })?;
+                s.call("MPI_Ibarrier", || unsafe {
+                    ffi::MPI_Ibarrier(comm, &mut req)
+                })?;
             }
         }
         f.stage = Stage::Request(req);
@@ -317,8 +362,12 @@ impl Flight {
                     let (buf, len, dtype, peer, tag) = (*buf, *len, *dtype, *peer, *tag);
                     let mut flag: c_int = 0;
                     // SAFETY: reading rsmpi's exported null handle; a zeroed status is a valid MPI_Status.
-                    let (mut msg, mut status) =
-                        unsafe { (ffi::RSMPI_MESSAGE_NULL, std::mem::zeroed::<ffi::MPI_Status>()) };
+                    let (mut msg, mut status) = unsafe {
+                        (
+                            ffi::RSMPI_MESSAGE_NULL,
+                            std::mem::zeroed::<ffi::MPI_Status>(),
+                        )
+                    };
                     // SAFETY: valid out-pointers.
                     s.call("MPI_Improbe", || unsafe {
                         ffi::MPI_Improbe(peer, tag, t.comm, &mut flag, &mut msg, &mut status)
@@ -329,7 +378,9 @@ impl Flight {
                     let dt = s.datatype(dtype)?;
                     let mut got: c_int = 0;
                     // SAFETY: `status` was filled by the matching probe.
-                    s.call("MPI_Get_count", || unsafe { ffi::MPI_Get_count(&status, dt, &mut got) })?;
+                    s.call("MPI_Get_count", || unsafe {
+                        ffi::MPI_Get_count(&status, dt, &mut got)
+                    })?;
                     let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
                     // SAFETY: reading rsmpi's exported constant.
                     let undefined = got == unsafe { ffi::RSMPI_UNDEFINED };
@@ -366,7 +417,9 @@ impl Flight {
                     // SAFETY: a zeroed status is a valid MPI_Status.
                     let mut status = unsafe { std::mem::zeroed::<ffi::MPI_Status>() };
                     // SAFETY: `req` is a live request of this flight.
-                    let r = s.call("MPI_Test", || unsafe { ffi::MPI_Test(req, &mut flag, &mut status) });
+                    let r = s.call("MPI_Test", || unsafe {
+                        ffi::MPI_Test(req, &mut flag, &mut status)
+                    });
                     if let Err(e) = r {
                         if !s.is_poisoned() {
                             self.stage = Stage::Done; // MPI completed the request with an error

@@ -82,6 +82,8 @@
 //! the process's MPI session; when the last one is dropped, ferroccl frees its datatypes and operators
 //! and calls `MPI_Finalize`. MPI cannot be initialised twice, so keep one communicator alive for as long
 //! as the program communicates: a later `MpiComm::world` fails with an [`Error::Mpi`] that says so.
+//! Drop every communicator before the process exits (`std::process::exit` skips destructors, and a
+//! process that exits without `MPI_Finalize` makes mpirun report an abnormal termination).
 //! Each `MpiComm::world` is a collective `MPI_Comm_dup` of `MPI_COMM_WORLD` (so ferroccl's traffic never
 //! matches the application's own messages); dropping a communicator calls `MPI_Comm_free`.
 //!
@@ -197,7 +199,9 @@ impl MpiComm {
         // SAFETY: reading rsmpi's exported handles.
         let (world, mut dup) = unsafe { (ffi::RSMPI_COMM_WORLD, ffi::RSMPI_COMM_NULL) };
         // SAFETY: MPI is initialised; `dup` is an out-parameter.
-        session.call("MPI_Comm_dup(MPI_COMM_WORLD)", || unsafe { ffi::MPI_Comm_dup(world, &mut dup) })?;
+        session.call("MPI_Comm_dup(MPI_COMM_WORLD)", || unsafe {
+            ffi::MPI_Comm_dup(world, &mut dup)
+        })?;
         MpiComm::adopt(session, dup, cfg)
     }
 
@@ -216,14 +220,22 @@ impl MpiComm {
         // SAFETY: reading rsmpi's exported handle.
         let ret = unsafe { ffi::RSMPI_ERRORS_RETURN };
         // SAFETY: `comm` is live.
-        s.call("MPI_Comm_set_errhandler", || unsafe { ffi::MPI_Comm_set_errhandler(comm, ret) })?;
+        s.call("MPI_Comm_set_errhandler", || unsafe {
+            ffi::MPI_Comm_set_errhandler(comm, ret)
+        })?;
         let (mut rank, mut size): (c_int, c_int) = (0, 0);
         // SAFETY: valid out-pointers.
-        s.call("MPI_Comm_rank", || unsafe { ffi::MPI_Comm_rank(comm, &mut rank) })?;
+        s.call("MPI_Comm_rank", || unsafe {
+            ffi::MPI_Comm_rank(comm, &mut rank)
+        })?;
         // SAFETY: valid out-pointers.
-        s.call("MPI_Comm_size", || unsafe { ffi::MPI_Comm_size(comm, &mut size) })?;
-        inner.rank = usize::try_from(rank).map_err(|_| Error::Mpi(format!("MPI_Comm_rank returned {rank}")))?;
-        inner.size = usize::try_from(size).map_err(|_| Error::Mpi(format!("MPI_Comm_size returned {size}")))?;
+        s.call("MPI_Comm_size", || unsafe {
+            ffi::MPI_Comm_size(comm, &mut size)
+        })?;
+        inner.rank = usize::try_from(rank)
+            .map_err(|_| Error::Mpi(format!("MPI_Comm_rank returned {rank}")))?;
+        inner.size = usize::try_from(size)
+            .map_err(|_| Error::Mpi(format!("MPI_Comm_size returned {size}")))?;
         let mut val: *mut c_int = std::ptr::null_mut();
         let mut flag: c_int = 0;
         // SAFETY: for a predefined attribute MPI stores a pointer to the value into `val`.
@@ -275,7 +287,12 @@ impl MpiComm {
 
     /// Poll `flight` until it completes, for at most the timeout; see the module docs for what a
     /// timeout means.
-    fn wait_blocking(&self, mut flight: Flight, during: &'static str, peer: Option<usize>) -> Result<()> {
+    fn wait_blocking(
+        &self,
+        mut flight: Flight,
+        during: &'static str,
+        peer: Option<usize>,
+    ) -> Result<()> {
         let t = self.inner.target();
         let deadline = Instant::now().checked_add(self.cfg.timeout);
         let mut spins = 0u32;
@@ -346,7 +363,9 @@ fn traffic(c: &CollectiveRef<'_>, rank: usize, n: usize) -> u64 {
             }
         }
         C::AllToAll { send, .. } => share(send.byte_len()),
-        C::AllToAllv { send, send_counts, .. } => {
+        C::AllToAllv {
+            send, send_counts, ..
+        } => {
             let own = send_counts.get(rank).copied().unwrap_or(0);
             (send_counts.iter().sum::<usize>().saturating_sub(own) * send.dtype.size()) as u64
         }
@@ -407,7 +426,10 @@ impl Communicator for MpiComm {
         let c = match color {
             None => None,
             Some(c) => Some(c_int::try_from(c).map_err(|_| {
-                Error::InvalidArgument(format!("split: color {c} does not fit MPI's non-negative int colors (max {})", c_int::MAX))
+                Error::InvalidArgument(format!(
+                    "split: color {c} does not fit MPI's non-negative int colors (max {})",
+                    c_int::MAX
+                ))
             })?),
         };
         // A timed collective first, so that every rank has arrived before the untimed MPI_Comm_split.
@@ -446,7 +468,9 @@ struct MpiPending {
 impl Pending<CollectiveOwned> for MpiPending {
     fn poll(&mut self) -> Option<Result<CollectiveOwned>> {
         let Some(f) = self.flight.as_mut() else {
-            return Some(Err(Error::InvalidArgument("non-blocking MPI operation already completed".into())));
+            return Some(Err(Error::InvalidArgument(
+                "non-blocking MPI operation already completed".into(),
+            )));
         };
         match f.poll(&self.inner.target()) {
             Ok(false) => None,
@@ -498,20 +522,36 @@ impl Drop for MpiPending {
     }
 }
 
-/// All-reduce (sum) `buf` in place with rsmpi's safe API (`CommunicatorCollectives::all_reduce_into`,
-/// i.e. a plain blocking `MPI_Allreduce`) on `comm`'s MPI communicator, bypassing ferroccl's
-/// validation, polling and timeout: the baseline benches compare the MPI backend against in one run.
-/// Not bounded by the timeout; rsmpi ignores MPI's return code.
+/// All-reduce (sum) `buf` with rsmpi's safe API (`CommunicatorCollectives::all_reduce_into`, i.e. a
+/// plain blocking `MPI_Allreduce`) on `comm`'s MPI communicator, bypassing ferroccl's validation,
+/// polling and timeout: the baseline that benches compare the MPI backend against in the same run.
+/// rsmpi has no in-place form, so this first copies `buf` into a send buffer; to time the MPI call
+/// alone use [`raw_allreduce_into_f32`]. Not bounded by the timeout; rsmpi ignores MPI's return code.
 pub fn raw_allreduce_f32(comm: &MpiComm, buf: &mut [f32]) -> Result<()> {
+    let send = buf.to_vec();
+    raw_allreduce_into_f32(comm, &send, buf)
+}
+
+/// Out-of-place form of [`raw_allreduce_f32`]: `recv = sum over ranks of send` through rsmpi's
+/// `all_reduce_into`, with no copy.
+pub fn raw_allreduce_into_f32(comm: &MpiComm, send: &[f32], recv: &mut [f32]) -> Result<()> {
     use mpi::collective::SystemOperation;
     use mpi::traits::{CommunicatorCollectives, FromRaw};
+    if send.len() != recv.len() {
+        return Err(Error::LengthMismatch {
+            what: "raw_allreduce_into_f32: recv must have as many elements as send".into(),
+            expected: send.len(),
+            got: recv.len(),
+        });
+    }
     let s = &comm.inner.session;
     s.alive()?;
     let _g = s.guard();
-    let send = buf.to_vec();
-    // SAFETY: `comm.inner.comm` is a live intra-communicator owned by `comm`; wrapping it in
-    // ManuallyDrop makes sure rsmpi never frees it.
-    let rs = std::mem::ManuallyDrop::new(unsafe { mpi::topology::SimpleCommunicator::from_raw(comm.inner.comm) });
-    rs.all_reduce_into(&send[..], buf, SystemOperation::sum());
+    // SAFETY: `comm.inner.comm` is a live intra-communicator owned by `comm`; ManuallyDrop makes sure
+    // rsmpi never frees it.
+    let rs = std::mem::ManuallyDrop::new(unsafe {
+        mpi::topology::SimpleCommunicator::from_raw(comm.inner.comm)
+    });
+    rs.all_reduce_into(send, recv, SystemOperation::sum());
     Ok(())
 }

@@ -91,7 +91,10 @@ pub(crate) fn session() -> Result<Arc<Session>> {
         // SAFETY: MPI is initialised and not finalised; `provided` is a valid out-pointer.
         let rc = unsafe { ffi::MPI_Query_thread(&mut provided) };
         if rc != SUCCESS {
-            return Err(Error::Mpi(format!("MPI_Query_thread failed: {}", error_string(rc))));
+            return Err(Error::Mpi(format!(
+                "MPI_Query_thread failed: {}",
+                error_string(rc)
+            )));
         }
         // SAFETY: reading link-time constants exported by the rsmpi C shim.
         let level = unsafe {
@@ -108,7 +111,9 @@ pub(crate) fn session() -> Result<Arc<Session>> {
         (None, level)
     } else {
         let (u, t) = mpi::initialize_with_threading(Threading::Multiple).ok_or_else(|| {
-            Error::Mpi("MPI_Init_thread did not initialise MPI (was it initialised concurrently?)".into())
+            Error::Mpi(
+                "MPI_Init_thread did not initialise MPI (was it initialised concurrently?)".into(),
+            )
         })?;
         g.initialised_here = true;
         (Some(u), t)
@@ -130,7 +135,10 @@ pub(crate) fn error_string(code: c_int) -> String {
     }
     let len = usize::try_from(len).unwrap_or(0).min(cap);
     let bytes: Vec<u8> = buf[..len].iter().map(|&c| c as u8).collect();
-    format!("{} (error code {code})", String::from_utf8_lossy(&bytes).trim_end_matches('\0'))
+    format!(
+        "{} (error code {code})",
+        String::from_utf8_lossy(&bytes).trim_end_matches('\0')
+    )
 }
 
 fn library_version() -> String {
@@ -144,7 +152,10 @@ fn library_version() -> String {
     }
     let len = usize::try_from(len).unwrap_or(0).min(cap);
     let bytes: Vec<u8> = buf[..len].iter().map(|&c| c as u8).collect();
-    String::from_utf8_lossy(&bytes).trim_end_matches('\0').trim().to_string()
+    String::from_utf8_lossy(&bytes)
+        .trim_end_matches('\0')
+        .trim()
+        .to_string()
 }
 
 fn detect_in_place(library: &str) -> InPlace {
@@ -266,9 +277,12 @@ impl Session {
             // We own MPI: make errors on MPI_COMM_WORLD (and the communicators duplicated from it)
             // come back as codes instead of aborting the job.
             // SAFETY: MPI is initialised; reading rsmpi's exported handles.
-            s.call("MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN)", || unsafe {
-                ffi::MPI_Comm_set_errhandler(ffi::RSMPI_COMM_WORLD, ffi::RSMPI_ERRORS_RETURN)
-            })?;
+            s.call(
+                "MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN)",
+                || unsafe {
+                    ffi::MPI_Comm_set_errhandler(ffi::RSMPI_COMM_WORLD, ffi::RSMPI_ERRORS_RETURN)
+                },
+            )?;
         }
         for (h, fns) in HALF_FNS.iter().enumerate() {
             let mut ty = std::mem::MaybeUninit::<ffi::MPI_Datatype>::uninit();
@@ -279,13 +293,17 @@ impl Session {
             // SAFETY: written by the successful call above.
             let mut ty = unsafe { ty.assume_init() };
             // SAFETY: `ty` is a valid, uncommitted datatype.
-            let committed = s.call("MPI_Type_commit", || unsafe { ffi::MPI_Type_commit(&mut ty) });
+            let committed = s.call("MPI_Type_commit", || unsafe {
+                ffi::MPI_Type_commit(&mut ty)
+            });
             s.half_types[h] = Some(ty);
             committed?;
             for (o, f) in fns.iter().enumerate() {
                 let mut op = std::mem::MaybeUninit::<ffi::MPI_Op>::uninit();
                 // SAFETY: `f` has the MPI_User_function signature; commutative operator.
-                s.call("MPI_Op_create", || unsafe { ffi::MPI_Op_create(Some(*f), 1, op.as_mut_ptr()) })?;
+                s.call("MPI_Op_create", || unsafe {
+                    ffi::MPI_Op_create(Some(*f), 1, op.as_mut_ptr())
+                })?;
                 // SAFETY: written by the successful call above.
                 s.half_ops[h][o] = Some(unsafe { op.assume_init() });
             }
@@ -318,7 +336,8 @@ impl Session {
 
     /// The serialisation lock, when MPI did not provide `MPI_THREAD_MULTIPLE`.
     pub(crate) fn guard(&self) -> Option<MutexGuard<'_, ()>> {
-        self.serialize.then(|| self.lock.lock().unwrap_or_else(|e| e.into_inner()))
+        self.serialize
+            .then(|| self.lock.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Make one MPI call (under the lock if serialised) and turn its return code into a `Result`.
@@ -344,8 +363,9 @@ impl Session {
                 DType::I64 => ffi::RSMPI_INT64_T,
                 DType::U8 => ffi::RSMPI_UINT8_T,
                 DType::F16 | DType::BF16 => {
-                    return self.half_types[usize::from(d == DType::BF16)]
-                        .ok_or_else(|| Error::Mpi("internal: half-precision datatype missing".into()))
+                    return self.half_types[usize::from(d == DType::BF16)].ok_or_else(|| {
+                        Error::Mpi("internal: half-precision datatype missing".into())
+                    })
                 }
             }
         })
