@@ -1,23 +1,25 @@
-//! All-reduce 1<<20 f32 over MPI and check the result against its closed form.
+//! All-reduce 1<<20 f32 and check the result against its closed form. One binary, any launcher:
+//! `ferroccl::init()` picks MPI under mpirun, the TCP backend under torchrun-style variables, and a
+//! single in-process rank otherwise.
 //!
 //! ```text
 //! cargo build --release --features mpi --example allreduce
 //! mpirun -np 4 target/release/examples/allreduce
+//! for r in 0 1 2 3; do RANK=$r WORLD_SIZE=4 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 \
+//!     target/release/examples/allreduce & done; wait
 //! ```
 //!
 //! Rank `r` holds `x[i] = r + i·1e-3`, so the sum over `n` ranks is `n(n-1)/2 + n·i·1e-3`. Every rank
 //! prints its own check; rank 0 ends with one line `RESULT {json}` (world size, elements, seconds of
 //! the all-reduce, ok).
 
-use ferroccl::mpi::MpiComm;
 use ferroccl::prelude::*;
-use ferroccl::Config;
 use std::time::Instant;
 
 const ELEMENTS: usize = 1 << 20;
 
 fn main() -> Result<()> {
-    let comm = MpiComm::world(Config::from_env()?)?;
+    let comm = ferroccl::init()?;
     let (rank, n) = (comm.rank(), comm.world_size());
     let mut x: Vec<f32> = (0..ELEMENTS)
         .map(|i| rank as f32 + i as f32 * 1e-3)
@@ -59,7 +61,7 @@ fn main() -> Result<()> {
         });
         println!("RESULT {result}");
     }
-    drop(comm); // MPI_Finalize
+    drop(comm); // MPI_Finalize under MPI; closes sockets under TCP
     if !all_ok {
         std::process::exit(1);
     }

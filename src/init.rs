@@ -1,17 +1,113 @@
-//! Backend selection (filled below in this issue).
-use crate::{Communicator, Result};
-/// Which backend.
+//! `ferroccl::init()`: one binary, any launcher.
+//!
+//! Order of choice (the first that applies):
+//! 1. `FERROCCL_BACKEND` = `local` | `tcp` | `mpi` (| `nccl` with the `cuda` feature, next issue);
+//! 2. launched by `mpirun`/`srun` (feature `mpi`) → MPI;
+//! 3. `RANK` and `WORLD_SIZE` set (torchrun-style) → the env rendezvous, then the TCP transport;
+//! 4. otherwise in-process with world size 1.
+//!
+//! For several in-process ranks use [`crate::local::run`], which hands each thread its communicator.
+
+use crate::rendezvous::EnvRendezvous;
+use crate::{Communicator, Config, Error, Result};
+use std::sync::Arc;
+
+/// The backends `init` can pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// In-process.
+    /// In-process (world size 1 through `init`; use `local::run` for more threads).
     Local,
+    /// Torchrun-style env rendezvous + TCP transport.
+    Tcp,
+    /// MPI (feature `mpi`).
+    Mpi,
 }
-/// Pick a backend from the environment.
+
+impl Backend {
+    /// Parse `FERROCCL_BACKEND`.
+    pub fn parse(s: &str) -> Result<Backend> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "local" | "inprocess" | "in-process" => Ok(Backend::Local),
+            "tcp" | "env" => Ok(Backend::Tcp),
+            "mpi" => Ok(Backend::Mpi),
+            other => Err(Error::Config {
+                var: "FERROCCL_BACKEND".into(),
+                value: other.into(),
+                why: "expected local, tcp or mpi".into(),
+            }),
+        }
+    }
+
+    /// What the environment asks for (see the module docs), before anything is started.
+    pub fn detect() -> Result<Backend> {
+        if let Ok(v) = std::env::var("FERROCCL_BACKEND") {
+            return Backend::parse(&v);
+        }
+        #[cfg(feature = "mpi")]
+        if crate::mpi::launched_by_mpirun() {
+            return Ok(Backend::Mpi);
+        }
+        if std::env::var_os("RANK").is_some() && std::env::var_os("WORLD_SIZE").is_some() {
+            return Ok(Backend::Tcp);
+        }
+        Ok(Backend::Local)
+    }
+}
+
+/// Pick the backend from the environment and start it.
 pub fn init() -> Result<Box<dyn Communicator>> {
-    init_with(None)
+    init_with(Backend::detect()?)
 }
-/// Pick a backend, optionally forcing one.
-pub fn init_with(b: Option<Backend>) -> Result<Box<dyn Communicator>> {
-    let _ = b;
-    Err(crate::Error::Unsupported("todo".into()))
+
+/// Start a given backend with settings from the environment.
+pub fn init_with(b: Backend) -> Result<Box<dyn Communicator>> {
+    let cfg = Config::from_env()?;
+    tracing::info!(backend = ?b, "ferroccl init");
+    match b {
+        Backend::Local => {
+            let mut w = crate::local::world(
+                1,
+                &crate::local::Options {
+                    config: Some(cfg),
+                    ..Default::default()
+                },
+            )?;
+            let c = w
+                .pop()
+                .ok_or_else(|| Error::InvalidArgument("internal: empty world".into()))?;
+            Ok(Box::new(c))
+        }
+        Backend::Tcp => {
+            let env = EnvRendezvous::from_env()?.ok_or_else(|| Error::Config {
+                var: "RANK/WORLD_SIZE".into(),
+                value: String::new(),
+                why: "the tcp backend needs torchrun-style RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT".into(),
+            })?;
+            let (server, store) = env.connect(cfg.timeout)?;
+            let master = env.store_addr();
+            let c = crate::tcp::TcpComm::connect(
+                Arc::new(store),
+                Arc::new(server),
+                &master,
+                "tcp/world",
+                env.rank,
+                env.world_size,
+                &env.token,
+                cfg,
+            )?;
+            Ok(Box::new(c))
+        }
+        Backend::Mpi => {
+            #[cfg(feature = "mpi")]
+            {
+                Ok(Box::new(crate::mpi::MpiComm::world(cfg)?))
+            }
+            #[cfg(not(feature = "mpi"))]
+            {
+                Err(Error::Unsupported(
+                    "FERROCCL_BACKEND=mpi but ferroccl was built without the `mpi` feature; rebuild with --features mpi".into(),
+                ))
+            }
+        }
+    }
 }

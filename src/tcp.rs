@@ -142,6 +142,7 @@ fn read_msg(r: &mut impl Read, src: usize) -> std::result::Result<Msg, String> {
 
 impl TcpComm {
     /// Build the mesh for `rank` of `size` over `store`, with key `prefix` (unique per communicator).
+    #[allow(clippy::too_many_arguments)]
     pub fn connect(
         store: Arc<StoreClient>,
         server: Arc<Option<StoreServer>>,
