@@ -25,7 +25,7 @@
 //! exactly representable (integers, small sums); for general floats the order of additions may differ
 //! with the bucket layout, as in every bucketing implementation, so results agree to rounding.
 
-use crate::{CommunicatorExt, Communicator, Element, Error, ReduceOp, Result, Work};
+use crate::{Communicator, CommunicatorExt, Element, Error, ReduceOp, Result, Work};
 
 /// DDP's default bucket size.
 pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
@@ -78,8 +78,15 @@ impl<'c, T: Element, C: Communicator + ?Sized> Bucketer<'c, T, C> {
 
     /// Add a tensor (copied). A tensor larger than a bucket gets a bucket of its own.
     pub fn push(&mut self, id: usize, data: &[T]) -> Result<()> {
-        if self.slots.iter().any(|s| s.id == id) || self.flights.iter().any(|f| f.slots.iter().any(|s| s.id == id)) {
-            return Err(Error::InvalidArgument(format!("bucketer: tensor id {id} pushed twice in one step")));
+        if self.slots.iter().any(|s| s.id == id)
+            || self
+                .flights
+                .iter()
+                .any(|f| f.slots.iter().any(|s| s.id == id))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "bucketer: tensor id {id} pushed twice in one step"
+            )));
         }
         if !self.open.is_empty() && self.open.len() + data.len() > self.cap {
             self.launch()?;

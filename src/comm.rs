@@ -169,7 +169,12 @@ impl CollectiveOwned {
                 buf: buf.buf_mut(),
                 root: *root,
             },
-            C::Reduce { send, recv, op, root } => C::Reduce {
+            C::Reduce {
+                send,
+                recv,
+                op,
+                root,
+            } => C::Reduce {
                 send: send.buf(),
                 recv: recv.as_mut().map(|r| r.buf_mut()),
                 op: *op,
@@ -213,7 +218,9 @@ impl CollectiveRef<'_> {
             C::AllReduce { recv, .. } => recv.byte_len(),
             C::ReduceScatter { send, .. } | C::AllGather { send, .. } => send.byte_len().max(0),
             C::Broadcast { buf, .. } => buf.byte_len(),
-            C::Reduce { send, .. } | C::AllToAll { send, .. } | C::AllToAllv { send, .. } => send.byte_len(),
+            C::Reduce { send, .. } | C::AllToAll { send, .. } | C::AllToAllv { send, .. } => {
+                send.byte_len()
+            }
             C::Send { buf, .. } => buf.byte_len(),
             C::Recv { buf, .. } => buf.byte_len(),
             C::Barrier => 0,
@@ -254,27 +261,42 @@ impl CollectiveRef<'_> {
             if expected == got {
                 Ok(())
             } else {
-                Err(Error::LengthMismatch { what, expected, got })
+                Err(Error::LengthMismatch {
+                    what,
+                    expected,
+                    got,
+                })
             }
         };
         let in_range = |what: &'static str, r: usize| {
             if r < world {
                 Ok(())
             } else {
-                Err(Error::RankOutOfRange { what, rank: r, world })
+                Err(Error::RankOutOfRange {
+                    what,
+                    rank: r,
+                    world,
+                })
             }
         };
         match self {
             C::AllReduce { send, recv, .. } => {
                 if let Some(s) = send {
                     same("all_reduce recv", s.dtype, recv.dtype)?;
-                    len("all_reduce: recv must have as many elements as send".into(), s.len, recv.len)?;
+                    len(
+                        "all_reduce: recv must have as many elements as send".into(),
+                        s.len,
+                        recv.len,
+                    )?;
                 }
             }
             C::ReduceScatter { send, recv, .. } => {
                 same("reduce_scatter recv", send.dtype, recv.dtype)?;
                 len(
-                    format!("reduce_scatter: send must hold world_size ({world}) x recv ({})", recv.len),
+                    format!(
+                        "reduce_scatter: send must hold world_size ({world}) x recv ({})",
+                        recv.len
+                    ),
                     recv.len * world,
                     send.len,
                 )?;
@@ -282,25 +304,40 @@ impl CollectiveRef<'_> {
             C::AllGather { send, recv } => {
                 same("all_gather recv", send.dtype, recv.dtype)?;
                 len(
-                    format!("all_gather: recv must hold world_size ({world}) x send ({})", send.len),
+                    format!(
+                        "all_gather: recv must hold world_size ({world}) x send ({})",
+                        send.len
+                    ),
                     send.len * world,
                     recv.len,
                 )?;
             }
             C::Broadcast { root, .. } => in_range("broadcast root", *root)?,
-            C::Reduce { send, recv, root, .. } => {
+            C::Reduce {
+                send, recv, root, ..
+            } => {
                 in_range("reduce root", *root)?;
                 if rank == *root {
                     let r = recv.as_ref().ok_or_else(|| {
-                        Error::InvalidArgument("reduce: the root rank must pass a receive buffer".into())
+                        Error::InvalidArgument(
+                            "reduce: the root rank must pass a receive buffer".into(),
+                        )
                     })?;
                     same("reduce recv", send.dtype, r.dtype)?;
-                    len("reduce: recv must have as many elements as send".into(), send.len, r.len)?;
+                    len(
+                        "reduce: recv must have as many elements as send".into(),
+                        send.len,
+                        r.len,
+                    )?;
                 }
             }
             C::AllToAll { send, recv } => {
                 same("all_to_all recv", send.dtype, recv.dtype)?;
-                len("all_to_all: recv must have as many elements as send".into(), send.len, recv.len)?;
+                len(
+                    "all_to_all: recv must have as many elements as send".into(),
+                    send.len,
+                    recv.len,
+                )?;
                 if send.len % world != 0 {
                     return Err(Error::InvalidArgument(format!(
                         "all_to_all: {} elements do not split into {world} equal blocks; use all_to_allv",
@@ -315,10 +352,26 @@ impl CollectiveRef<'_> {
                 recv_counts,
             } => {
                 same("all_to_allv recv", send.dtype, recv.dtype)?;
-                len("all_to_allv: send_counts needs one entry per rank".into(), world, send_counts.len())?;
-                len("all_to_allv: recv_counts needs one entry per rank".into(), world, recv_counts.len())?;
-                len("all_to_allv: send must hold sum(send_counts)".into(), send_counts.iter().sum(), send.len)?;
-                len("all_to_allv: recv must hold sum(recv_counts)".into(), recv_counts.iter().sum(), recv.len)?;
+                len(
+                    "all_to_allv: send_counts needs one entry per rank".into(),
+                    world,
+                    send_counts.len(),
+                )?;
+                len(
+                    "all_to_allv: recv_counts needs one entry per rank".into(),
+                    world,
+                    recv_counts.len(),
+                )?;
+                len(
+                    "all_to_allv: send must hold sum(send_counts)".into(),
+                    send_counts.iter().sum(),
+                    send.len,
+                )?;
+                len(
+                    "all_to_allv: recv must hold sum(recv_counts)".into(),
+                    recv_counts.iter().sum(),
+                    recv.len,
+                )?;
             }
             C::Send { peer, .. } => in_range("send peer", *peer)?,
             C::Recv { peer, .. } => in_range("recv peer", *peer)?,
@@ -338,20 +391,39 @@ impl CollectiveRef<'_> {
             C::Broadcast { buf, root } => (buf.len as u64, *root as u64, none),
             C::Reduce { send, op, root, .. } => (send.len as u64, *root as u64, op.code() as u64),
             C::AllToAll { send, .. } => (send.len as u64, none, none),
-            C::AllToAllv { .. } | C::Barrier | C::Send { .. } | C::Recv { .. } => (none, none, none),
+            C::AllToAllv { .. } | C::Barrier | C::Send { .. } | C::Recv { .. } => {
+                (none, none, none)
+            }
         };
-        [self.kind_code(), self.dtype().code() as u64, count, root, op]
+        [
+            self.kind_code(),
+            self.dtype().code() as u64,
+            count,
+            root,
+            op,
+        ]
     }
 }
 
 /// Human-readable form of a checked-mode signature, for error messages.
 pub fn describe_signature(s: &[u64]) -> String {
     let names = [
-        "?", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all", "all_to_allv",
-        "send", "recv", "barrier",
+        "?",
+        "all_reduce",
+        "reduce_scatter",
+        "all_gather",
+        "broadcast",
+        "reduce",
+        "all_to_all",
+        "all_to_allv",
+        "send",
+        "recv",
+        "barrier",
     ];
     let name = names.get(s[0] as usize).copied().unwrap_or("?");
-    let dtype = DType::from_code(s[1] as u8).map(|d| d.name()).unwrap_or("?");
+    let dtype = DType::from_code(s[1] as u8)
+        .map(|d| d.name())
+        .unwrap_or("?");
     let mut out = format!("{name}({dtype}");
     if s[2] != u64::MAX {
         out += &format!(" x {}", s[2]);
@@ -410,7 +482,13 @@ pub trait Communicator: Send + Sync {
         }
         let name = c.name();
         let bytes = c.bytes();
-        let span = tracing::debug_span!("collective", op = name, bytes, backend = self.backend(), duration_us = tracing::field::Empty);
+        let span = tracing::debug_span!(
+            "collective",
+            op = name,
+            bytes,
+            backend = self.backend(),
+            duration_us = tracing::field::Empty
+        );
         let _g = span.enter();
         let t0 = Instant::now();
         let r = self.exec(c);
@@ -432,7 +510,13 @@ pub trait Communicator: Send + Sync {
         let t0 = Instant::now();
         let w = self.exec_async(c)?;
         Ok(w.map(move |c| {
-            tracing::debug!(op = name, bytes, backend, duration_us = t0.elapsed().as_secs_f64() * 1e6, "non-blocking collective done");
+            tracing::debug!(
+                op = name,
+                bytes,
+                backend,
+                duration_us = t0.elapsed().as_secs_f64() * 1e6,
+                "non-blocking collective done"
+            );
             Ok(c)
         }))
     }
@@ -488,7 +572,12 @@ pub trait CommunicatorExt: Communicator {
         })
     }
     /// Out-of-place all-reduce.
-    fn all_reduce_into<S: Buffer + ?Sized, R: BufferMut + ?Sized>(&self, send: &S, recv: &mut R, op: ReduceOp) -> Result<()> {
+    fn all_reduce_into<S: Buffer + ?Sized, R: BufferMut + ?Sized>(
+        &self,
+        send: &S,
+        recv: &mut R,
+        op: ReduceOp,
+    ) -> Result<()> {
         self.run(Collective::AllReduce {
             send: Some(send.buf()),
             recv: recv.buf_mut(),
@@ -496,7 +585,12 @@ pub trait CommunicatorExt: Communicator {
         })
     }
     /// Reduce-scatter: `send.len() == world * recv.len()`.
-    fn reduce_scatter<S: Buffer + ?Sized, R: BufferMut + ?Sized>(&self, send: &S, recv: &mut R, op: ReduceOp) -> Result<()> {
+    fn reduce_scatter<S: Buffer + ?Sized, R: BufferMut + ?Sized>(
+        &self,
+        send: &S,
+        recv: &mut R,
+        op: ReduceOp,
+    ) -> Result<()> {
         self.run(Collective::ReduceScatter {
             send: send.buf(),
             recv: recv.buf_mut(),
@@ -504,7 +598,11 @@ pub trait CommunicatorExt: Communicator {
         })
     }
     /// All-gather: `recv.len() == world * send.len()`.
-    fn all_gather<S: Buffer + ?Sized, R: BufferMut + ?Sized>(&self, send: &S, recv: &mut R) -> Result<()> {
+    fn all_gather<S: Buffer + ?Sized, R: BufferMut + ?Sized>(
+        &self,
+        send: &S,
+        recv: &mut R,
+    ) -> Result<()> {
         self.run(Collective::AllGather {
             send: send.buf(),
             recv: recv.buf_mut(),
@@ -518,7 +616,13 @@ pub trait CommunicatorExt: Communicator {
         })
     }
     /// Reduce onto `root`; `recv` must be `Some` on the root.
-    fn reduce<S: Buffer + ?Sized, R: BufferMut + ?Sized>(&self, send: &S, recv: Option<&mut R>, op: ReduceOp, root: usize) -> Result<()> {
+    fn reduce<S: Buffer + ?Sized, R: BufferMut + ?Sized>(
+        &self,
+        send: &S,
+        recv: Option<&mut R>,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
         self.run(Collective::Reduce {
             send: send.buf(),
             recv: recv.map(|r| r.buf_mut()),
@@ -527,7 +631,11 @@ pub trait CommunicatorExt: Communicator {
         })
     }
     /// All-to-all with equal blocks.
-    fn all_to_all<S: Buffer + ?Sized, R: BufferMut + ?Sized>(&self, send: &S, recv: &mut R) -> Result<()> {
+    fn all_to_all<S: Buffer + ?Sized, R: BufferMut + ?Sized>(
+        &self,
+        send: &S,
+        recv: &mut R,
+    ) -> Result<()> {
         self.run(Collective::AllToAll {
             send: send.buf(),
             recv: recv.buf_mut(),
@@ -582,19 +690,33 @@ pub trait CommunicatorExt: Communicator {
         }))
     }
     /// Non-blocking out-of-place all-reduce.
-    fn iall_reduce_into<S: OwnedBuffer, R: OwnedBuffer>(&self, send: S, recv: R, op: ReduceOp) -> Result<Work<(S, R)>> {
+    fn iall_reduce_into<S: OwnedBuffer, R: OwnedBuffer>(
+        &self,
+        send: S,
+        recv: R,
+        op: ReduceOp,
+    ) -> Result<Work<(S, R)>> {
         let w = self.start(Collective::AllReduce {
             send: Some(Box::new(send)),
             recv: Box::new(recv),
             op,
         })?;
         Ok(w.map(|c| match c {
-            Collective::AllReduce { send: Some(s), recv, .. } => Ok((take(s)?, take(recv)?)),
+            Collective::AllReduce {
+                send: Some(s),
+                recv,
+                ..
+            } => Ok((take(s)?, take(recv)?)),
             _ => Err(unexpected()),
         }))
     }
     /// Non-blocking reduce-scatter.
-    fn ireduce_scatter<S: OwnedBuffer, R: OwnedBuffer>(&self, send: S, recv: R, op: ReduceOp) -> Result<Work<(S, R)>> {
+    fn ireduce_scatter<S: OwnedBuffer, R: OwnedBuffer>(
+        &self,
+        send: S,
+        recv: R,
+        op: ReduceOp,
+    ) -> Result<Work<(S, R)>> {
         let w = self.start(Collective::ReduceScatter {
             send: Box::new(send),
             recv: Box::new(recv),
@@ -606,7 +728,11 @@ pub trait CommunicatorExt: Communicator {
         }))
     }
     /// Non-blocking all-gather.
-    fn iall_gather<S: OwnedBuffer, R: OwnedBuffer>(&self, send: S, recv: R) -> Result<Work<(S, R)>> {
+    fn iall_gather<S: OwnedBuffer, R: OwnedBuffer>(
+        &self,
+        send: S,
+        recv: R,
+    ) -> Result<Work<(S, R)>> {
         let w = self.start(Collective::AllGather {
             send: Box::new(send),
             recv: Box::new(recv),
@@ -628,7 +754,13 @@ pub trait CommunicatorExt: Communicator {
         }))
     }
     /// Non-blocking reduce; `recv` must be `Some` on the root.
-    fn ireduce<S: OwnedBuffer, R: OwnedBuffer>(&self, send: S, recv: Option<R>, op: ReduceOp, root: usize) -> Result<Work<(S, Option<R>)>> {
+    fn ireduce<S: OwnedBuffer, R: OwnedBuffer>(
+        &self,
+        send: S,
+        recv: Option<R>,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<Work<(S, Option<R>)>> {
         let w = self.start(Collective::Reduce {
             send: Box::new(send),
             recv: recv.map(|r| Box::new(r) as Box<dyn OwnedBuffer>),
@@ -641,7 +773,11 @@ pub trait CommunicatorExt: Communicator {
         }))
     }
     /// Non-blocking all-to-all.
-    fn iall_to_all<S: OwnedBuffer, R: OwnedBuffer>(&self, send: S, recv: R) -> Result<Work<(S, R)>> {
+    fn iall_to_all<S: OwnedBuffer, R: OwnedBuffer>(
+        &self,
+        send: S,
+        recv: R,
+    ) -> Result<Work<(S, R)>> {
         let w = self.start(Collective::AllToAll {
             send: Box::new(send),
             recv: Box::new(recv),

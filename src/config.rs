@@ -92,7 +92,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.timeout, Duration::from_millis(2500));
         assert!(c.check);
-        let e = Config::from_lookup(|k| (k == "FERROCCL_TIMEOUT").then(|| "soon".into())).unwrap_err();
+        let e =
+            Config::from_lookup(|k| (k == "FERROCCL_TIMEOUT").then(|| "soon".into())).unwrap_err();
         assert!(e.to_string().contains("FERROCCL_TIMEOUT"), "{e}");
         assert!(Config::from_lookup(|k| (k == "FERROCCL_TIMEOUT").then(|| "-1".into())).is_err());
         assert!(Config::from_lookup(|k| (k == "FERROCCL_CHECK").then(|| "maybe".into())).is_err());

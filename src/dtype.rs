@@ -154,7 +154,9 @@ impl ReduceOp {
             .into_iter()
             .find(|o| o.name() == s)
             .ok_or_else(|| {
-                Error::InvalidArgument(format!("unknown reduction {s:?}; use sum, prod, min, max or avg"))
+                Error::InvalidArgument(format!(
+                    "unknown reduction {s:?}; use sum, prod, min, max or avg"
+                ))
             })
     }
 
@@ -273,12 +275,16 @@ macro_rules! dispatch {
 
 fn cast_mut<T: bytemuck::Pod>(b: &mut [u8]) -> Result<&mut [T]> {
     bytemuck::try_cast_slice_mut(b).map_err(|e| {
-        Error::InvalidArgument(format!("buffer is not a whole number of aligned elements: {e}"))
+        Error::InvalidArgument(format!(
+            "buffer is not a whole number of aligned elements: {e}"
+        ))
     })
 }
 fn cast<T: bytemuck::Pod>(b: &[u8]) -> Result<&[T]> {
     bytemuck::try_cast_slice(b).map_err(|e| {
-        Error::InvalidArgument(format!("buffer is not a whole number of aligned elements: {e}"))
+        Error::InvalidArgument(format!(
+            "buffer is not a whole number of aligned elements: {e}"
+        ))
     })
 }
 
@@ -287,7 +293,12 @@ fn reduce_into_t<T: Arith + bytemuck::Pod>(dst: &mut [u8], src: &[u8], op: Reduc
     Ok(())
 }
 
-fn reduce3_t<T: Arith + bytemuck::Pod>(dst: &mut [u8], a: &[u8], b: &[u8], op: ReduceOp) -> Result<()> {
+fn reduce3_t<T: Arith + bytemuck::Pod>(
+    dst: &mut [u8],
+    a: &[u8],
+    b: &[u8],
+    op: ReduceOp,
+) -> Result<()> {
     combine3_slice(cast_mut::<T>(dst)?, cast::<T>(a)?, cast::<T>(b)?, op);
     Ok(())
 }
@@ -340,19 +351,43 @@ mod tests {
     fn reduce_each_dtype_by_hand() {
         let mut a = [1.0f32, -2.0, 3.5];
         let b = [4.0f32, 5.0, -1.0];
-        reduce_into(DType::F32, ReduceOp::Sum, bytemuck::cast_slice_mut(&mut a), bytemuck::cast_slice(&b)).unwrap();
+        reduce_into(
+            DType::F32,
+            ReduceOp::Sum,
+            bytemuck::cast_slice_mut(&mut a),
+            bytemuck::cast_slice(&b),
+        )
+        .unwrap();
         assert_eq!(a, [5.0, 3.0, 2.5]);
         let mut i = [3i64, -7, 9];
-        reduce_into(DType::I64, ReduceOp::Min, bytemuck::cast_slice_mut(&mut i), bytemuck::cast_slice(&[4i64, -8, 1])).unwrap();
+        reduce_into(
+            DType::I64,
+            ReduceOp::Min,
+            bytemuck::cast_slice_mut(&mut i),
+            bytemuck::cast_slice(&[4i64, -8, 1]),
+        )
+        .unwrap();
         assert_eq!(i, [3, -8, 1]);
         let mut u = [250u8, 2];
         reduce_into(DType::U8, ReduceOp::Sum, &mut u, &[10, 3]).unwrap();
         assert_eq!(u, [4, 5], "u8 sum wraps like NCCL's");
         let mut h = [f16::from_f32(1.5), f16::from_f32(2.0)];
-        reduce_into(DType::F16, ReduceOp::Prod, bytemuck::cast_slice_mut(&mut h), bytemuck::cast_slice(&[f16::from_f32(2.0), f16::from_f32(-0.5)])).unwrap();
+        reduce_into(
+            DType::F16,
+            ReduceOp::Prod,
+            bytemuck::cast_slice_mut(&mut h),
+            bytemuck::cast_slice(&[f16::from_f32(2.0), f16::from_f32(-0.5)]),
+        )
+        .unwrap();
         assert_eq!(h, [f16::from_f32(3.0), f16::from_f32(-1.0)]);
         let mut avg = [6i32, 7];
-        finish_avg(DType::I32, ReduceOp::Avg, bytemuck::cast_slice_mut(&mut avg), 3).unwrap();
+        finish_avg(
+            DType::I32,
+            ReduceOp::Avg,
+            bytemuck::cast_slice_mut(&mut avg),
+            3,
+        )
+        .unwrap();
         assert_eq!(avg, [2, 2]);
     }
 

@@ -65,7 +65,8 @@ fn read_hello(s: &mut TcpStream, token: &str, peer: &str) -> Result<usize> {
         why: why.to_string(),
     };
     let mut h = [0u8; 12];
-    s.read_exact(&mut h).map_err(|e| Error::io(format!("reading hello from {peer}"), e))?;
+    s.read_exact(&mut h)
+        .map_err(|e| Error::io(format!("reading hello from {peer}"), e))?;
     if &h[..4] != HELLO {
         return Err(bad("not a ferroccl hello"));
     }
@@ -75,9 +76,12 @@ fn read_hello(s: &mut TcpStream, token: &str, peer: &str) -> Result<usize> {
         return Err(bad("token length over 4096"));
     }
     let mut t = vec![0u8; tl];
-    s.read_exact(&mut t).map_err(|e| Error::io(format!("reading hello from {peer}"), e))?;
+    s.read_exact(&mut t)
+        .map_err(|e| Error::io(format!("reading hello from {peer}"), e))?;
     if !crate::rendezvous::frame::constant_time_eq(&t, token.as_bytes()) {
-        return Err(Error::BadToken { addr: peer.to_string() });
+        return Err(Error::BadToken {
+            addr: peer.to_string(),
+        });
     }
     Ok(rank)
 }
@@ -87,9 +91,16 @@ fn advertised_ip(master: &str) -> Result<String> {
         return Ok(a);
     }
     let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| Error::io("finding the local address", e))?;
-    s.connect(master)
-        .map_err(|e| Error::io(format!("finding the route to MASTER_ADDR {master} (set FERROCCL_TCP_ADDR)"), e))?;
-    Ok(s.local_addr().map_err(|e| Error::io("finding the local address", e))?.ip().to_string())
+    s.connect(master).map_err(|e| {
+        Error::io(
+            format!("finding the route to MASTER_ADDR {master} (set FERROCCL_TCP_ADDR)"),
+            e,
+        )
+    })?;
+    Ok(s.local_addr()
+        .map_err(|e| Error::io("finding the local address", e))?
+        .ip()
+        .to_string())
 }
 
 fn write_msg(w: &mut impl Write, m: &Msg) -> std::io::Result<()> {
@@ -107,7 +118,8 @@ fn write_msg(w: &mut impl Write, m: &Msg) -> std::io::Result<()> {
     match &m.payload {
         Payload::Bytes(b) => w.write_all(b.as_bytes())?,
         Payload::Lent(l) => {
-            l.with(|b| w.write_all(b)).unwrap_or(Err(std::io::Error::other("loan revoked")))?;
+            l.with(|b| w.write_all(b))
+                .unwrap_or(Err(std::io::Error::other("loan revoked")))?;
         }
     }
     Ok(())
@@ -131,7 +143,8 @@ fn read_msg(r: &mut impl Read, src: usize) -> std::result::Result<Msg, String> {
         return Err(format!("frame length {len} over the limit"));
     }
     let mut a = Aligned::zeroed(len as usize);
-    r.read_exact(a.as_bytes_mut()).map_err(|e| format!("truncated frame: {e}"))?;
+    r.read_exact(a.as_bytes_mut())
+        .map_err(|e| format!("truncated frame: {e}"))?;
     Ok(Msg {
         src,
         tag,
@@ -154,8 +167,16 @@ impl TcpComm {
         cfg: Config,
     ) -> Result<TcpComm> {
         let bind = std::env::var("FERROCCL_TCP_BIND").unwrap_or_else(|_| "0.0.0.0:0".into());
-        let listener = TcpListener::bind(&bind).map_err(|e| Error::io(format!("binding the TCP transport on {bind} (FERROCCL_TCP_BIND)"), e))?;
-        let port = listener.local_addr().map_err(|e| Error::io("listener address", e))?.port();
+        let listener = TcpListener::bind(&bind).map_err(|e| {
+            Error::io(
+                format!("binding the TCP transport on {bind} (FERROCCL_TCP_BIND)"),
+                e,
+            )
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| Error::io("listener address", e))?
+            .port();
         let me = format!("{}:{port}", advertised_ip(master)?);
         store.set(&format!("{prefix}/addr/{rank}"), me.as_bytes())?;
         let deadline = Instant::now() + cfg.timeout;
@@ -174,24 +195,33 @@ impl TcpComm {
                     Err(e) => return Err(Error::io(format!("dialing rank {j} at {addr}"), e)),
                 }
             };
-            s.write_all(&token_hello(token, rank)).map_err(|e| Error::io(format!("hello to rank {j}"), e))?;
+            s.write_all(&token_hello(token, rank))
+                .map_err(|e| Error::io(format!("hello to rank {j}"), e))?;
             *slot = Some(s);
         }
         // accept higher ranks (ignoring strangers with a bad hello)
-        listener.set_nonblocking(true).map_err(|e| Error::io("listener", e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("listener", e))?;
         let mut missing = size - rank - 1;
         while missing > 0 {
             match listener.accept() {
                 Ok((mut s, peer)) => {
-                    s.set_nonblocking(false).map_err(|e| Error::io("socket", e))?;
-                    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| Error::io("socket", e))?;
+                    s.set_nonblocking(false)
+                        .map_err(|e| Error::io("socket", e))?;
+                    s.set_read_timeout(Some(Duration::from_secs(10)))
+                        .map_err(|e| Error::io("socket", e))?;
                     match read_hello(&mut s, token, &peer.to_string()) {
                         Ok(j) if j > rank && j < size && sockets[j].is_none() => {
                             sockets[j] = Some(s);
                             missing -= 1;
                         }
-                        Ok(j) => tracing::warn!("TCP transport: unexpected hello from rank {j} at {peer}; closed"),
-                        Err(e) => tracing::warn!("TCP transport: rejected connection from {peer}: {e}"),
+                        Ok(j) => tracing::warn!(
+                            "TCP transport: unexpected hello from rank {j} at {peer}; closed"
+                        ),
+                        Err(e) => {
+                            tracing::warn!("TCP transport: rejected connection from {peer}: {e}")
+                        }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -199,7 +229,12 @@ impl TcpComm {
                         return Err(Error::Timeout {
                             during: "TCP transport: waiting for higher ranks to connect",
                             after: cfg.timeout,
-                            waiting_for: sockets.iter().enumerate().skip(rank + 1).find(|(_, s)| s.is_none()).map(|(j, _)| j),
+                            waiting_for: sockets
+                                .iter()
+                                .enumerate()
+                                .skip(rank + 1)
+                                .find(|(_, s)| s.is_none())
+                                .map(|(j, _)| j),
                         });
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -217,7 +252,8 @@ impl TcpComm {
                 peers.push(inbox_tx.clone());
                 continue;
             };
-            s.set_read_timeout(None).map_err(|e| Error::io("socket", e))?;
+            s.set_read_timeout(None)
+                .map_err(|e| Error::io("socket", e))?;
             s.set_nodelay(true).map_err(|e| Error::io("socket", e))?;
             let (tx, rx): (Sender<Msg>, Receiver<Msg>) = unbounded();
             peers.push(tx);
@@ -231,7 +267,13 @@ impl TcpComm {
                     .spawn(move || {
                         let mut w = BufWriter::with_capacity(1 << 20, ws);
                         for m in rx.iter() {
-                            if let Err(e) = write_msg(&mut w, &m).and_then(|_| if rx.is_empty() { w.flush() } else { Ok(()) }) {
+                            if let Err(e) = write_msg(&mut w, &m).and_then(|_| {
+                                if rx.is_empty() {
+                                    w.flush()
+                                } else {
+                                    Ok(())
+                                }
+                            }) {
                                 tracing::warn!("TCP transport: writing to rank {j}: {e}");
                                 h.gone[j].store(true, Ordering::Release);
                                 return;
@@ -258,7 +300,9 @@ impl TcpComm {
                                 }
                                 Err(e) => {
                                     if !e.starts_with("closed") {
-                                        tracing::warn!("TCP transport: malformed frame from rank {j}: {e}");
+                                        tracing::warn!(
+                                            "TCP transport: malformed frame from rank {j}: {e}"
+                                        );
                                     }
                                     break;
                                 }
@@ -270,7 +314,17 @@ impl TcpComm {
             );
         }
         let bytes_sent = Arc::new(AtomicU64::new(0));
-        let engine = Engine::new(rank, size, peers, inbox, health, None, cfg.clone(), bytes_sent.clone(), true);
+        let engine = Engine::new(
+            rank,
+            size,
+            peers,
+            inbox,
+            health,
+            None,
+            cfg.clone(),
+            bytes_sent.clone(),
+            true,
+        );
         let (jobs, job_rx) = unbounded::<Job>();
         let worker = std::thread::Builder::new()
             .name(format!("ferroccl-tcp-{rank}"))
@@ -352,7 +406,11 @@ impl Communicator for TcpComm {
                 let _ = tx.send(r.map(|_| c));
             }))?;
         }
-        Ok(Work::new(Box::new(ChannelPending(rx)), self.cfg.timeout, "non-blocking collective"))
+        Ok(Work::new(
+            Box::new(ChannelPending(rx)),
+            self.cfg.timeout,
+            "non-blocking collective",
+        ))
     }
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
         let n = self.size;
@@ -361,7 +419,10 @@ impl Communicator for TcpComm {
         self.all_gather(&mine, &mut all)?;
         let no = self.splits.fetch_add(1, Ordering::Relaxed);
         let Some(color) = color else { return Ok(None) };
-        let mut members: Vec<(i64, usize)> = (0..n).filter(|&r| all[2 * r] == color as i64).map(|r| (all[2 * r + 1], r)).collect();
+        let mut members: Vec<(i64, usize)> = (0..n)
+            .filter(|&r| all[2 * r] == color as i64)
+            .map(|r| (all[2 * r + 1], r))
+            .collect();
         members.sort();
         let new_rank = members
             .iter()
@@ -393,7 +454,11 @@ impl Drop for TcpComm {
             let _ = w.join(); // the engine (and the writers' channels) drop here: writers flush and exit
         }
         // wait for peers to finish with us, bounded: once everyone is done the readers see EOF
-        let _ = self.store.barrier(&format!("{}/close", self.prefix), self.size, Duration::from_secs(10).min(self.cfg.timeout));
+        let _ = self.store.barrier(
+            &format!("{}/close", self.prefix),
+            self.size,
+            Duration::from_secs(10).min(self.cfg.timeout),
+        );
         for s in &self.sockets {
             let _ = s.shutdown(Shutdown::Both);
         }

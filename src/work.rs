@@ -133,7 +133,9 @@ impl<T: Send + 'static> Work<T> {
     pub fn wait(mut self) -> Result<T> {
         match std::mem::replace(&mut self.state, State::Taken) {
             State::Done(r) => r,
-            State::Taken => Err(Error::InvalidArgument("work handle already waited on".into())),
+            State::Taken => Err(Error::InvalidArgument(
+                "work handle already waited on".into(),
+            )),
             State::Pending(mut p) => match p.wait_for(self.timeout) {
                 Some(r) => r,
                 None => {
@@ -151,10 +153,15 @@ impl<T: Send + 'static> Work<T> {
     }
 
     /// Transform the result when it completes.
-    pub fn map<U: Send + 'static>(mut self, f: impl FnOnce(T) -> Result<U> + Send + 'static) -> Work<U> {
+    pub fn map<U: Send + 'static>(
+        mut self,
+        f: impl FnOnce(T) -> Result<U> + Send + 'static,
+    ) -> Work<U> {
         let state = match std::mem::replace(&mut self.state, State::Taken) {
             State::Done(r) => State::Done(r.and_then(f)),
-            State::Taken => State::Done(Err(Error::InvalidArgument("work handle already waited on".into()))),
+            State::Taken => State::Done(Err(Error::InvalidArgument(
+                "work handle already waited on".into(),
+            ))),
             State::Pending(p) => State::Pending(Box::new(Mapped {
                 inner: p,
                 f: Some(Box::new(f)),

@@ -6,7 +6,11 @@ fn grads(rank: usize, sizes: &[usize]) -> Vec<Vec<f32>> {
     sizes
         .iter()
         .enumerate()
-        .map(|(t, &n)| (0..n).map(|i| ((rank * 31 + t * 7 + i) % 13) as f32 - 6.0).collect())
+        .map(|(t, &n)| {
+            (0..n)
+                .map(|i| ((rank * 31 + t * 7 + i) % 13) as f32 - 6.0)
+                .collect()
+        })
         .collect()
 }
 

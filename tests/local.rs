@@ -31,7 +31,11 @@ fn large_messages_take_the_ring_path() {
         };
         for world in [2usize, 3, 4, 7] {
             local::run_with(world, &opts, |c| {
-                common::suite::collectives_t::<f32>(c, 300_007, &[ReduceOp::Sum, ReduceOp::Max, ReduceOp::Avg])?;
+                common::suite::collectives_t::<f32>(
+                    c,
+                    300_007,
+                    &[ReduceOp::Sum, ReduceOp::Max, ReduceOp::Avg],
+                )?;
                 common::suite::collectives_t::<half::bf16>(c, 100_003, &[ReduceOp::Sum])
             })
             .unwrap_or_else(|e| panic!("world {world} copy_only {copy_only}: {e}"));
@@ -91,13 +95,37 @@ fn split_even_odd_with_reversed_keys() {
 fn bad_arguments_are_named_errors() {
     local::run(3, |c| {
         let mut out = vec![0f32; 4];
-        let e = c.reduce_scatter(&vec![0f32; 11], &mut out, ReduceOp::Sum).unwrap_err();
-        assert!(matches!(e, Error::LengthMismatch { expected: 12, got: 11, .. }), "{e}");
+        let e = c
+            .reduce_scatter(&vec![0f32; 11], &mut out, ReduceOp::Sum)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::LengthMismatch {
+                    expected: 12,
+                    got: 11,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = c.broadcast(&mut out, 3).unwrap_err();
-        assert!(matches!(e, Error::RankOutOfRange { rank: 3, world: 3, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::RankOutOfRange {
+                    rank: 3,
+                    world: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = c.send(&out, 9, 0).unwrap_err();
         assert!(matches!(e, Error::RankOutOfRange { .. }), "{e}");
-        let e = c.all_reduce_into(&vec![0f32; 4], &mut vec![0f64; 4], ReduceOp::Sum).unwrap_err();
+        let e = c
+            .all_reduce_into(&vec![0f32; 4], &mut vec![0f64; 4], ReduceOp::Sum)
+            .unwrap_err();
         assert!(matches!(e, Error::DtypeMismatch { .. }), "{e}");
         let e = c.all_to_all(&vec![0u8; 4], &mut vec![0u8; 4]).unwrap_err();
         assert!(e.to_string().contains("all_to_allv"), "{e}");
@@ -122,13 +150,28 @@ fn recv_length_mismatch_is_an_error() {
         }
     })
     .unwrap();
-    assert!(matches!(out[1], Some(Error::LengthMismatch { expected: 8, got: 12, .. })), "{:?}", out[1]);
+    assert!(
+        matches!(
+            out[1],
+            Some(Error::LengthMismatch {
+                expected: 8,
+                got: 12,
+                ..
+            })
+        ),
+        "{:?}",
+        out[1]
+    );
 }
 
 #[test]
 fn checked_mode_names_both_calls() {
     let opts = Options {
-        config: Some(Config::default().with_check(true).with_timeout(Duration::from_secs(10))),
+        config: Some(
+            Config::default()
+                .with_check(true)
+                .with_timeout(Duration::from_secs(10)),
+        ),
         ..Options::default()
     };
     let out = local::run_with(3, &opts, |c| {
@@ -142,7 +185,12 @@ fn checked_mode_names_both_calls() {
         Ok(e.to_string())
     })
     .unwrap();
-    assert!(out[0].contains("all_reduce(float x 4, sum)") && out[0].contains("all_reduce(float x 5, sum)"), "{}", out[0]);
+    assert!(
+        out[0].contains("all_reduce(float x 4, sum)")
+            && out[0].contains("all_reduce(float x 5, sum)"),
+        "{}",
+        out[0]
+    );
     assert!(out[1].contains("rank 0"), "{}", out[1]);
 }
 
@@ -163,15 +211,27 @@ fn a_panicking_rank_gives_peer_lost_not_a_hang() {
         // ranks 0, 1, 3 go on: their next collective must fail with PeerLost
         let e = c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err();
         let later = c.barrier().unwrap_err();
-        errors.lock().unwrap().push((c.rank(), e.to_string(), later.to_string()));
+        errors
+            .lock()
+            .unwrap()
+            .push((c.rank(), e.to_string(), later.to_string()));
         assert!(matches!(e, Error::PeerLost { .. }), "{e}");
         assert!(matches!(later, Error::PeerLost { .. }), "{later}");
         Ok(())
     });
     let e = r.unwrap_err();
     assert!(e.to_string().contains("rank 2 panicked"), "{e}");
-    assert_eq!(errors.lock().unwrap().len(), 3, "{:?}", errors.lock().unwrap());
-    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+    assert_eq!(
+        errors.lock().unwrap().len(),
+        3,
+        "{:?}",
+        errors.lock().unwrap()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
 }
 
 #[test]
@@ -218,7 +278,17 @@ fn a_silent_peer_times_out() {
         }
     })
     .unwrap();
-    assert!(matches!(out[0], Some(Error::Timeout { waiting_for: Some(1), .. })), "{:?}", out[0]);
+    assert!(
+        matches!(
+            out[0],
+            Some(Error::Timeout {
+                waiting_for: Some(1),
+                ..
+            })
+        ),
+        "{:?}",
+        out[0]
+    );
 }
 
 #[test]
@@ -249,6 +319,10 @@ fn link_model_charges_alpha_beta_in_virtual_time() {
         assert!((t.as_secs_f64() - 6.06e-3).abs() < 1e-6, "rank {r}: {t:?}");
         let want = if r == 3 { 10 } else { 5 };
         assert_eq!(*comp, Duration::from_millis(want));
-        assert_eq!(*bytes, 6 * 1_000_000, "ring all-reduce sends 2(N-1)/N of the buffer");
+        assert_eq!(
+            *bytes,
+            6 * 1_000_000,
+            "ring all-reduce sends 2(N-1)/N of the buffer"
+        );
     }
 }

@@ -20,7 +20,11 @@ fn mesh<T: Send>(n: usize, f: impl Fn(&TcpComm) -> Result<T> + Sync) -> Vec<T> {
             .map(|r| {
                 let (addr, server, cfg, f) = (addr.clone(), server.clone(), cfg.clone(), &f);
                 s.spawn(move || {
-                    let store = Arc::new(StoreClient::connect(&addr, "s3cret", Duration::from_secs(10))?);
+                    let store = Arc::new(StoreClient::connect(
+                        &addr,
+                        "s3cret",
+                        Duration::from_secs(10),
+                    )?);
                     let c = TcpComm::connect(store, server, &addr, "t", r, n, "s3cret", cfg)?;
                     f(&c)
                 })
@@ -86,10 +90,16 @@ fn processes_launched_torchrun_style_run_the_example() {
                 .unwrap()
         })
         .collect();
-    let outs: Vec<_> = kids.into_iter().map(|k| k.wait_with_output().unwrap()).collect();
+    let outs: Vec<_> = kids
+        .into_iter()
+        .map(|k| k.wait_with_output().unwrap())
+        .collect();
     for o in &outs {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     }
     let s = String::from_utf8_lossy(&outs[0].stdout);
-    assert!(s.contains(r#""backend":"tcp""#) && s.contains(r#""ok":true"#), "{s}");
+    assert!(
+        s.contains(r#""backend":"tcp""#) && s.contains(r#""ok":true"#),
+        "{s}"
+    );
 }

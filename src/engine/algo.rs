@@ -18,13 +18,21 @@ use crate::{Collective, CollectiveRef, DType, Error, ReduceOp, Result};
 pub const SMALL_BYTES: usize = 64 * 1024;
 
 fn host<'a>(b: &crate::Buf<'a>) -> Result<&'a [u8]> {
-    b.host_bytes()
-        .ok_or_else(|| Error::Unsupported("this backend only takes host buffers (device buffers need the cuda feature's staging)".into()))
+    b.host_bytes().ok_or_else(|| {
+        Error::Unsupported(
+            "this backend only takes host buffers (device buffers need the cuda feature's staging)"
+                .into(),
+        )
+    })
 }
 
 fn host_mut<'a>(b: &'a mut crate::BufMut<'_>) -> Result<&'a mut [u8]> {
-    b.host_bytes_mut()
-        .ok_or_else(|| Error::Unsupported("this backend only takes host buffers (device buffers need the cuda feature's staging)".into()))
+    b.host_bytes_mut().ok_or_else(|| {
+        Error::Unsupported(
+            "this backend only takes host buffers (device buffers need the cuda feature's staging)"
+                .into(),
+        )
+    })
 }
 
 fn check_len(src: usize, got: usize, want: usize) -> Result<()> {
@@ -32,7 +40,9 @@ fn check_len(src: usize, got: usize, want: usize) -> Result<()> {
         Ok(())
     } else {
         Err(Error::LengthMismatch {
-            what: format!("message from rank {src} (bytes): peers disagree on the collective's size"),
+            what: format!(
+                "message from rank {src} (bytes): peers disagree on the collective's size"
+            ),
             expected: want,
             got,
         })
@@ -92,7 +102,12 @@ impl Engine {
                 let out = Raw::from_mut(host_mut(&mut buf)?);
                 self.tree_broadcast(seq, out, root)
             }
-            Collective::Reduce { send, recv, op, root } => {
+            Collective::Reduce {
+                send,
+                recv,
+                op,
+                root,
+            } => {
                 let seq = self.next_seq();
                 let dtype = send.dtype;
                 let inp = host(&send)?;
@@ -152,7 +167,14 @@ impl Engine {
     }
 
     /// Recursive doubling; non-powers of two fold the first `2·rem` ranks pairwise first.
-    fn rd_allreduce(&mut self, seq: u64, inp: Option<Raw>, out: Raw, dtype: DType, op: ReduceOp) -> Result<()> {
+    fn rd_allreduce(
+        &mut self,
+        seq: u64,
+        inp: Option<Raw>,
+        out: Raw,
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
         let (n, r) = (self.size, self.rank);
         let len = out.len();
         if let Some(i) = inp {
@@ -170,7 +192,9 @@ impl Engine {
                 check_len(r - 1, m.payload.len(), len)?;
                 // lower rank's data is the left operand, as in the exchange below
                 let mine = Aligned::copy_of(out.get(0, len));
-                m.payload.with(r - 1, |b| reduce3(dtype, op, out.get_mut(0, len), b, mine.as_bytes()))??;
+                m.payload.with(r - 1, |b| {
+                    reduce3(dtype, op, out.get_mut(0, len), b, mine.as_bytes())
+                })??;
                 Some(r / 2)
             }
         } else {
@@ -187,9 +211,12 @@ impl Engine {
                 check_len(peer, m.payload.len(), len)?;
                 if peer < r {
                     let mine = Aligned::copy_of(out.get(0, len));
-                    m.payload.with(peer, |b| reduce3(dtype, op, out.get_mut(0, len), b, mine.as_bytes()))??;
+                    m.payload.with(peer, |b| {
+                        reduce3(dtype, op, out.get_mut(0, len), b, mine.as_bytes())
+                    })??;
                 } else {
-                    m.payload.with(peer, |b| reduce_into(dtype, op, out.get_mut(0, len), b))??;
+                    m.payload
+                        .with(peer, |b| reduce_into(dtype, op, out.get_mut(0, len), b))??;
                 }
                 mask <<= 1;
                 step += 1;
@@ -202,14 +229,23 @@ impl Engine {
             } else {
                 let m = self.recv(r + 1, Tag::Coll { seq, step: last }, during)?;
                 check_len(r + 1, m.payload.len(), len)?;
-                m.payload.with(r + 1, |b| out.get_mut(0, len).copy_from_slice(b))?;
+                m.payload
+                    .with(r + 1, |b| out.get_mut(0, len).copy_from_slice(b))?;
             }
         }
         Ok(())
     }
 
     /// Ring reduce-scatter then ring all-gather over `n` chunks, single-copy via loans.
-    fn ring_allreduce(&mut self, seq: u64, inp: Option<Raw>, out: Raw, dtype: DType, op: ReduceOp, count: usize) -> Result<()> {
+    fn ring_allreduce(
+        &mut self,
+        seq: u64,
+        inp: Option<Raw>,
+        out: Raw,
+        dtype: DType,
+        op: ReduceOp,
+        count: usize,
+    ) -> Result<()> {
         let (n, r) = (self.size, self.rank);
         let es = dtype.size();
         let range = |c: usize| (c * count / n * es, (c + 1) * count / n * es);
@@ -224,8 +260,22 @@ impl Engine {
                 (0, Some(i)) => i.get(a, b),
                 _ => out.get(a, b),
             };
-            rs.push(self.send_lend(next, Tag::Coll { seq, step: k as u32 }, src)?);
-            let m = self.recv(prev, Tag::Coll { seq, step: k as u32 }, during)?;
+            rs.push(self.send_lend(
+                next,
+                Tag::Coll {
+                    seq,
+                    step: k as u32,
+                },
+                src,
+            )?);
+            let m = self.recv(
+                prev,
+                Tag::Coll {
+                    seq,
+                    step: k as u32,
+                },
+                during,
+            )?;
             let (a, b) = range(t);
             check_len(prev, m.payload.len(), b - a)?;
             m.payload.with(prev, |x| match inp {
@@ -245,14 +295,22 @@ impl Engine {
             self.wait_guard(&rs[k])?;
             let (a, b) = range(t);
             check_len(prev, m.payload.len(), b - a)?;
-            m.payload.with(prev, |x| out.get_mut(a, b).copy_from_slice(x))?;
+            m.payload
+                .with(prev, |x| out.get_mut(a, b).copy_from_slice(x))?;
         }
         self.wait_all(&ag)?;
         self.wait_all(&rs)
     }
 
     /// Ring reduce-scatter: rank r ends with block r; partial sums travel in two scratch buffers.
-    fn ring_reduce_scatter(&mut self, seq: u64, inp: Raw, out: Raw, dtype: DType, op: ReduceOp) -> Result<()> {
+    fn ring_reduce_scatter(
+        &mut self,
+        seq: u64,
+        inp: Raw,
+        out: Raw,
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
         let (n, r) = (self.size, self.rank);
         let bl = out.len();
         if n == 1 {
@@ -263,7 +321,10 @@ impl Engine {
         let during = "reduce_scatter";
         let mut s0 = Aligned::zeroed(bl);
         let mut s1 = Aligned::zeroed(bl);
-        let raws = [Raw::from_mut(s0.as_bytes_mut()), Raw::from_mut(s1.as_bytes_mut())];
+        let raws = [
+            Raw::from_mut(s0.as_bytes_mut()),
+            Raw::from_mut(s1.as_bytes_mut()),
+        ];
         let mut guards: Vec<Option<LendGuard>> = Vec::with_capacity(n);
         for k in 0..n - 1 {
             let step = k as u32;
@@ -279,14 +340,16 @@ impl Engine {
             check_len(prev, m.payload.len(), bl)?;
             let mine = inp.get(t * bl, (t + 1) * bl);
             if k == n - 2 {
-                m.payload.with(prev, |x| reduce3(dtype, op, out.get_mut(0, bl), mine, x))??;
+                m.payload
+                    .with(prev, |x| reduce3(dtype, op, out.get_mut(0, bl), mine, x))??;
             } else {
                 if k >= 1 {
                     // scratch[k % 2] was lent at step k-1
                     self.wait_guard(&guards[k - 1])?;
                 }
                 let dst = raws[k % 2].get_mut(0, bl);
-                m.payload.with(prev, |x| reduce3(dtype, op, dst, mine, x))??;
+                m.payload
+                    .with(prev, |x| reduce3(dtype, op, dst, mine, x))??;
             }
         }
         self.wait_all(&guards)
@@ -301,11 +364,17 @@ impl Engine {
         for k in 0..n.saturating_sub(1) {
             let step = k as u32;
             let s = (r + n - k) % n;
-            guards.push(self.send_lend(next, Tag::Coll { seq, step }, out.get(s * bl, (s + 1) * bl))?);
+            guards.push(self.send_lend(
+                next,
+                Tag::Coll { seq, step },
+                out.get(s * bl, (s + 1) * bl),
+            )?);
             let t = (r + 2 * n - k - 1) % n;
             let m = self.recv(prev, Tag::Coll { seq, step }, "all_gather")?;
             check_len(prev, m.payload.len(), bl)?;
-            m.payload.with(prev, |x| out.get_mut(t * bl, (t + 1) * bl).copy_from_slice(x))?;
+            m.payload.with(prev, |x| {
+                out.get_mut(t * bl, (t + 1) * bl).copy_from_slice(x)
+            })?;
         }
         self.wait_all(&guards)
     }
@@ -320,7 +389,8 @@ impl Engine {
                 let parent = (v - mask + root) % n;
                 let m = self.recv(parent, Tag::Coll { seq, step: 0 }, "broadcast")?;
                 check_len(parent, m.payload.len(), len)?;
-                m.payload.with(parent, |x| buf.get_mut(0, len).copy_from_slice(x))?;
+                m.payload
+                    .with(parent, |x| buf.get_mut(0, len).copy_from_slice(x))?;
                 break;
             }
             mask <<= 1;
@@ -337,7 +407,15 @@ impl Engine {
         self.wait_all(&guards)
     }
 
-    fn tree_reduce(&mut self, seq: u64, inp: &[u8], out: Option<Raw>, dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
+    fn tree_reduce(
+        &mut self,
+        seq: u64,
+        inp: &[u8],
+        out: Option<Raw>,
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
         let (n, r) = (self.size, self.rank);
         let v = (r + n - root) % n;
         let len = inp.len();
@@ -357,7 +435,8 @@ impl Engine {
                     let child = (v + mask + root) % n;
                     let m = self.recv(child, Tag::Coll { seq, step: 0 }, "reduce")?;
                     check_len(child, m.payload.len(), len)?;
-                    m.payload.with(child, |x| reduce_into(dtype, op, acc.get_mut(0, len), x))??;
+                    m.payload
+                        .with(child, |x| reduce_into(dtype, op, acc.get_mut(0, len), x))??;
                 }
             } else {
                 let parent = (v - mask + root) % n;
@@ -369,21 +448,36 @@ impl Engine {
         Ok(())
     }
 
-    fn all_to_allv(&mut self, seq: u64, inp: &[u8], sc: &[usize], out: Raw, rc: &[usize], es: usize) -> Result<()> {
+    fn all_to_allv(
+        &mut self,
+        seq: u64,
+        inp: &[u8],
+        sc: &[usize],
+        out: Raw,
+        rc: &[usize],
+        es: usize,
+    ) -> Result<()> {
         let (n, r) = (self.size, self.rank);
         let sd: Vec<usize> = offsets(sc, es);
         let rd: Vec<usize> = offsets(rc, es);
-        out.get_mut(rd[r], rd[r + 1]).copy_from_slice(&inp[sd[r]..sd[r + 1]]);
+        out.get_mut(rd[r], rd[r + 1])
+            .copy_from_slice(&inp[sd[r]..sd[r + 1]]);
         let mut guards = Vec::with_capacity(n);
         for k in 1..n {
             let dst = (r + k) % n;
-            guards.push(self.send_lend(dst, Tag::Coll { seq, step: 0 }, &inp[sd[dst]..sd[dst + 1]])?);
+            guards.push(self.send_lend(
+                dst,
+                Tag::Coll { seq, step: 0 },
+                &inp[sd[dst]..sd[dst + 1]],
+            )?);
         }
         for k in 1..n {
             let src = (r + n - k) % n;
             let m = self.recv(src, Tag::Coll { seq, step: 0 }, "all_to_all")?;
             check_len(src, m.payload.len(), rd[src + 1] - rd[src])?;
-            m.payload.with(src, |x| out.get_mut(rd[src], rd[src + 1]).copy_from_slice(x))?;
+            m.payload.with(src, |x| {
+                out.get_mut(rd[src], rd[src + 1]).copy_from_slice(x)
+            })?;
         }
         self.wait_all(&guards)
     }

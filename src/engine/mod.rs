@@ -109,14 +109,22 @@ impl Raw {
     }
     /// Bytes `[a, b)`. Callers never hold a read and a write of overlapping ranges at once.
     pub fn get<'x>(self, a: usize, b: usize) -> &'x [u8] {
-        assert!(a <= b && b <= self.len, "internal: range {a}..{b} out of {}", self.len);
+        assert!(
+            a <= b && b <= self.len,
+            "internal: range {a}..{b} out of {}",
+            self.len
+        );
         // SAFETY: in bounds (asserted); the buffer outlives the job (see type docs).
         unsafe { std::slice::from_raw_parts(self.ptr.add(a), b - a) }
     }
     /// Writable bytes `[a, b)`; see [`Raw::get`].
     #[allow(clippy::mut_from_ref)]
     pub fn get_mut<'x>(self, a: usize, b: usize) -> &'x mut [u8] {
-        assert!(a <= b && b <= self.len, "internal: range {a}..{b} out of {}", self.len);
+        assert!(
+            a <= b && b <= self.len,
+            "internal: range {a}..{b} out of {}",
+            self.len
+        );
         // SAFETY: as above; only created from a mutable borrow, and ranges written are never lent.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(a), b - a) }
     }
@@ -246,7 +254,11 @@ impl Engine {
                     Ok(())
                 })
                 .map_err(|e| match e {
-                    Error::Timeout { during, waiting_for, .. } => Error::Timeout {
+                    Error::Timeout {
+                        during,
+                        waiting_for,
+                        ..
+                    } => Error::Timeout {
                         during,
                         after: self.cfg.timeout,
                         waiting_for,
@@ -266,7 +278,11 @@ impl Engine {
     /// Put an incoming message where it belongs: a posted receive or the stash.
     fn file(&mut self, m: Msg) {
         if let Tag::P2p(t) = m.tag {
-            if let Some(i) = self.posted.iter().position(|p| p.src == m.src && p.tag == t) {
+            if let Some(i) = self
+                .posted
+                .iter()
+                .position(|p| p.src == m.src && p.tag == t)
+            {
                 let p = self.posted.remove(i);
                 self.complete_posted(p, m);
                 return;
@@ -279,7 +295,9 @@ impl Engine {
         self.take_clock(&m);
         let r = match &mut p.op {
             Collective::Recv { buf, .. } => copy_in(buf.buf_mut(), &m),
-            _ => Err(Error::InvalidArgument("internal: posted op is not a receive".into())),
+            _ => Err(Error::InvalidArgument(
+                "internal: posted op is not a receive".into(),
+            )),
         };
         let _ = p.reply.send(r.map(|_| p.op));
     }
@@ -315,12 +333,23 @@ impl Engine {
         let (src, tag) = match &op {
             Collective::Recv { peer, tag, .. } => (*peer, *tag),
             _ => {
-                let _ = reply.send(Err(Error::InvalidArgument("internal: not a receive".into())));
+                let _ = reply.send(Err(Error::InvalidArgument(
+                    "internal: not a receive".into(),
+                )));
                 return;
             }
         };
-        let p = Posted { src, tag, op, reply };
-        if let Some(i) = self.stash.iter().position(|m| m.src == src && m.tag == Tag::P2p(tag)) {
+        let p = Posted {
+            src,
+            tag,
+            op,
+            reply,
+        };
+        if let Some(i) = self
+            .stash
+            .iter()
+            .position(|m| m.src == src && m.tag == Tag::P2p(tag))
+        {
             if let Some(m) = self.stash.remove(i) {
                 self.complete_posted(p, m);
                 return;
@@ -394,4 +423,3 @@ pub(crate) fn copy_in(mut buf: BufMut<'_>, m: &Msg) -> Result<()> {
     }
     m.payload.with(m.src, |b| dst.copy_from_slice(b))
 }
-

@@ -195,7 +195,12 @@ mod tests {
             bandwidth: 1e9,
             latency: Duration::from_millis(1),
         };
-        let mut c = Clock::new(LinkModel::uniform(TimeMode::Virtual, link), 0, 2, std::time::Instant::now());
+        let mut c = Clock::new(
+            LinkModel::uniform(TimeMode::Virtual, link),
+            0,
+            2,
+            std::time::Instant::now(),
+        );
         let a = c.send(1, 1_000_000);
         let b = c.send(1, 1_000_000);
         assert!((a - 0.002).abs() < 1e-12, "{a}");
@@ -205,7 +210,13 @@ mod tests {
         let m = LinkModel::uniform(TimeMode::Virtual, link)
             .with_slowdown(1, 3.0)
             .with_delay(1, Duration::from_millis(5));
-        assert_eq!(m.compute_cost(1, Duration::from_millis(10)), Duration::from_millis(35));
-        assert_eq!(m.compute_cost(0, Duration::from_millis(10)), Duration::from_millis(10));
+        assert_eq!(
+            m.compute_cost(1, Duration::from_millis(10)),
+            Duration::from_millis(35)
+        );
+        assert_eq!(
+            m.compute_cost(0, Duration::from_millis(10)),
+            Duration::from_millis(10)
+        );
     }
 }

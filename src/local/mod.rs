@@ -27,8 +27,8 @@ use crate::engine::{Engine, Health, Job};
 use crate::work::{ChannelPending, Work};
 use crate::{Collective, Communicator, CommunicatorExt, Config, Error, Result};
 use crossbeam::channel::{bounded, unbounded, Sender};
-pub use link::{Link, LinkModel, TimeMode};
 use link::Clock;
+pub use link::{Link, LinkModel, TimeMode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -90,7 +90,13 @@ pub struct LocalComm {
 }
 
 impl LocalComm {
-    fn spawn(rank: usize, setup: &GroupSetup, cfg: Config, opts: &Options, world: Arc<WorldShared>) -> Result<LocalComm> {
+    fn spawn(
+        rank: usize,
+        setup: &GroupSetup,
+        cfg: Config,
+        opts: &Options,
+        world: Arc<WorldShared>,
+    ) -> Result<LocalComm> {
         let size = setup.senders.len();
         let inbox = setup
             .inboxes
@@ -98,7 +104,9 @@ impl LocalComm {
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(rank)
             .and_then(Option::take)
-            .ok_or_else(|| Error::InvalidArgument(format!("internal: rank {rank} joined its group twice")))?;
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("internal: rank {rank} joined its group twice"))
+            })?;
         let clock = opts
             .link
             .clone()
@@ -203,7 +211,11 @@ impl Communicator for LocalComm {
                 let _ = tx.send(r.map(|_| c));
             }))?;
         }
-        Ok(Work::new(Box::new(ChannelPending(rx)), self.cfg.timeout, "non-blocking collective"))
+        Ok(Work::new(
+            Box::new(ChannelPending(rx)),
+            self.cfg.timeout,
+            "non-blocking collective",
+        ))
     }
 
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
@@ -225,10 +237,21 @@ impl Communicator for LocalComm {
         let setup = {
             let mut reg = self.world.splits.lock().unwrap_or_else(|e| e.into_inner());
             reg.entry((self.id, split_no, color))
-                .or_insert_with(|| Arc::new(GroupSetup::new(self.world.next_id.fetch_add(1, Ordering::Relaxed), members.len())))
+                .or_insert_with(|| {
+                    Arc::new(GroupSetup::new(
+                        self.world.next_id.fetch_add(1, Ordering::Relaxed),
+                        members.len(),
+                    ))
+                })
                 .clone()
         };
-        let c = LocalComm::spawn(new_rank, &setup, self.cfg.clone(), &self.opts, self.world.clone())?;
+        let c = LocalComm::spawn(
+            new_rank,
+            &setup,
+            self.cfg.clone(),
+            &self.opts,
+            self.world.clone(),
+        )?;
         Ok(Some(Box::new(c)))
     }
 
@@ -269,7 +292,9 @@ impl Drop for LocalComm {
 /// Create the communicators of an in-process world of `n` ranks (for callers that manage threads).
 pub fn world(n: usize, opts: &Options) -> Result<Vec<LocalComm>> {
     if n == 0 {
-        return Err(Error::InvalidArgument("world size must be at least 1".into()));
+        return Err(Error::InvalidArgument(
+            "world size must be at least 1".into(),
+        ));
     }
     let cfg = match &opts.config {
         Some(c) => c.clone(),
@@ -333,4 +358,3 @@ where
     });
     results.into_iter().collect()
 }
-

@@ -56,7 +56,9 @@ impl TestElem for u8 {
 }
 
 pub fn input<T: TestElem>(r: usize, n: usize, op: ReduceOp) -> Vec<T> {
-    (0..n).map(|i| T::from_f64(val(r, i, T::DTYPE, op))).collect()
+    (0..n)
+        .map(|i| T::from_f64(val(r, i, T::DTYPE, op)))
+        .collect()
 }
 
 /// Reduction of element i over `world` ranks, computed naively in f64 then converted.

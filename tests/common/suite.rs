@@ -8,7 +8,11 @@ use ferroccl::Communicator;
 
 fn eq<T: TestElem>(what: &str, got: &[T], want: &[T]) -> Result<()> {
     if got.len() != want.len() {
-        return Err(Error::InvalidArgument(format!("{what}: length {} vs {}", got.len(), want.len())));
+        return Err(Error::InvalidArgument(format!(
+            "{what}: length {} vs {}",
+            got.len(),
+            want.len()
+        )));
     }
     if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
         return Err(Error::InvalidArgument(format!(
@@ -20,10 +24,15 @@ fn eq<T: TestElem>(what: &str, got: &[T], want: &[T]) -> Result<()> {
 }
 
 /// Run every collective for dtype T and length n; returns the number of checks made.
-pub fn collectives_t<T: TestElem + Default>(c: &dyn Communicator, n: usize, ops: &[ReduceOp]) -> Result<usize> {
+pub fn collectives_t<T: TestElem + Default>(
+    c: &dyn Communicator,
+    n: usize,
+    ops: &[ReduceOp],
+) -> Result<usize> {
     let (r, w) = (c.rank(), c.world_size());
     let mut checks = 0;
-    let sfx = |s: &str, op: ReduceOp| format!("{s} {} {} n={n} world={w} rank={r}", T::DTYPE, op.name());
+    let sfx =
+        |s: &str, op: ReduceOp| format!("{s} {} {} n={n} world={w} rank={r}", T::DTYPE, op.name());
     for &op in ops {
         let want: Vec<T> = reduced_vec(w, n, op);
         // all_reduce in place
@@ -35,7 +44,11 @@ pub fn collectives_t<T: TestElem + Default>(c: &dyn Communicator, n: usize, ops:
         let mut out = vec![T::default(); n];
         c.all_reduce_into(&inp, &mut out, op)?;
         eq(&sfx("all_reduce_into", op), &out, &want)?;
-        eq(&sfx("all_reduce_into left send alone", op), &inp, &input::<T>(r, n, op))?;
+        eq(
+            &sfx("all_reduce_into left send alone", op),
+            &inp,
+            &input::<T>(r, n, op),
+        )?;
         // non-blocking, two in flight at once
         let w1 = c.iall_reduce(input::<T>(r, n, op), op)?;
         let w2 = c.iall_reduce_into(input::<T>(r, n, op), vec![T::default(); n], op)?;
@@ -48,7 +61,11 @@ pub fn collectives_t<T: TestElem + Default>(c: &dyn Communicator, n: usize, ops:
         c.reduce_scatter(&send, &mut out, op)?;
         eq(&sfx("reduce_scatter", op), &out, &full[r * n..(r + 1) * n])?;
         let (_, out2) = c.ireduce_scatter(send, vec![T::default(); n], op)?.wait()?;
-        eq(&sfx("ireduce_scatter", op), &out2, &full[r * n..(r + 1) * n])?;
+        eq(
+            &sfx("ireduce_scatter", op),
+            &out2,
+            &full[r * n..(r + 1) * n],
+        )?;
         // reduce to a rotating root
         let root = (n + 1) % w;
         let send: Vec<T> = input(r, n, op);
@@ -57,7 +74,9 @@ pub fn collectives_t<T: TestElem + Default>(c: &dyn Communicator, n: usize, ops:
         if r == root {
             eq(&sfx("reduce", op), &out, &want)?;
         }
-        let (_, out2) = c.ireduce(send, (r == root).then(|| vec![T::default(); n]), op, root)?.wait()?;
+        let (_, out2) = c
+            .ireduce(send, (r == root).then(|| vec![T::default(); n]), op, root)?
+            .wait()?;
         if r == root {
             eq(&sfx("ireduce", op), &out2.unwrap_or_default(), &want)?;
         }
@@ -74,14 +93,29 @@ pub fn collectives_t<T: TestElem + Default>(c: &dyn Communicator, n: usize, ops:
     eq(&sfx("iall_gather", op), &out2, &want)?;
     // broadcast from the last rank
     let root = w - 1;
-    let mut b: Vec<T> = if r == root { input(root, n, op) } else { vec![T::default(); n] };
+    let mut b: Vec<T> = if r == root {
+        input(root, n, op)
+    } else {
+        vec![T::default(); n]
+    };
     c.broadcast(&mut b, root)?;
     eq(&sfx("broadcast", op), &b, &input::<T>(root, n, op))?;
-    let b2 = c.ibroadcast(if r == root { input::<T>(root, n, op) } else { vec![T::default(); n] }, root)?.wait()?;
+    let b2 = c
+        .ibroadcast(
+            if r == root {
+                input::<T>(root, n, op)
+            } else {
+                vec![T::default(); n]
+            },
+            root,
+        )?
+        .wait()?;
     eq(&sfx("ibroadcast", op), &b2, &input::<T>(root, n, op))?;
     // all_to_all: block j of rank i's send = input(i, w*n)[j*n..]
     let send: Vec<T> = input(r, w * n, op);
-    let want: Vec<T> = (0..w).flat_map(|q| input::<T>(q, w * n, op)[r * n..(r + 1) * n].to_vec()).collect();
+    let want: Vec<T> = (0..w)
+        .flat_map(|q| input::<T>(q, w * n, op)[r * n..(r + 1) * n].to_vec())
+        .collect();
     let mut out = vec![T::default(); w * n];
     c.all_to_all(&send, &mut out)?;
     eq(&sfx("all_to_all", op), &out, &want)?;
@@ -102,13 +136,24 @@ pub fn collectives_t<T: TestElem + Default>(c: &dyn Communicator, n: usize, ops:
     let mut out = vec![T::default(); rc.iter().sum()];
     c.all_to_allv(&send, &sc, &mut out, &rc)?;
     eq(&sfx("all_to_allv", op), &out, &want)?;
-    let (_, out2) = c.iall_to_allv(send, sc.clone(), vec![T::default(); rc.iter().sum()], rc.clone())?.wait()?;
+    let (_, out2) = c
+        .iall_to_allv(
+            send,
+            sc.clone(),
+            vec![T::default(); rc.iter().sum()],
+            rc.clone(),
+        )?
+        .wait()?;
     eq(&sfx("iall_to_allv", op), &out2, &want)?;
     // send/recv around the ring, irecv posted before the send
     let (next, prev) = ((r + 1) % w, (r + w - 1) % w);
     let pending = c.irecv(vec![T::default(); n], prev, 7)?;
     c.send(&input::<T>(r, n, op), next, 7)?;
-    eq(&sfx("send/irecv", op), &pending.wait()?, &input::<T>(prev, n, op))?;
+    eq(
+        &sfx("send/irecv", op),
+        &pending.wait()?,
+        &input::<T>(prev, n, op),
+    )?;
     let s = c.isend(input::<T>(r, n, op), next, 8)?;
     let mut got = vec![T::default(); n];
     c.recv(&mut got, prev, 8)?;
