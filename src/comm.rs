@@ -216,7 +216,7 @@ impl CollectiveRef<'_> {
         use Collective as C;
         match self {
             C::AllReduce { recv, .. } => recv.byte_len(),
-            C::ReduceScatter { send, .. } | C::AllGather { send, .. } => send.byte_len().max(0),
+            C::ReduceScatter { send, .. } | C::AllGather { send, .. } => send.byte_len(),
             C::Broadcast { buf, .. } => buf.byte_len(),
             C::Reduce { send, .. } | C::AllToAll { send, .. } | C::AllToAllv { send, .. } => {
                 send.byte_len()

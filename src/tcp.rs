@@ -18,11 +18,11 @@
 
 use crate::comm::{CollectiveOwned, CollectiveRef};
 use crate::engine::msg::{Aligned, Msg, Payload, Tag};
-use crate::engine::{Engine, Health, Job};
+use crate::engine::{Engine, Health, Worker};
 use crate::rendezvous::{StoreClient, StoreServer};
-use crate::work::{ChannelPending, Work};
-use crate::{Collective, Communicator, CommunicatorExt, Config, Error, Result};
-use crossbeam::channel::{bounded, unbounded, Receiver, Sender};
+use crate::work::Work;
+use crate::{Communicator, CommunicatorExt, Config, Error, Result};
+use crossbeam::channel::{unbounded, Receiver, Sender};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,8 +40,7 @@ pub struct TcpComm {
     rank: usize,
     size: usize,
     cfg: Config,
-    jobs: Option<Sender<Job>>,
-    worker: Option<JoinHandle<()>>,
+    worker: Worker,
     sockets: Vec<TcpStream>,
     io_threads: Vec<JoinHandle<()>>,
     bytes_sent: Arc<AtomicU64>,
@@ -325,17 +324,12 @@ impl TcpComm {
             bytes_sent.clone(),
             true,
         );
-        let (jobs, job_rx) = unbounded::<Job>();
-        let worker = std::thread::Builder::new()
-            .name(format!("ferroccl-tcp-{rank}"))
-            .spawn(move || engine.serve(job_rx))
-            .map_err(|e| Error::io("spawning the worker", e))?;
+        let worker = Worker::spawn(engine, format!("ferroccl-tcp-{rank}"))?;
         Ok(TcpComm {
             rank,
             size,
             cfg,
-            jobs: Some(jobs),
-            worker: Some(worker),
+            worker,
             sockets: kept,
             io_threads,
             bytes_sent,
@@ -345,21 +339,7 @@ impl TcpComm {
             splits: AtomicU64::new(0),
         })
     }
-
-    fn submit(&self, job: Job) -> Result<()> {
-        self.jobs
-            .as_ref()
-            .and_then(|j| j.send(job).ok())
-            .ok_or_else(|| Error::PeerLost {
-                rank: self.rank,
-                during: "submitting to this rank's worker (it stopped)",
-            })
-    }
 }
-
-/// Address of the caller's `Option<CollectiveRef>` handed to the worker (see `local`).
-#[derive(Clone, Copy)]
-struct SlotPtr(usize);
 
 impl Communicator for TcpComm {
     fn rank(&self) -> usize {
@@ -375,42 +355,10 @@ impl Communicator for TcpComm {
         &self.cfg
     }
     fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
-        let mut c = Some(c);
-        let (tx, rx) = bounded::<Result<()>>(1);
-        let slot = SlotPtr(&mut c as *mut Option<CollectiveRef<'_>> as usize);
-        self.submit(Box::new(move |e: &mut Engine| {
-            let slot = slot;
-            // SAFETY: the caller blocks on `rx` until this job replied or was dropped.
-            let c = unsafe { (*(slot.0 as *mut Option<CollectiveRef<'static>>)).take() };
-            let r = match c {
-                Some(c) => e.execute(c),
-                None => Err(Error::InvalidArgument("internal: job ran twice".into())),
-            };
-            let _ = tx.send(r);
-        }))?;
-        rx.recv().unwrap_or_else(|_| {
-            Err(Error::PeerLost {
-                rank: self.rank,
-                during: "this rank's worker stopped during a collective",
-            })
-        })
+        self.worker.exec(c)
     }
     fn exec_async(&self, c: CollectiveOwned) -> Result<Work<CollectiveOwned>> {
-        let (tx, rx) = bounded(1);
-        if matches!(c, Collective::Recv { .. }) {
-            self.submit(Box::new(move |e: &mut Engine| e.post_recv(c, tx)))?;
-        } else {
-            let mut c = c;
-            self.submit(Box::new(move |e: &mut Engine| {
-                let r = e.execute(c.views());
-                let _ = tx.send(r.map(|_| c));
-            }))?;
-        }
-        Ok(Work::new(
-            Box::new(ChannelPending(rx)),
-            self.cfg.timeout,
-            "non-blocking collective",
-        ))
+        self.worker.exec_async(c)
     }
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
         let n = self.size;
@@ -449,11 +397,8 @@ impl Communicator for TcpComm {
 
 impl Drop for TcpComm {
     fn drop(&mut self) {
-        drop(self.jobs.take());
-        if let Some(w) = self.worker.take() {
-            let _ = w.join(); // the engine (and the writers' channels) drop here: writers flush and exit
-        }
-        // wait for peers to finish with us, bounded: once everyone is done the readers see EOF
+        self.worker.stop(); // the engine (and the writers' channels) drop here: writers flush and exit
+                            // wait for peers to finish with us, bounded: once everyone is done the readers see EOF
         let _ = self.store.barrier(
             &format!("{}/close", self.prefix),
             self.size,

@@ -284,7 +284,7 @@ impl Engine {
             })??;
         }
         let mut ag: Vec<Option<LendGuard>> = Vec::with_capacity(n);
-        for k in 0..n - 1 {
+        for (k, rs_k) in rs.iter().enumerate() {
             let s = (r + 1 + n - k) % n;
             let t = (r + n - k) % n;
             let step = (n - 1 + k) as u32;
@@ -292,7 +292,7 @@ impl Engine {
             ag.push(self.send_lend(next, Tag::Coll { seq, step }, out.get(a, b))?);
             let m = self.recv(prev, Tag::Coll { seq, step }, during)?;
             // our reduce-scatter loan of chunk t (step k) must be read before we overwrite it
-            self.wait_guard(&rs[k])?;
+            self.wait_guard(rs_k)?;
             let (a, b) = range(t);
             check_len(prev, m.payload.len(), b - a)?;
             m.payload

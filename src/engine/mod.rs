@@ -423,3 +423,103 @@ pub(crate) fn copy_in(mut buf: BufMut<'_>, m: &Msg) -> Result<()> {
     }
     m.payload.with(m.src, |b| dst.copy_from_slice(b))
 }
+
+/// The handle a communicator keeps on its rank's worker thread.
+pub(crate) struct Worker {
+    rank: usize,
+    timeout: Duration,
+    jobs: Option<Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Address of the caller's `Option<CollectiveRef>` handed to the worker by [`Worker::exec`].
+#[derive(Clone, Copy)]
+struct SlotPtr(usize);
+
+impl Worker {
+    /// Start the worker thread serving `engine`.
+    pub fn spawn(engine: Engine, name: String) -> Result<Worker> {
+        let (rank, timeout) = (engine.rank, engine.cfg.timeout);
+        let (jobs, job_rx) = crossbeam::channel::unbounded::<Job>();
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || engine.serve(job_rx))
+            .map_err(|e| Error::io("spawning a rank's worker thread", e))?;
+        Ok(Worker {
+            rank,
+            timeout,
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    fn lost(&self, during: &'static str) -> Error {
+        Error::PeerLost {
+            rank: self.rank,
+            during,
+        }
+    }
+
+    fn submit(&self, job: Job) -> Result<()> {
+        match self.jobs.as_ref().map(|j| j.send(job)) {
+            Some(Ok(())) => Ok(()),
+            _ => Err(self.lost("submitting to this rank's worker (it stopped)")),
+        }
+    }
+
+    /// Run a blocking collective on the worker. The worker borrows the caller's buffers; the caller
+    /// blocks until the worker replied, or until the job was dropped (worker gone) — in both cases the
+    /// worker no longer touches the buffers, and every loan made from them was revoked or returned.
+    pub fn exec(&self, c: crate::CollectiveRef<'_>) -> Result<()> {
+        let mut c = Some(c);
+        let (tx, rx) = crossbeam::channel::bounded::<Result<()>>(1);
+        let slot = SlotPtr(&mut c as *mut Option<crate::CollectiveRef<'_>> as usize);
+        self.submit(Box::new(move |e: &mut Engine| {
+            let slot = slot;
+            // SAFETY: see above; the Option outlives this job because the caller waits on `rx`.
+            let c = unsafe { (*(slot.0 as *mut Option<crate::CollectiveRef<'static>>)).take() };
+            let r = match c {
+                Some(c) => e.execute(c),
+                None => Err(Error::InvalidArgument("internal: job ran twice".into())),
+            };
+            let _ = tx.send(r);
+        }))?;
+        match rx.recv() {
+            Ok(r) => r,
+            Err(_) => Err(self.lost("this rank's worker stopped during a collective")),
+        }
+    }
+
+    /// Start a non-blocking collective; receives are posted without blocking the worker.
+    pub fn exec_async(&self, c: CollectiveOwned) -> Result<crate::Work<CollectiveOwned>> {
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        if matches!(c, Collective::Recv { .. }) {
+            self.submit(Box::new(move |e: &mut Engine| e.post_recv(c, tx)))?;
+        } else {
+            let mut c = c;
+            self.submit(Box::new(move |e: &mut Engine| {
+                let r = e.execute(c.views());
+                let _ = tx.send(r.map(|_| c));
+            }))?;
+        }
+        Ok(crate::Work::new(
+            Box::new(crate::work::ChannelPending(rx)),
+            self.timeout,
+            "non-blocking collective",
+        ))
+    }
+
+    /// Let the worker finish what is queued, then stop it.
+    pub fn stop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

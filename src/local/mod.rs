@@ -23,16 +23,15 @@
 pub mod link;
 
 use crate::comm::{CollectiveOwned, CollectiveRef};
-use crate::engine::{Engine, Health, Job};
-use crate::work::{ChannelPending, Work};
-use crate::{Collective, Communicator, CommunicatorExt, Config, Error, Result};
-use crossbeam::channel::{bounded, unbounded, Sender};
+use crate::engine::{Engine, Health, Worker};
+use crate::work::Work;
+use crate::{Communicator, CommunicatorExt, Config, Error, Result};
+use crossbeam::channel::{unbounded, Sender};
 use link::Clock;
 pub use link::{Link, LinkModel, TimeMode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Options for an in-process world.
@@ -79,8 +78,7 @@ pub struct LocalComm {
     size: usize,
     id: u64,
     cfg: Config,
-    jobs: Option<Sender<Job>>,
-    worker: Option<JoinHandle<()>>,
+    worker: Worker,
     health: Arc<Health>,
     clock: Option<Arc<Mutex<Clock>>>,
     bytes_sent: Arc<AtomicU64>,
@@ -123,18 +121,13 @@ impl LocalComm {
             bytes_sent.clone(),
             !opts.copy_only,
         );
-        let (jobs, job_rx) = unbounded::<Job>();
-        let worker = std::thread::Builder::new()
-            .name(format!("ferroccl-local-{rank}"))
-            .spawn(move || engine.serve(job_rx))
-            .map_err(|e| Error::io("spawning a rank's worker thread", e))?;
+        let worker = Worker::spawn(engine, format!("ferroccl-local-{rank}"))?;
         Ok(LocalComm {
             rank,
             size,
             id: setup.id,
             cfg,
-            jobs: Some(jobs),
-            worker: Some(worker),
+            worker,
             health: setup.health.clone(),
             clock,
             bytes_sent,
@@ -142,16 +135,6 @@ impl LocalComm {
             opts: opts.clone(),
             splits: AtomicU64::new(0),
         })
-    }
-
-    fn submit(&self, job: Job) -> Result<()> {
-        self.jobs
-            .as_ref()
-            .and_then(|j| j.send(job).ok())
-            .ok_or_else(|| Error::PeerLost {
-                rank: self.rank,
-                during: "submitting to this rank's worker (it stopped)",
-            })
     }
 
     /// The link model's clock as seconds, if a model is set.
@@ -177,45 +160,11 @@ impl Communicator for LocalComm {
     }
 
     fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
-        // The worker borrows the caller's buffers; the caller blocks until the worker replies (or the
-        // worker is gone, in which case the job — and every loan in it — has been dropped).
-        let mut c = Some(c);
-        let (tx, rx) = bounded::<Result<()>>(1);
-        let slot = SlotPtr(&mut c as *mut Option<CollectiveRef<'_>> as usize);
-        self.submit(Box::new(move |e: &mut Engine| {
-            let slot = slot;
-            // SAFETY: see above; the Option lives until rx receives or disconnects.
-            let c = unsafe { (*(slot.0 as *mut Option<CollectiveRef<'static>>)).take() };
-            let r = match c {
-                Some(c) => e.execute(c),
-                None => Err(Error::InvalidArgument("internal: job ran twice".into())),
-            };
-            let _ = tx.send(r);
-        }))?;
-        rx.recv().unwrap_or_else(|_| {
-            Err(Error::PeerLost {
-                rank: self.rank,
-                during: "this rank's worker stopped during a collective",
-            })
-        })
+        self.worker.exec(c)
     }
 
     fn exec_async(&self, c: CollectiveOwned) -> Result<Work<CollectiveOwned>> {
-        let (tx, rx) = bounded(1);
-        if matches!(c, Collective::Recv { .. }) {
-            self.submit(Box::new(move |e: &mut Engine| e.post_recv(c, tx)))?;
-        } else {
-            let mut c = c;
-            self.submit(Box::new(move |e: &mut Engine| {
-                let r = e.execute(c.views());
-                let _ = tx.send(r.map(|_| c));
-            }))?;
-        }
-        Ok(Work::new(
-            Box::new(ChannelPending(rx)),
-            self.cfg.timeout,
-            "non-blocking collective",
-        ))
+        self.worker.exec_async(c)
     }
 
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
@@ -271,17 +220,10 @@ impl Communicator for LocalComm {
     }
 }
 
-/// Address of the caller's `Option<CollectiveRef>` handed to the worker.
-#[derive(Clone, Copy)]
-struct SlotPtr(usize);
-
 impl Drop for LocalComm {
     fn drop(&mut self) {
         // Stop the worker after it finished what was queued; then tell the peers we are gone.
-        drop(self.jobs.take());
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
+        self.worker.stop();
         if std::thread::panicking() {
             self.health.break_for(self.rank);
         }
