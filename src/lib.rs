@@ -21,6 +21,7 @@
 
 pub mod bucket;
 pub mod buffer;
+pub mod coding;
 pub mod comm;
 pub mod config;
 pub mod dtype;
@@ -31,6 +32,7 @@ pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod rendezvous;
+pub mod sim;
 pub mod tcp;
 pub mod work;
 

@@ -1,0 +1,1 @@
+//! Gradient coding for stragglers (work in progress).

@@ -1,0 +1,1 @@
+//! Virtual-time cluster simulator (work in progress).
