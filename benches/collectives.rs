@@ -1,1 +1,1254 @@
-fn main() {}
+//! Collective-communication benchmark in the manner of nccl-tests, with a peer measured in the same run.
+//!
+//! ```text
+//! cargo bench --bench collectives -- --backend local --world 4 --op all_reduce -b 8 -e 64M -f 2 --check
+//! benches/run_mpi_bench.sh            # MPI backend under mpirun, against rsmpi's own all_reduce
+//! ```
+//!
+//! Flags and columns follow nccl-tests (`-b/-e/-f/-n/-w/-d/-o/-r/-c`, out-of-place table `size count
+//! type redop root time algbw busbw #wrong`, `# Avg bus bandwidth`). `size` is the larger of the send
+//! and receive buffers in bytes (so the total `world × count` bytes for reduce_scatter, all_gather and
+//! all_to_all), `algbw = size / time`, `busbw = algbw × factor` with nccl-tests' factors (all_reduce
+//! `2(n-1)/n`; reduce_scatter, all_gather, all_to_all `(n-1)/n`; broadcast, reduce `1`), GB = 1e9 B.
+//! Time per operation: every rank runs a barrier, times `iters` back-to-back operations and divides;
+//! the figure reported is the maximum over ranks.
+//!
+//! Machines are noisy, so every figure comes with a peer measured in the same run, size by size:
+//! `--peer memcpy` (the default for in-process ranks) times a single-threaded `copy_from_slice` of
+//! `size` bytes between two buffers; `--peer rsmpi` (the default for `--backend mpi`; f32 sum
+//! all_reduce only) times rsmpi's safe `all_reduce_into` on the same communicator and buffers, in
+//! blocks interleaved with ferroccl's (ABBA order, so linear drift cancels).
+//!
+//! Backends: `local` (every rank a thread of `ferroccl::local::run_with`), `mpi` (feature `mpi`, under
+//! `mpirun`), `tcp` (with `RANK`/`WORLD_SIZE` set this process is one rank; without them it starts
+//! `--world` copies of itself on 127.0.0.1 and waits for them), `init` (`ferroccl::init()`: whatever
+//! the environment asks for). Only rank 0 prints. Inputs are small integers, so with `--check` every
+//! result is compared exactly with a reference computed locally (Avg on floats to within rounding).
+
+use clap::{Parser, ValueEnum};
+use ferroccl::{Buf, BufMut, Collective, Communicator, CommunicatorExt, DType, ReduceOp};
+use half::{bf16, f16};
+use serde_json::json;
+use std::error::Error as StdError;
+use std::hint::black_box;
+use std::time::Instant;
+
+type AnyResult<T> = std::result::Result<T, Box<dyn StdError>>;
+
+/// Sizes at and above which the peer summaries are taken (the project's targets are stated there).
+const LARGE: usize = 16 << 20;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "collectives",
+    about = "ferroccl collectives bench (nccl-tests flags and columns, with a same-run peer)"
+)]
+struct Args {
+    /// Backend: local (threads), mpi (feature `mpi`, under mpirun), tcp, init (ferroccl::init()).
+    #[arg(long, value_enum, default_value = "local")]
+    backend: BackendArg,
+    /// Number of ranks (local: threads; tcp: processes started when RANK is unset). Default 4.
+    #[arg(long)]
+    world: Option<usize>,
+    /// Collective to time, or `all` for each in turn.
+    #[arg(long, value_enum, default_value = "all_reduce")]
+    op: OpArg,
+    /// Smallest size (suffixes K, M, G: powers of 1024).
+    #[arg(short = 'b', long, default_value = "8", value_parser = parse_size)]
+    minbytes: usize,
+    /// Largest size (suffixes K, M, G).
+    #[arg(short = 'e', long, default_value = "64M", value_parser = parse_size)]
+    maxbytes: usize,
+    /// Multiply the size by this factor from one row to the next.
+    #[arg(short = 'f', long, default_value_t = 2)]
+    stepfactor: usize,
+    /// Timed iterations per size.
+    #[arg(short = 'n', long, default_value_t = 20)]
+    iters: usize,
+    /// Untimed warm-up iterations per size.
+    #[arg(short = 'w', long, default_value_t = 5)]
+    warmup: usize,
+    /// Element type (float, double, half, bfloat16, int32, int64, uint8 or the Rust names).
+    #[arg(short = 'd', long, default_value = "float", value_parser = parse_dtype)]
+    datatype: DType,
+    /// Reduction (sum, prod, min, max, avg).
+    #[arg(short = 'o', long, default_value = "sum", value_parser = parse_redop)]
+    redop: ReduceOp,
+    /// Root rank of broadcast and reduce.
+    #[arg(short = 'r', long, default_value_t = 0)]
+    root: usize,
+    /// Check every result against a local reference (`-c`, `--check`, or nccl-tests' `-c 1` / `-c 0`).
+    #[arg(short = 'c', long, num_args = 0..=1, default_value = "0", default_missing_value = "1",
+          value_parser = parse_flag)]
+    check: bool,
+    /// Write every row as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<String>,
+    /// Draw busbw against size (log2 axis) into FILE.svg, one series per op and peer.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<String>,
+    /// Peer measured in the same run: memcpy (default except mpi), rsmpi (default for mpi), none.
+    #[arg(long, value_enum)]
+    peer: Option<PeerArg>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long = "bench", hide = true)]
+    cargo_bench: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BackendArg {
+    Local,
+    Mpi,
+    Tcp,
+    Init,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OpArg {
+    #[value(name = "all_reduce")]
+    AllReduce,
+    #[value(name = "reduce_scatter")]
+    ReduceScatter,
+    #[value(name = "all_gather")]
+    AllGather,
+    #[value(name = "broadcast")]
+    Broadcast,
+    #[value(name = "reduce")]
+    Reduce,
+    #[value(name = "all_to_all")]
+    AllToAll,
+    #[value(name = "all")]
+    All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PeerArg {
+    Memcpy,
+    Rsmpi,
+    None,
+}
+
+impl PeerArg {
+    fn name(self) -> &'static str {
+        match self {
+            PeerArg::Memcpy => "memcpy",
+            PeerArg::Rsmpi => "rsmpi",
+            PeerArg::None => "none",
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
+    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n: usize = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (a number with an optional K, M or G suffix)"))?;
+    n.checked_mul(1usize << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    DType::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_redop(s: &str) -> Result<ReduceOp, String> {
+    ReduceOp::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!("expected 1 or 0, got {s:?}")),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    AllReduce,
+    ReduceScatter,
+    AllGather,
+    Broadcast,
+    Reduce,
+    AllToAll,
+}
+
+/// Buffer lengths (elements) of one operation at one size, and what the table prints.
+struct Layout {
+    count: usize,
+    send: usize,
+    recv: usize,
+    size: usize,
+}
+
+impl Op {
+    const ALL: [Op; 6] = [
+        Op::AllReduce,
+        Op::ReduceScatter,
+        Op::AllGather,
+        Op::Broadcast,
+        Op::Reduce,
+        Op::AllToAll,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::AllReduce => "all_reduce",
+            Op::ReduceScatter => "reduce_scatter",
+            Op::AllGather => "all_gather",
+            Op::Broadcast => "broadcast",
+            Op::Reduce => "reduce",
+            Op::AllToAll => "all_to_all",
+        }
+    }
+
+    /// nccl-tests' busbw factor (PERFORMANCE.md).
+    fn bus_factor(self, n: usize) -> f64 {
+        let n = n as f64;
+        match self {
+            Op::AllReduce => 2.0 * (n - 1.0) / n,
+            Op::ReduceScatter | Op::AllGather | Op::AllToAll => (n - 1.0) / n,
+            Op::Broadcast | Op::Reduce => 1.0,
+        }
+    }
+
+    fn reduces(self) -> bool {
+        matches!(self, Op::AllReduce | Op::ReduceScatter | Op::Reduce)
+    }
+
+    fn rooted(self) -> bool {
+        matches!(self, Op::Broadcast | Op::Reduce)
+    }
+
+    /// As nccl-tests: `count` is the per-rank count (recv count of reduce_scatter, send count of
+    /// all_gather, per-peer block of all_to_all); `size` the larger buffer in bytes. At least one
+    /// element per rank.
+    fn layout(self, bytes: usize, elt: usize, n: usize) -> Layout {
+        let whole = (bytes / elt).max(1);
+        let split = (bytes / elt / n).max(1);
+        let (count, send, recv) = match self {
+            Op::AllReduce | Op::Reduce => (whole, whole, whole),
+            Op::Broadcast => (whole, 0, whole),
+            Op::ReduceScatter => (split, n * split, split),
+            Op::AllGather => (split, split, n * split),
+            Op::AllToAll => (split, n * split, n * split),
+        };
+        Layout {
+            count,
+            send,
+            recv,
+            size: send.max(recv) * elt,
+        }
+    }
+}
+
+/// What every rank runs.
+struct Plan {
+    backend: String,
+    ops: Vec<Op>,
+    sizes: Vec<usize>,
+    iters: usize,
+    warmup: usize,
+    dtype: DType,
+    redop: ReduceOp,
+    root: usize,
+    check: bool,
+    peer: PeerArg,
+    minbytes: usize,
+    maxbytes: usize,
+    stepfactor: usize,
+    world_flag: Option<usize>,
+}
+
+/// One row of the table.
+#[derive(Debug, Clone)]
+struct Row {
+    size: usize,
+    count: usize,
+    time_us: f64,
+    algbw: f64,
+    busbw: f64,
+    wrong: Option<u64>,
+    memcpy_gbps: Option<f64>,
+    rsmpi_us: Option<f64>,
+    rsmpi_busbw: Option<f64>,
+    bytes_sent_per_op: f64,
+}
+
+/// Rank 0's results for one operation.
+struct OpReport {
+    op: Op,
+    peer: PeerArg,
+    rows: Vec<Row>,
+}
+
+/// rsmpi's all-reduce on the benchmarked communicator (the MPI peer).
+type RawAllReduce<'a> = &'a dyn Fn(&[f32], &mut [f32]) -> ferroccl::Result<()>;
+
+fn main() {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    match real_main(args) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("collectives: error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn plan_from(args: &Args) -> AnyResult<Plan> {
+    if args.minbytes == 0 {
+        return Err("--minbytes must be at least 1".into());
+    }
+    if args.maxbytes < args.minbytes {
+        return Err(format!(
+            "--maxbytes ({}) is smaller than --minbytes ({})",
+            args.maxbytes, args.minbytes
+        )
+        .into());
+    }
+    if args.stepfactor < 2 {
+        return Err("--stepfactor must be at least 2".into());
+    }
+    if args.iters == 0 {
+        return Err("--iters must be at least 1".into());
+    }
+    if args.world == Some(0) {
+        return Err("--world must be at least 1".into());
+    }
+    let ops: Vec<Op> = match args.op {
+        OpArg::AllReduce => vec![Op::AllReduce],
+        OpArg::ReduceScatter => vec![Op::ReduceScatter],
+        OpArg::AllGather => vec![Op::AllGather],
+        OpArg::Broadcast => vec![Op::Broadcast],
+        OpArg::Reduce => vec![Op::Reduce],
+        OpArg::AllToAll => vec![Op::AllToAll],
+        OpArg::All => Op::ALL.to_vec(),
+    };
+    let rsmpi_fits =
+        args.datatype == DType::F32 && args.redop == ReduceOp::Sum && ops.contains(&Op::AllReduce);
+    let peer = match args.peer {
+        Some(PeerArg::Rsmpi) => {
+            if args.backend != BackendArg::Mpi {
+                return Err(
+                    "--peer rsmpi needs --backend mpi (under mpirun, built with --features mpi)"
+                        .into(),
+                );
+            }
+            if !rsmpi_fits {
+                return Err("--peer rsmpi times f32 sum all_reduce only: use -d float -o sum and --op all_reduce (or all)".into());
+            }
+            PeerArg::Rsmpi
+        }
+        Some(p) => p,
+        None if args.backend == BackendArg::Mpi => {
+            if rsmpi_fits {
+                PeerArg::Rsmpi
+            } else {
+                PeerArg::None
+            }
+        }
+        None => PeerArg::Memcpy,
+    };
+    let mut sizes = Vec::new();
+    let mut s = args.minbytes;
+    while s <= args.maxbytes {
+        sizes.push(s);
+        match s.checked_mul(args.stepfactor) {
+            Some(next) => s = next,
+            None => break,
+        }
+    }
+    Ok(Plan {
+        backend: match args.backend {
+            BackendArg::Local => "local",
+            BackendArg::Mpi => "mpi",
+            BackendArg::Tcp => "tcp",
+            BackendArg::Init => "init",
+        }
+        .into(),
+        ops,
+        sizes,
+        iters: args.iters,
+        warmup: args.warmup,
+        dtype: args.datatype,
+        redop: args.redop,
+        root: args.root,
+        check: args.check,
+        peer,
+        minbytes: args.minbytes,
+        maxbytes: args.maxbytes,
+        stepfactor: args.stepfactor,
+        world_flag: args.world,
+    })
+}
+
+fn real_main(args: Args) -> AnyResult<i32> {
+    let _ = args.cargo_bench;
+    let mut plan = plan_from(&args)?;
+    let (reports, world) = match args.backend {
+        BackendArg::Local => {
+            let n = args.world.unwrap_or(4);
+            let opts = ferroccl::local::Options::default();
+            let out = ferroccl::local::run_with(n, &opts, |comm| run_bench(comm, &plan, None))?;
+            (out.into_iter().next().flatten(), n)
+        }
+        BackendArg::Tcp => {
+            if std::env::var_os("RANK").is_none() {
+                return launch_tcp(args.world.unwrap_or(4));
+            }
+            let comm = ferroccl::init_with(ferroccl::Backend::Tcp)?;
+            let n = comm.world_size();
+            let r = run_bench(&*comm, &plan, None);
+            drop(comm);
+            (r?, n)
+        }
+        BackendArg::Init => {
+            let comm = ferroccl::init()?;
+            let n = comm.world_size();
+            plan.backend = format!("init({})", comm.backend());
+            let r = run_bench(&*comm, &plan, None);
+            drop(comm);
+            (r?, n)
+        }
+        BackendArg::Mpi => run_mpi(&plan)?,
+    };
+    let Some(reports) = reports else {
+        return Ok(0); // not rank 0
+    };
+    if let Some(path) = &args.json {
+        write_json(path, &plan, world, &reports)?;
+        println!("# wrote {path}");
+    }
+    if let Some(path) = &args.plot {
+        write_plot(path, &plan, world, &reports)?;
+        println!("# wrote {path}");
+    }
+    let wrong: u64 = reports
+        .iter()
+        .flat_map(|r| &r.rows)
+        .filter_map(|r| r.wrong)
+        .sum();
+    Ok(if wrong > 0 { 1 } else { 0 })
+}
+
+#[cfg(feature = "mpi")]
+fn run_mpi(plan: &Plan) -> AnyResult<(Option<Vec<OpReport>>, usize)> {
+    let comm = ferroccl::mpi::MpiComm::world(ferroccl::Config::from_env()?)?;
+    let n = comm.world_size();
+    let raw = |s: &[f32], r: &mut [f32]| ferroccl::mpi::raw_allreduce_into_f32(&comm, s, r);
+    let r = run_bench(&comm, plan, Some(&raw));
+    drop(comm); // MPI_Finalize
+    Ok((r?, n))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_mpi(_plan: &Plan) -> AnyResult<(Option<Vec<OpReport>>, usize)> {
+    Err("--backend mpi needs the `mpi` feature: cargo bench --features mpi --bench collectives --no-run, \
+         then run the binary under mpirun (benches/run_mpi_bench.sh does both)"
+        .into())
+}
+
+/// Without `RANK` in the environment: start `world` copies of this binary as the ranks of a TCP job on
+/// 127.0.0.1, wait for them, and stop the others if one fails.
+fn launch_tcp(world: usize) -> AnyResult<i32> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for rank in 0..world {
+        let child = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("FERROCCL_STORE_BIND", format!("127.0.0.1:{port}"))
+            .spawn();
+        match child {
+            Ok(c) => children.push(Some(c)),
+            Err(e) => {
+                for c in children.iter_mut().flatten() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(format!("starting tcp rank {rank}: {e}").into());
+            }
+        }
+    }
+    let mut code = 0;
+    while children.iter().any(Option::is_some) {
+        for (rank, slot) in children.iter_mut().enumerate() {
+            let Some(c) = slot else { continue };
+            if let Some(status) = c.try_wait()? {
+                *slot = None;
+                if !status.success() && code == 0 {
+                    eprintln!(
+                        "collectives: tcp rank {rank} failed ({status}); stopping the others"
+                    );
+                    code = status.code().unwrap_or(1).max(1);
+                }
+            }
+        }
+        if code != 0 {
+            for c in children.iter_mut().flatten() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(code)
+}
+
+/// The bench proper, on every rank; rank 0 prints and returns its rows.
+fn run_bench(
+    comm: &dyn Communicator,
+    plan: &Plan,
+    raw: Option<RawAllReduce<'_>>,
+) -> ferroccl::Result<Option<Vec<OpReport>>> {
+    let (rank, n) = (comm.rank(), comm.world_size());
+    if plan.root >= n && plan.ops.iter().any(|o| o.rooted()) {
+        return Err(ferroccl::Error::InvalidArgument(format!(
+            "--root {} is not a rank of this world of {n}",
+            plan.root
+        )));
+    }
+    let lead = rank == 0;
+    if lead {
+        print_header(comm, plan);
+    }
+    let mut reports = Vec::new();
+    for &op in &plan.ops {
+        let peer = match plan.peer {
+            PeerArg::Rsmpi if op != Op::AllReduce || raw.is_none() => PeerArg::None,
+            p => p,
+        };
+        if lead {
+            if peer != plan.peer {
+                println!(
+                    "# {}: no {} peer for this operation",
+                    op.name(),
+                    plan.peer.name()
+                );
+            }
+            print_table_header(op, peer);
+        }
+        let mut rows = Vec::new();
+        for &bytes in &plan.sizes {
+            let row = measure(comm, plan, op, bytes, peer, raw)?;
+            if lead {
+                print_row(plan, op, peer, &row);
+            }
+            rows.push(row);
+        }
+        if lead {
+            print_summary(plan, op, peer, &rows);
+        }
+        reports.push(OpReport { op, peer, rows });
+    }
+    Ok(lead.then_some(reports))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn nproc() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn print_header(comm: &dyn Communicator, plan: &Plan) {
+    let ops: Vec<&str> = plan.ops.iter().map(|o| o.name()).collect();
+    println!(
+        "# ferroccl collectives bench: backend {} world {} op {} minBytes {} maxBytes {} step: {}(factor) \
+         warmup iters: {} iters: {} validation: {} peer: {}",
+        plan.backend,
+        comm.world_size(),
+        ops.join(","),
+        plan.minbytes,
+        plan.maxbytes,
+        plan.stepfactor,
+        plan.warmup,
+        plan.iters,
+        u8::from(plan.check),
+        plan.peer.name()
+    );
+    println!(
+        "# type {} redop {} root {} | rank 0: host {} pid {} nproc {} | time = max over ranks of (elapsed / iters)",
+        plan.dtype.name(),
+        plan.redop.name(),
+        plan.root,
+        hostname(),
+        std::process::id(),
+        nproc()
+    );
+    if let Some(w) = plan.world_flag {
+        if w != comm.world_size() {
+            println!(
+                "# note: --world {w} ignored: this backend's world has {} ranks",
+                comm.world_size()
+            );
+        }
+    }
+    if comm.world_size() > nproc() {
+        println!(
+            "# note: {} ranks on {} cores: the CPU is oversubscribed",
+            comm.world_size(),
+            nproc()
+        );
+    }
+}
+
+fn print_table_header(op: Op, peer: PeerArg) {
+    let (label, h1, h2) = match peer {
+        PeerArg::Memcpy => (
+            "       peer (same run)",
+            "  memcpy(GB/s)  busbw/memcpy",
+            "        (GB/s)              ",
+        ),
+        PeerArg::Rsmpi => (
+            "       peer (same run)",
+            "  rsmpi time(us)    ratio",
+            "            (us)  fc/rsmpi",
+        ),
+        PeerArg::None => ("", "", ""),
+    };
+    println!("#");
+    println!("# {}", op.name());
+    println!("#                                                              out-of-place{label}");
+    println!(
+        "#       size         count      type   redop    root     time   algbw   busbw #wrong{h1}"
+    );
+    println!(
+        "#        (B)    (elements)                               (us)  (GB/s)  (GB/s)       {h2}"
+    );
+}
+
+/// nccl-tests' time format.
+fn time_str(us: f64) -> String {
+    if us >= 10000.0 {
+        format!("{us:7.0}")
+    } else if us >= 100.0 {
+        format!("{us:7.1}")
+    } else {
+        format!("{us:7.2}")
+    }
+}
+
+fn print_row(plan: &Plan, op: Op, peer: PeerArg, r: &Row) {
+    let redop = if op.reduces() {
+        plan.redop.name()
+    } else {
+        "none"
+    };
+    let root = if op.rooted() { plan.root as i64 } else { -1 };
+    let wrong = r.wrong.map_or_else(|| "N/A".to_string(), |w| w.to_string());
+    let mut line = format!(
+        "{:>12}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6.2}  {:>6.2}  {:>5}",
+        r.size,
+        r.count,
+        plan.dtype.name(),
+        redop,
+        root,
+        time_str(r.time_us),
+        r.algbw,
+        r.busbw,
+        wrong
+    );
+    match peer {
+        PeerArg::Memcpy => {
+            let m = r.memcpy_gbps.unwrap_or(f64::NAN);
+            line += &format!("  {:>12.2}  {:>12.3}", m, r.busbw / m);
+        }
+        PeerArg::Rsmpi => {
+            let t = r.rsmpi_us.unwrap_or(f64::NAN);
+            line += &format!("  {:>14}  {:>7.3}", time_str(t).trim(), r.time_us / t);
+        }
+        PeerArg::None => {}
+    }
+    println!("{line}");
+}
+
+/// printf's `%g`.
+fn fmt_g(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let exp = x.abs().log10().floor() as i64;
+    if !(-4..6).contains(&exp) {
+        let s = format!("{x:.5e}");
+        let (mantissa, e) = s.split_once('e').unwrap_or((&s, "0"));
+        let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+        let e: i64 = e.parse().unwrap_or(0);
+        return format!("{mantissa}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs());
+    }
+    let decimals = (5 - exp).clamp(0, 12) as usize;
+    let s = format!("{x:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+fn stats(v: &[f64]) -> Option<(f64, f64, f64)> {
+    if v.is_empty() {
+        return None;
+    }
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some((min, v.iter().sum::<f64>() / v.len() as f64, max))
+}
+
+fn print_summary(plan: &Plan, op: Op, peer: PeerArg, rows: &[Row]) {
+    if plan.check {
+        let wrong: u64 = rows.iter().filter_map(|r| r.wrong).sum();
+        println!(
+            "# Wrong values         : {wrong} {}",
+            if wrong == 0 { "OK" } else { "FAILED" }
+        );
+    }
+    let avg = rows.iter().map(|r| r.busbw).sum::<f64>() / rows.len().max(1) as f64;
+    println!("# Avg bus bandwidth    : {}", fmt_g(avg));
+    match peer {
+        PeerArg::Memcpy => {
+            let large: Vec<f64> = rows
+                .iter()
+                .filter(|r| r.size >= LARGE)
+                .filter_map(|r| r.memcpy_gbps.map(|m| r.busbw / m))
+                .collect();
+            match stats(&large) {
+                None => println!("# busbw/memcpy at >= 16 MiB: no such sizes in this run"),
+                Some((min, mean, _)) => {
+                    let verdict = if op == Op::AllReduce {
+                        format!(
+                            " -- target >= 0.5: {}",
+                            if min >= 0.5 { "met" } else { "not met" }
+                        )
+                    } else {
+                        String::new()
+                    };
+                    println!(
+                        "# busbw/memcpy at >= 16 MiB: min {} mean {} ({} sizes){verdict}",
+                        fmt_g(min),
+                        fmt_g(mean),
+                        large.len()
+                    );
+                }
+            }
+        }
+        PeerArg::Rsmpi => {
+            for (what, min_size) in [("all sizes", 0), (">= 16 MiB", LARGE)] {
+                let ratios: Vec<f64> = rows
+                    .iter()
+                    .filter(|r| r.size >= min_size)
+                    .filter_map(|r| r.rsmpi_us.map(|t| r.time_us / t))
+                    .collect();
+                match stats(&ratios) {
+                    None => println!(
+                        "# time ratio vs rsmpi (ferroccl/rsmpi), {what}: no such sizes in this run"
+                    ),
+                    Some((min, mean, max)) => {
+                        let within = ratios.iter().filter(|&&x| x <= 1.03).count();
+                        println!(
+                            "# time ratio vs rsmpi (ferroccl/rsmpi), {what}: min {} mean {} max {} -- <= 1.03 at {within} of {} sizes",
+                            fmt_g(min),
+                            fmt_g(mean),
+                            fmt_g(max),
+                            ratios.len()
+                        );
+                    }
+                }
+            }
+        }
+        PeerArg::None => {}
+    }
+}
+
+/// A host buffer aligned for every dtype.
+struct Storage {
+    words: Vec<u64>,
+    bytes: usize,
+}
+
+impl Storage {
+    fn new(bytes: usize) -> Storage {
+        Storage {
+            words: vec![0u64; bytes.div_ceil(8)],
+            bytes,
+        }
+    }
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.bytes]
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.bytes]
+    }
+}
+
+/// Rank `rank`'s input element `i`: small integers, so that sums are exact in every dtype (and
+/// products, of ones and twos, stay exact too).
+fn input(redop: ReduceOp, rank: usize, i: usize) -> f64 {
+    if redop == ReduceOp::Prod {
+        if (rank * 7 + i) % 5 == 0 {
+            2.0
+        } else {
+            1.0
+        }
+    } else {
+        ((rank * 5 + i * 3) % 4 + 1) as f64
+    }
+}
+
+fn fill(dtype: DType, bytes: &mut [u8], f: impl Fn(usize) -> f64) {
+    macro_rules! go {
+        ($t:ty, $conv:expr) => {{
+            let s: &mut [$t] = bytemuck::cast_slice_mut(bytes);
+            for (i, x) in s.iter_mut().enumerate() {
+                *x = ($conv)(f(i));
+            }
+        }};
+    }
+    match dtype {
+        DType::F32 => go!(f32, |v: f64| v as f32),
+        DType::F64 => go!(f64, |v: f64| v),
+        DType::F16 => go!(f16, f16::from_f64),
+        DType::BF16 => go!(bf16, bf16::from_f64),
+        DType::I32 => go!(i32, |v: f64| v as i64 as i32),
+        DType::I64 => go!(i64, |v: f64| v as i64),
+        DType::U8 => go!(u8, |v: f64| v as i64 as u8),
+    }
+}
+
+/// Elements of `bytes` that differ from `want(i)` (rounded or wrapped into the dtype; relative
+/// tolerance `tol`, 0 = exact).
+fn count_wrong(dtype: DType, bytes: &[u8], tol: f64, want: impl Fn(usize) -> f64) -> u64 {
+    let close = |got: f64, w: f64| {
+        if tol == 0.0 {
+            got == w
+        } else {
+            (got - w).abs() <= tol * w.abs().max(1.0)
+        }
+    };
+    macro_rules! go {
+        ($t:ty, $get:expr, $quant:expr) => {{
+            let s: &[$t] = bytemuck::cast_slice(bytes);
+            s.iter()
+                .enumerate()
+                .filter(|&(i, x)| !close(($get)(*x), ($quant)(want(i))))
+                .count() as u64
+        }};
+    }
+    match dtype {
+        DType::F32 => go!(f32, |x: f32| x as f64, |w: f64| w as f32 as f64),
+        DType::F64 => go!(f64, |x: f64| x, |w: f64| w),
+        DType::F16 => go!(f16, |x: f16| x.to_f64(), |w: f64| f16::from_f64(w).to_f64()),
+        DType::BF16 => go!(bf16, |x: bf16| x.to_f64(), |w: f64| bf16::from_f64(w)
+            .to_f64()),
+        DType::I32 => go!(i32, |x: i32| x as f64, |w: f64| w as i64 as i32 as f64),
+        DType::I64 => go!(i64, |x: i64| x as f64, |w: f64| w as i64 as f64),
+        DType::U8 => go!(u8, |x: u8| x as f64, |w: f64| w as i64 as u8 as f64),
+    }
+}
+
+/// The naive reduction over ranks of `f(rank)`.
+fn reduce_ref(redop: ReduceOp, dtype: DType, n: usize, f: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = f(0);
+    for q in 1..n {
+        let v = f(q);
+        acc = match redop {
+            ReduceOp::Sum | ReduceOp::Avg => acc + v,
+            ReduceOp::Prod => acc * v,
+            ReduceOp::Min => acc.min(v),
+            ReduceOp::Max => acc.max(v),
+        };
+    }
+    match redop {
+        ReduceOp::Avg if dtype.is_float() => acc / n as f64,
+        ReduceOp::Avg => ((acc as i64) / n as i64) as f64,
+        _ => acc,
+    }
+}
+
+/// Tolerance of the check: exact, except Avg on floats (the division rounds).
+fn tolerance(redop: ReduceOp, dtype: DType) -> f64 {
+    match (redop, dtype) {
+        (ReduceOp::Avg, DType::F32) => 1e-6,
+        (ReduceOp::Avg, DType::F64) => 1e-12,
+        (ReduceOp::Avg, DType::F16) => 2e-3,
+        (ReduceOp::Avg, DType::BF16) => 1.6e-2,
+        _ => 0.0,
+    }
+}
+
+/// One operation through ferroccl's blocking API.
+fn exec(
+    comm: &dyn Communicator,
+    plan: &Plan,
+    op: Op,
+    send: &Storage,
+    recv: &mut Storage,
+) -> ferroccl::Result<()> {
+    let (dtype, redop, root) = (plan.dtype, plan.redop, plan.root);
+    let s = Buf::host(dtype, send.bytes());
+    let r = BufMut::host(dtype, recv.bytes_mut());
+    let c = match op {
+        Op::AllReduce => Collective::AllReduce {
+            send: Some(s),
+            recv: r,
+            op: redop,
+        },
+        Op::ReduceScatter => Collective::ReduceScatter {
+            send: s,
+            recv: r,
+            op: redop,
+        },
+        Op::AllGather => Collective::AllGather { send: s, recv: r },
+        Op::Broadcast => Collective::Broadcast { buf: r, root },
+        Op::Reduce => Collective::Reduce {
+            send: s,
+            recv: (comm.rank() == root).then_some(r),
+            op: redop,
+            root,
+        },
+        Op::AllToAll => Collective::AllToAll { send: s, recv: r },
+    };
+    comm.run(c)
+}
+
+/// Barrier, then `k` back-to-back operations; seconds elapsed on this rank.
+fn time_ferroccl(
+    comm: &dyn Communicator,
+    plan: &Plan,
+    op: Op,
+    k: usize,
+    send: &Storage,
+    recv: &mut Storage,
+) -> ferroccl::Result<f64> {
+    comm.barrier()?;
+    let t0 = Instant::now();
+    for _ in 0..k {
+        exec(comm, plan, op, send, recv)?;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Barrier, then `k` back-to-back rsmpi all-reduces on the same buffers.
+fn time_raw(
+    comm: &dyn Communicator,
+    raw: RawAllReduce<'_>,
+    k: usize,
+    send: &Storage,
+    recv: &mut Storage,
+) -> ferroccl::Result<f64> {
+    comm.barrier()?;
+    let s: &[f32] = bytemuck::cast_slice(send.bytes());
+    let r: &mut [f32] = bytemuck::cast_slice_mut(recv.bytes_mut());
+    let t0 = Instant::now();
+    for _ in 0..k {
+        raw(s, r)?;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Single-threaded `copy_from_slice` of `size` bytes between two buffers, in GB/s (the local peer).
+fn memcpy_gbps(size: usize, iters: usize) -> f64 {
+    let src = vec![0x5Au8; size];
+    let mut dst = vec![0u8; size];
+    // Warm up: fault in `dst`'s pages and bring the copy loop up to speed.
+    let reps = iters.max((64usize << 20).div_ceil(size));
+    for _ in 0..reps.min(4 + (256usize << 20) / size) {
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+    }
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    (size * reps) as f64 / 1e9 / secs
+}
+
+/// Check the output of one fresh operation; this rank's count of wrong elements.
+fn check_once(
+    comm: &dyn Communicator,
+    plan: &Plan,
+    op: Op,
+    lay: &Layout,
+    send: &Storage,
+    recv: &mut Storage,
+) -> ferroccl::Result<u64> {
+    let (rank, n) = (comm.rank(), comm.world_size());
+    let (dtype, redop, root) = (plan.dtype, plan.redop, plan.root);
+    if !(op == Op::Broadcast && rank == root) {
+        recv.bytes_mut().fill(0xFF); // poison: NaN for floats, -1 / 255 for integers
+    }
+    exec(comm, plan, op, send, recv)?;
+    let c = lay.count;
+    let tol = tolerance(redop, dtype);
+    let out = recv.bytes();
+    Ok(match op {
+        Op::AllReduce => count_wrong(dtype, out, tol, |i| {
+            reduce_ref(redop, dtype, n, |q| input(redop, q, i))
+        }),
+        Op::ReduceScatter => count_wrong(dtype, out, tol, |i| {
+            reduce_ref(redop, dtype, n, |q| input(redop, q, rank * c + i))
+        }),
+        Op::AllGather => count_wrong(dtype, out, 0.0, |j| input(redop, j / c, j % c)),
+        Op::Broadcast => count_wrong(dtype, out, 0.0, |i| input(redop, root, i)),
+        Op::Reduce if rank == root => count_wrong(dtype, out, tol, |i| {
+            reduce_ref(redop, dtype, n, |q| input(redop, q, i))
+        }),
+        Op::Reduce => 0,
+        Op::AllToAll => count_wrong(dtype, out, 0.0, |j| input(redop, j / c, rank * c + j % c)),
+    })
+}
+
+/// One row: warm up, time (interleaved with the rsmpi peer if any), check, time the memcpy peer.
+fn measure(
+    comm: &dyn Communicator,
+    plan: &Plan,
+    op: Op,
+    bytes: usize,
+    peer: PeerArg,
+    raw: Option<RawAllReduce<'_>>,
+) -> ferroccl::Result<Row> {
+    let (rank, n) = (comm.rank(), comm.world_size());
+    let elt = plan.dtype.size();
+    let lay = op.layout(bytes, elt, n);
+    let mut send = Storage::new(lay.send * elt);
+    let mut recv = Storage::new(lay.recv * elt);
+    fill(plan.dtype, send.bytes_mut(), |i| input(plan.redop, rank, i));
+    recv.bytes_mut().fill(0xFF);
+    if op == Op::Broadcast && rank == plan.root {
+        fill(plan.dtype, recv.bytes_mut(), |i| input(plan.redop, rank, i));
+    }
+    let raw = if peer == PeerArg::Rsmpi { raw } else { None };
+
+    for _ in 0..plan.warmup {
+        exec(comm, plan, op, &send, &mut recv)?;
+    }
+    if let Some(raw) = raw {
+        time_raw(comm, raw, plan.warmup, &send, &mut recv)?;
+    }
+
+    let sent0 = comm.bytes_sent();
+    let mut times = [0.0f64, 0.0];
+    match raw {
+        None => times[0] = time_ferroccl(comm, plan, op, plan.iters, &send, &mut recv)?,
+        Some(raw) => {
+            // Blocks in ABBA order: ferroccl, rsmpi | rsmpi, ferroccl | ... so that drift cancels.
+            let blocks = plan.iters.min(4);
+            for b in 0..blocks {
+                let k = plan.iters / blocks + usize::from(b < plan.iters % blocks);
+                if b % 2 == 0 {
+                    times[0] += time_ferroccl(comm, plan, op, k, &send, &mut recv)?;
+                    times[1] += time_raw(comm, raw, k, &send, &mut recv)?;
+                } else {
+                    times[1] += time_raw(comm, raw, k, &send, &mut recv)?;
+                    times[0] += time_ferroccl(comm, plan, op, k, &send, &mut recv)?;
+                }
+            }
+        }
+    }
+    let bytes_sent_per_op = (comm.bytes_sent() - sent0) as f64 / plan.iters as f64;
+    for t in &mut times {
+        *t /= plan.iters as f64;
+    }
+    comm.all_reduce(&mut times, ReduceOp::Max)?;
+
+    let wrong = if plan.check {
+        let mut w = [check_once(comm, plan, op, &lay, &send, &mut recv)? as i64];
+        comm.all_reduce(&mut w, ReduceOp::Sum)?;
+        Some(w[0] as u64)
+    } else {
+        None
+    };
+    drop(send);
+    drop(recv);
+
+    let memcpy = if peer == PeerArg::Memcpy {
+        comm.barrier()?;
+        let m = (rank == 0).then(|| memcpy_gbps(lay.size, plan.iters));
+        comm.barrier()?;
+        m
+    } else {
+        None
+    };
+
+    let algbw = lay.size as f64 / 1e9 / times[0];
+    let factor = op.bus_factor(n);
+    let rsmpi = raw.map(|_| times[1]);
+    Ok(Row {
+        size: lay.size,
+        count: lay.count,
+        time_us: times[0] * 1e6,
+        algbw,
+        busbw: algbw * factor,
+        wrong,
+        memcpy_gbps: memcpy,
+        rsmpi_us: rsmpi.map(|t| t * 1e6),
+        rsmpi_busbw: rsmpi.map(|t| lay.size as f64 / 1e9 / t * factor),
+        bytes_sent_per_op,
+    })
+}
+
+fn write_json(path: &str, plan: &Plan, world: usize, reports: &[OpReport]) -> AnyResult<()> {
+    let mut rows = Vec::new();
+    for rep in reports {
+        for r in &rep.rows {
+            rows.push(json!({
+                "op": rep.op.name(),
+                "peer": rep.peer.name(),
+                "size": r.size,
+                "count": r.count,
+                "type": plan.dtype.name(),
+                "redop": if rep.op.reduces() { plan.redop.name() } else { "none" },
+                "root": if rep.op.rooted() { plan.root as i64 } else { -1 },
+                "time_us": r.time_us,
+                "algbw_gbps": r.algbw,
+                "busbw_gbps": r.busbw,
+                "wrong": r.wrong,
+                "memcpy_gbps": r.memcpy_gbps,
+                "busbw_over_memcpy": r.memcpy_gbps.map(|m| r.busbw / m),
+                "rsmpi_time_us": r.rsmpi_us,
+                "rsmpi_busbw_gbps": r.rsmpi_busbw,
+                "time_ratio_vs_rsmpi": r.rsmpi_us.map(|t| r.time_us / t),
+                "rank0_bytes_sent_per_op": r.bytes_sent_per_op,
+            }));
+        }
+    }
+    let doc = json!({
+        "bench": "ferroccl collectives",
+        "backend": plan.backend,
+        "world": world,
+        "iters": plan.iters,
+        "warmup": plan.warmup,
+        "check": plan.check,
+        "peer": plan.peer.name(),
+        "host": hostname(),
+        "nproc": nproc(),
+        "rows": rows,
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+        .map_err(|e| format!("writing {path}: {e}"))?;
+    Ok(())
+}
+
+fn human_size(b: f64) -> String {
+    let b = b.round() as u64;
+    for (shift, unit) in [(30, "G"), (20, "M"), (10, "K")] {
+        if b >= 1 << shift && b % (1 << shift) == 0 {
+            return format!("{}{unit}", b >> shift);
+        }
+    }
+    if b >= 1 << 10 {
+        return format!("{:.1}K", b as f64 / 1024.0);
+    }
+    format!("{b}")
+}
+
+fn write_plot(path: &str, plan: &Plan, world: usize, reports: &[OpReport]) -> AnyResult<()> {
+    use plotters::prelude::*;
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for rep in reports {
+        let pts = |f: &dyn Fn(&Row) -> Option<f64>| -> Vec<(f64, f64)> {
+            rep.rows
+                .iter()
+                .filter_map(|r| f(r).map(|y| (r.size as f64, y)))
+                .filter(|p| p.1.is_finite())
+                .collect()
+        };
+        series.push((format!("{} busbw", rep.op.name()), pts(&|r| Some(r.busbw))));
+        match rep.peer {
+            PeerArg::Memcpy => series.push((
+                format!("memcpy GB/s ({} run)", rep.op.name()),
+                pts(&|r| r.memcpy_gbps),
+            )),
+            PeerArg::Rsmpi => series.push((
+                format!("rsmpi {} busbw", rep.op.name()),
+                pts(&|r| r.rsmpi_busbw),
+            )),
+            PeerArg::None => {}
+        }
+    }
+    let xs = series.iter().flat_map(|s| s.1.iter().map(|p| p.0));
+    let (xmin, xmax) = xs.fold((f64::INFINITY, 0.0f64), |(lo, hi), x| {
+        (lo.min(x), hi.max(x))
+    });
+    let (xmin, xmax) = if xmin.is_finite() && xmax > xmin {
+        (xmin, xmax)
+    } else {
+        (1.0, 2.0)
+    };
+    let ymax = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.1))
+        .fold(0.0f64, f64::max);
+    let ymax = if ymax > 0.0 { ymax * 1.1 } else { 1.0 };
+
+    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let caption = format!(
+        "ferroccl {} bench, backend {}, {} ranks, {}",
+        reports
+            .iter()
+            .map(|r| r.op.name())
+            .collect::<Vec<_>>()
+            .join("/"),
+        plan.backend,
+        world,
+        plan.dtype.name()
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d((xmin..xmax).log_scale().base(2.0), 0.0..ymax)?;
+    let fmt_x = |x: &f64| human_size(*x);
+    chart
+        .configure_mesh()
+        .x_desc("size (bytes)")
+        .y_desc("GB/s")
+        .x_label_formatter(&fmt_x)
+        .draw()?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

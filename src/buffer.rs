@@ -29,6 +29,9 @@ pub enum Location {
 pub enum Mem<'a> {
     /// Host bytes.
     Host(&'a [u8]),
+    /// Device memory (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Device(DevPtr<'a>),
 }
 
 /// The memory behind a writable view.
@@ -37,6 +40,30 @@ pub enum Mem<'a> {
 pub enum MemMut<'a> {
     /// Host bytes.
     Host(&'a mut [u8]),
+    /// Device memory (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Device(DevPtr<'a>),
+}
+
+/// A span of device memory and the stream that orders work on it. Collectives on it are enqueued on
+/// that stream (as NCCL's are), so they are ordered after the kernels that produced the data.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone, Copy)]
+pub struct DevPtr<'a> {
+    /// Device address.
+    pub ptr: u64,
+    /// Size in bytes.
+    pub bytes: usize,
+    /// The buffer's stream (and through it, its context and device).
+    pub stream: &'a std::sync::Arc<cudarc::driver::CudaStream>,
+}
+
+#[cfg(feature = "cuda")]
+impl DevPtr<'_> {
+    /// The CUDA ordinal of the device.
+    pub fn ordinal(&self) -> usize {
+        self.stream.context().ordinal()
+    }
 }
 
 /// A read-only typed view of a buffer.
@@ -74,12 +101,24 @@ impl<'a> Buf<'a> {
     pub fn location(&self) -> Location {
         match self.mem {
             Mem::Host(_) => Location::Host,
+            #[cfg(feature = "cuda")]
+            Mem::Device(d) => Location::Device(d.ordinal()),
         }
     }
     /// The host bytes, if this is host memory.
     pub fn host_bytes(&self) -> Option<&'a [u8]> {
         match self.mem {
             Mem::Host(b) => Some(b),
+            #[cfg(feature = "cuda")]
+            Mem::Device(_) => None,
+        }
+    }
+    /// The device span, if this is device memory.
+    #[cfg(feature = "cuda")]
+    pub fn device(&self) -> Option<DevPtr<'a>> {
+        match self.mem {
+            Mem::Device(d) => Some(d),
+            Mem::Host(_) => None,
         }
     }
     /// Size in bytes.
@@ -99,8 +138,10 @@ impl<'a> BufMut<'a> {
     }
     /// Where the memory lives.
     pub fn location(&self) -> Location {
-        match self.mem {
+        match &self.mem {
             MemMut::Host(_) => Location::Host,
+            #[cfg(feature = "cuda")]
+            MemMut::Device(d) => Location::Device(d.ordinal()),
         }
     }
     /// Reborrow as a read-only view.
@@ -110,6 +151,8 @@ impl<'a> BufMut<'a> {
             len: self.len,
             mem: match &self.mem {
                 MemMut::Host(b) => Mem::Host(b),
+                #[cfg(feature = "cuda")]
+                MemMut::Device(d) => Mem::Device(*d),
             },
         }
     }
@@ -120,6 +163,8 @@ impl<'a> BufMut<'a> {
             len: self.len,
             mem: match &mut self.mem {
                 MemMut::Host(b) => MemMut::Host(b),
+                #[cfg(feature = "cuda")]
+                MemMut::Device(d) => MemMut::Device(*d),
             },
         }
     }
@@ -127,6 +172,16 @@ impl<'a> BufMut<'a> {
     pub fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
         match &mut self.mem {
             MemMut::Host(b) => Some(b),
+            #[cfg(feature = "cuda")]
+            MemMut::Device(_) => None,
+        }
+    }
+    /// The device span, if this is device memory.
+    #[cfg(feature = "cuda")]
+    pub fn device(&self) -> Option<DevPtr<'_>> {
+        match &self.mem {
+            MemMut::Device(d) => Some(*d),
+            MemMut::Host(_) => None,
         }
     }
     /// Size in bytes.
@@ -222,5 +277,56 @@ impl BufferMut for Empty {
 impl OwnedBuffer for Empty {
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
         self
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod device {
+    use super::*;
+    use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+
+    // The pointer is taken on the slice's own stream; the guard that cudarc returns records a read /
+    // write event for its multi-stream tracking and is dropped at once, since ferroccl enqueues its
+    // work on that same stream.
+    impl<T: Element + DeviceRepr> Buffer for CudaSlice<T> {
+        fn buf(&self) -> Buf<'_> {
+            let stream = self.stream();
+            let (ptr, _sync) = self.device_ptr(stream);
+            Buf {
+                dtype: T::DTYPE,
+                len: self.len(),
+                mem: Mem::Device(DevPtr {
+                    ptr,
+                    bytes: self.num_bytes(),
+                    stream,
+                }),
+            }
+        }
+    }
+
+    impl<T: Element + DeviceRepr> BufferMut for CudaSlice<T> {
+        fn buf_mut(&mut self) -> BufMut<'_> {
+            let (len, bytes) = (self.len(), self.num_bytes());
+            let stream = self.stream().clone();
+            let ptr = {
+                let (ptr, _sync) = self.device_ptr_mut(&stream);
+                ptr
+            };
+            BufMut {
+                dtype: T::DTYPE,
+                len,
+                mem: MemMut::Device(DevPtr {
+                    ptr,
+                    bytes,
+                    stream: self.stream(),
+                }),
+            }
+        }
+    }
+
+    impl<T: Element + DeviceRepr> OwnedBuffer for CudaSlice<T> {
+        fn into_any(self: Box<Self>) -> Box<dyn Any> {
+            self
+        }
     }
 }

@@ -146,8 +146,76 @@ impl<S, R> Collective<S, R> {
     }
 }
 
-impl CollectiveOwned {
-    /// Borrow the owned buffers as views.
+impl<S, R> Collective<S, R> {
+    /// Replace every buffer: sources through `fs`, destinations through `fr` (the rest is kept).
+    pub fn map<S2, R2>(
+        self,
+        mut fs: impl FnMut(S) -> Result<S2>,
+        mut fr: impl FnMut(R) -> Result<R2>,
+    ) -> Result<Collective<S2, R2>> {
+        use Collective as C;
+        Ok(match self {
+            C::AllReduce { send, recv, op } => C::AllReduce {
+                send: send.map(&mut fs).transpose()?,
+                recv: fr(recv)?,
+                op,
+            },
+            C::ReduceScatter { send, recv, op } => C::ReduceScatter {
+                send: fs(send)?,
+                recv: fr(recv)?,
+                op,
+            },
+            C::AllGather { send, recv } => C::AllGather {
+                send: fs(send)?,
+                recv: fr(recv)?,
+            },
+            C::Broadcast { buf, root } => C::Broadcast {
+                buf: fr(buf)?,
+                root,
+            },
+            C::Reduce {
+                send,
+                recv,
+                op,
+                root,
+            } => C::Reduce {
+                send: fs(send)?,
+                recv: recv.map(&mut fr).transpose()?,
+                op,
+                root,
+            },
+            C::AllToAll { send, recv } => C::AllToAll {
+                send: fs(send)?,
+                recv: fr(recv)?,
+            },
+            C::AllToAllv {
+                send,
+                send_counts,
+                recv,
+                recv_counts,
+            } => C::AllToAllv {
+                send: fs(send)?,
+                send_counts,
+                recv: fr(recv)?,
+                recv_counts,
+            },
+            C::Send { buf, peer, tag } => C::Send {
+                buf: fs(buf)?,
+                peer,
+                tag,
+            },
+            C::Recv { buf, peer, tag } => C::Recv {
+                buf: fr(buf)?,
+                peer,
+                tag,
+            },
+            C::Barrier => C::Barrier,
+        })
+    }
+}
+
+impl<S: Buffer + ?Sized, R: BufferMut + ?Sized> Collective<Box<S>, Box<R>> {
+    /// Borrow the boxed buffers as views.
     pub fn views(&mut self) -> CollectiveRef<'_> {
         use Collective as C;
         match self {
@@ -457,6 +525,12 @@ pub trait Communicator: Send + Sync {
     /// `None` opts out (returns `Ok(None)`), like `MPI_UNDEFINED`. Collective over this communicator.
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>>;
 
+    /// True if the backend works on device memory directly (NCCL); host-only backends get device
+    /// buffers staged through pinned host memory by [`Communicator::run`]/[`Communicator::start`].
+    fn supports_device(&self) -> bool {
+        false
+    }
+
     /// Bytes this rank has sent so far (payload, all operations).
     fn bytes_sent(&self) -> u64 {
         0
@@ -477,6 +551,10 @@ pub trait Communicator: Send + Sync {
     /// Run a blocking collective: validation, checked mode, tracing, then the backend.
     fn run(&self, c: CollectiveRef<'_>) -> Result<()> {
         c.validate(self.rank(), self.world_size())?;
+        #[cfg(feature = "cuda")]
+        if !self.supports_device() && crate::device::stage::has_device(&c) {
+            return crate::device::stage::run_staged(self, c);
+        }
         if self.config().check {
             check_signatures(self, &c)?;
         }
@@ -501,6 +579,10 @@ pub trait Communicator: Send + Sync {
         let (name, bytes) = {
             let v = c.views();
             v.validate(self.rank(), self.world_size())?;
+            #[cfg(feature = "cuda")]
+            if !self.supports_device() && crate::device::stage::has_device(&v) {
+                return crate::device::stage::start_staged(self, c);
+            }
             if self.config().check {
                 check_signatures(self, &v)?;
             }

@@ -1,10 +1,12 @@
 //! `ferroccl::init()`: one binary, any launcher.
 //!
 //! Order of choice (the first that applies):
-//! 1. `FERROCCL_BACKEND` = `local` | `tcp` | `mpi` (| `nccl` with the `cuda` feature, next issue);
-//! 2. launched by `mpirun`/`srun` (feature `mpi`) → MPI;
-//! 3. `RANK` and `WORLD_SIZE` set (torchrun-style) → the env rendezvous, then the TCP transport;
-//! 4. otherwise in-process with world size 1.
+//! 1. `FERROCCL_BACKEND` = `local` | `tcp` | `mpi` | `nccl`;
+//! 2. feature `cuda`, launched by mpirun or torchrun-style, GPUs present and at most one rank per GPU
+//!    on this node (`LOCAL_WORLD_SIZE` / `OMPI_COMM_WORLD_LOCAL_SIZE` ≤ device count) → NCCL;
+//! 3. launched by `mpirun`/`srun` (feature `mpi`) → MPI;
+//! 4. `RANK` and `WORLD_SIZE` set (torchrun-style) → the env rendezvous, then the TCP transport;
+//! 5. otherwise in-process with world size 1.
 //!
 //! For several in-process ranks use [`crate::local::run`], which hands each thread its communicator.
 
@@ -21,6 +23,8 @@ pub enum Backend {
     Tcp,
     /// MPI (feature `mpi`).
     Mpi,
+    /// NCCL on device buffers (feature `cuda`).
+    Nccl,
 }
 
 impl Backend {
@@ -30,10 +34,11 @@ impl Backend {
             "local" | "inprocess" | "in-process" => Ok(Backend::Local),
             "tcp" | "env" => Ok(Backend::Tcp),
             "mpi" => Ok(Backend::Mpi),
+            "nccl" => Ok(Backend::Nccl),
             other => Err(Error::Config {
                 var: "FERROCCL_BACKEND".into(),
                 value: other.into(),
-                why: "expected local, tcp or mpi".into(),
+                why: "expected local, tcp, mpi or nccl".into(),
             }),
         }
     }
@@ -44,7 +49,30 @@ impl Backend {
             return Backend::parse(&v);
         }
         #[cfg(feature = "mpi")]
-        if crate::mpi::launched_by_mpirun() {
+        let mpirun = crate::mpi::launched_by_mpirun();
+        #[cfg(not(feature = "mpi"))]
+        let mpirun = false;
+        #[cfg(feature = "cuda")]
+        {
+            let env_launch =
+                std::env::var_os("RANK").is_some() && std::env::var_os("WORLD_SIZE").is_some();
+            if mpirun || env_launch {
+                let local: usize = [
+                    "LOCAL_WORLD_SIZE",
+                    "OMPI_COMM_WORLD_LOCAL_SIZE",
+                    "MPI_LOCALNRANKS",
+                    "SLURM_NTASKS_PER_NODE",
+                ]
+                .iter()
+                .find_map(|v| std::env::var(v).ok()?.parse().ok())
+                .unwrap_or(1);
+                let gpus = crate::device::device_count();
+                if gpus > 0 && local <= gpus {
+                    return Ok(Backend::Nccl);
+                }
+            }
+        }
+        if mpirun {
             return Ok(Backend::Mpi);
         }
         if std::env::var_os("RANK").is_some() && std::env::var_os("WORLD_SIZE").is_some() {
@@ -96,6 +124,26 @@ pub fn init_with(b: Backend) -> Result<Box<dyn Communicator>> {
                 cfg,
             )?;
             Ok(Box::new(c))
+        }
+        Backend::Nccl => {
+            #[cfg(feature = "cuda")]
+            {
+                #[cfg(feature = "mpi")]
+                if crate::mpi::launched_by_mpirun() {
+                    return Ok(Box::new(crate::nccl::NcclComm::from_mpi(cfg)?));
+                }
+                if std::env::var_os("RANK").is_some() {
+                    Ok(Box::new(crate::nccl::NcclComm::from_env(cfg)?))
+                } else {
+                    Ok(Box::new(crate::nccl::NcclComm::single(0, cfg)?))
+                }
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                Err(Error::Unsupported(
+                    "FERROCCL_BACKEND=nccl but ferroccl was built without the `cuda` feature; rebuild with --features cuda".into(),
+                ))
+            }
         }
         Backend::Mpi => {
             #[cfg(feature = "mpi")]

@@ -24,13 +24,18 @@ pub mod buffer;
 pub mod coding;
 pub mod comm;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod device;
 pub mod dtype;
 mod engine;
 pub mod error;
 mod init;
+pub mod kernels;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod rendezvous;
 pub mod sim;
 pub mod tcp;

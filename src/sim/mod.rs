@@ -1,1 +1,2 @@
 //! Virtual-time cluster simulator (work in progress).
+pub mod rng;

@@ -1,0 +1,1 @@
+//! Sequential gradient coding (placeholder).

@@ -1,0 +1,1 @@
+//! Kernels (being written).

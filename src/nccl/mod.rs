@@ -1,0 +1,727 @@
+//! The NCCL backend (feature `cuda`): collectives on device buffers, one rank per GPU per process.
+//!
+//! Workflow, in the manner of cudarc's sys → result → safe split: ferroccl calls NCCL's C API through
+//! `cudarc::nccl::sys` with raw device pointers (so every dtype and op goes through one code path) and
+//! wraps it here with errors, timeouts and a safe teardown.
+//!
+//! 1. The unique id travels through MPI (under mpirun, feature `mpi`) or the env rendezvous store
+//!    (torchrun-style variables); [`NcclComm::single`] needs neither (world size 1).
+//! 2. Each collective is enqueued on the *buffer's* CUDA stream, so it is ordered after the kernels that
+//!    produced the data. Blocking calls then wait for a CUDA event, polling `ncclCommGetAsyncError`;
+//!    non-blocking ones return a [`Work`] that completes on that event. A wait that outlives the timeout,
+//!    or an asynchronous NCCL error, aborts the communicator (`ncclCommAbort`) and returns an error —
+//!    a failed or hung peer is an error, not a hang. Every later call returns `PeerLost`.
+//! 3. Dropping the communicator destroys it (or does nothing after an abort); errors there are logged,
+//!    never panics (cudarc's own `Comm` would panic in `Drop`).
+//!
+//! all_to_all(v) are grouped send/recv (`ncclGroupStart`/`ncclGroupEnd`), as torch does. NCCL has no
+//! message tags: point-to-point messages between two ranks match in order, and `tag` is ignored.
+//! Host buffers are not accepted: pass `CudaSlice`s, or use a host backend for host memory.
+//! NVLink multicast (NVLS) is switched off (`NCCL_NVLS_ENABLE=0`) unless the user set it.
+
+use crate::buffer::{Buf, BufMut, Mem, MemMut};
+use crate::comm::{CollectiveOwned, CollectiveRef};
+use crate::device::{drv, probe, Lib};
+use crate::work::Pending;
+use crate::{Collective, Communicator, Config, DType, Error, ReduceOp, Result, Work};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+use cudarc::nccl::sys;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The raw communicator handle (a pointer NCCL owns).
+struct Raw(sys::ncclComm_t);
+// SAFETY: NCCL communicators may be used from any thread, one call at a time (we hold a Mutex).
+unsafe impl Send for Raw {}
+
+/// A rank's NCCL communicator.
+pub struct NcclComm {
+    rank: usize,
+    size: usize,
+    cfg: Config,
+    comm: Arc<Mutex<Raw>>,
+    broken: Arc<AtomicBool>,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    bytes_sent: AtomicU64,
+    _keep: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+fn err_string(r: sys::ncclResult_t) -> String {
+    // SAFETY: NCCL returns a static C string.
+    unsafe {
+        let p = sys::ncclGetErrorString(r);
+        if p.is_null() {
+            format!("{r:?}")
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+fn ck(r: sys::ncclResult_t, what: &str) -> Result<()> {
+    match r {
+        sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => Ok(()),
+        e => Err(Error::Cuda(format!(
+            "NCCL {what}: {} ({e:?})",
+            err_string(e)
+        ))),
+    }
+}
+
+fn nccl_dtype(d: DType) -> sys::ncclDataType_t {
+    use sys::ncclDataType_t as T;
+    match d {
+        DType::F32 => T::ncclFloat32,
+        DType::F64 => T::ncclFloat64,
+        DType::F16 => T::ncclFloat16,
+        DType::BF16 => T::ncclBfloat16,
+        DType::I32 => T::ncclInt32,
+        DType::I64 => T::ncclInt64,
+        DType::U8 => T::ncclUint8,
+    }
+}
+
+fn nccl_op(o: ReduceOp) -> sys::ncclRedOp_t {
+    use sys::ncclRedOp_t as O;
+    match o {
+        ReduceOp::Sum => O::ncclSum,
+        ReduceOp::Prod => O::ncclProd,
+        ReduceOp::Min => O::ncclMin,
+        ReduceOp::Max => O::ncclMax,
+        ReduceOp::Avg => O::ncclAvg,
+    }
+}
+
+/// Keep NVLink multicast off unless the user chose otherwise (it can take shared GPUs out of service).
+pub fn default_nvls_off() {
+    if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+        // SAFETY: called before NCCL initialises, from the thread creating the communicator.
+        unsafe { std::env::set_var("NCCL_NVLS_ENABLE", "0") };
+    }
+}
+
+/// A fresh NCCL unique id (128 bytes), made by one rank and shared with the others.
+pub fn unique_id() -> Result<[u8; 128]> {
+    probe(&[Lib::Cuda, Lib::Nccl])?;
+    let mut id = sys::ncclUniqueId { internal: [0; 128] };
+    // SAFETY: valid out-pointer.
+    ck(unsafe { sys::ncclGetUniqueId(&mut id) }, "ncclGetUniqueId")?;
+    Ok(id.internal.map(|c| c as u8))
+}
+
+struct DevOp {
+    ptr: u64,
+    stream: Arc<CudaStream>,
+}
+
+fn dev(b: &Buf<'_>) -> Result<DevOp> {
+    match b.mem {
+        Mem::Device(d) => Ok(DevOp {
+            ptr: d.ptr,
+            stream: d.stream.clone(),
+        }),
+        _ => Err(host_err()),
+    }
+}
+
+fn dev_mut(b: &BufMut<'_>) -> Result<DevOp> {
+    match &b.mem {
+        MemMut::Device(d) => Ok(DevOp {
+            ptr: d.ptr,
+            stream: d.stream.clone(),
+        }),
+        _ => Err(host_err()),
+    }
+}
+
+fn host_err() -> Error {
+    Error::Unsupported(
+        "the NCCL backend takes device buffers (cudarc CudaSlice); for host memory use the local, tcp or mpi backend (FERROCCL_BACKEND)".into(),
+    )
+}
+
+impl NcclComm {
+    /// Join communicator `id` as `rank` of `size` on CUDA device `ordinal`.
+    pub fn new(
+        rank: usize,
+        size: usize,
+        id: [u8; 128],
+        ordinal: usize,
+        cfg: Config,
+    ) -> Result<NcclComm> {
+        probe(&[Lib::Cuda, Lib::Nccl])?;
+        default_nvls_off();
+        if rank >= size {
+            return Err(Error::RankOutOfRange {
+                what: "NCCL rank",
+                rank,
+                world: size,
+            });
+        }
+        let n = crate::device::device_count();
+        if ordinal >= n {
+            return Err(Error::InvalidArgument(format!(
+                "CUDA device {ordinal} does not exist ({n} visible); one rank per GPU: check LOCAL_RANK / CUDA_VISIBLE_DEVICES"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| drv("creating the CUDA context", e))?;
+        ctx.bind_to_thread()
+            .map_err(|e| drv("binding the CUDA context", e))?;
+        let stream = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
+        let uid = sys::ncclUniqueId {
+            internal: id.map(|b| b as std::ffi::c_char),
+        };
+        let mut raw: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; id from ncclGetUniqueId on some rank.
+        ck(
+            unsafe { sys::ncclCommInitRank(&mut raw, size as i32, uid, rank as i32) },
+            "ncclCommInitRank",
+        )?;
+        Ok(NcclComm {
+            rank,
+            size,
+            cfg,
+            comm: Arc::new(Mutex::new(Raw(raw))),
+            broken: Arc::new(AtomicBool::new(false)),
+            ctx,
+            stream,
+            bytes_sent: AtomicU64::new(0),
+            _keep: None,
+        })
+    }
+
+    /// World size 1 on device `ordinal` (no rendezvous needed).
+    pub fn single(ordinal: usize, cfg: Config) -> Result<NcclComm> {
+        NcclComm::new(0, 1, unique_id()?, ordinal, cfg)
+    }
+
+    /// Torchrun-style: id through the env rendezvous store, device = `LOCAL_RANK`.
+    pub fn from_env(cfg: Config) -> Result<NcclComm> {
+        let env = crate::rendezvous::EnvRendezvous::from_env()?.ok_or_else(|| Error::Config {
+            var: "RANK/WORLD_SIZE".into(),
+            value: String::new(),
+            why: "the NCCL backend needs torchrun-style variables or mpirun".into(),
+        })?;
+        let (server, store) = env.connect(cfg.timeout)?;
+        let id = if env.rank == 0 {
+            let id = unique_id()?;
+            store.set("nccl/unique_id", &id)?;
+            id
+        } else {
+            let v = store.get("nccl/unique_id", cfg.timeout)?;
+            v.try_into().map_err(|_| {
+                Error::Rendezvous("the NCCL unique id in the store is not 128 bytes".into())
+            })?
+        };
+        let mut c = NcclComm::new(env.rank, env.world_size, id, env.local_rank, cfg)?;
+        c._keep = Some(Box::new((server, store)));
+        Ok(c)
+    }
+
+    /// Under mpirun: id broadcast over MPI, device = the node-local rank.
+    #[cfg(feature = "mpi")]
+    pub fn from_mpi(cfg: Config) -> Result<NcclComm> {
+        use crate::CommunicatorExt;
+        let mpi = crate::mpi::MpiComm::world(cfg.clone())?;
+        let mut id = if mpi.rank() == 0 {
+            unique_id()?
+        } else {
+            [0u8; 128]
+        };
+        mpi.broadcast(&mut id, 0)?;
+        let local = [
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "MPI_LOCALRANKID",
+            "SLURM_LOCALID",
+            "LOCAL_RANK",
+        ]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+        .unwrap_or(mpi.rank() % crate::device::device_count().max(1));
+        let mut c = NcclComm::new(mpi.rank(), mpi.world_size(), id, local, cfg)?;
+        c._keep = Some(Box::new(mpi));
+        Ok(c)
+    }
+
+    /// The communicator's own stream (for barrier and callers that want one).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CUDA context of this rank's device.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    fn lost(&self, during: &'static str) -> Error {
+        Error::PeerLost {
+            rank: self.rank,
+            during,
+        }
+    }
+
+    /// Enqueue `c` on its buffers' stream; returns that stream.
+    fn enqueue(&self, c: &CollectiveRef<'_>) -> Result<Arc<CudaStream>> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(self.lost("a collective on an aborted NCCL communicator"));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| drv("binding the CUDA context", e))?;
+        let g = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let comm = g.0;
+        let p = |x: u64| x as *mut c_void;
+        let sid = |s: &Arc<CudaStream>| s.cu_stream() as sys::cudaStream_t;
+        let n = self.size;
+        let es = c.dtype().size();
+        use Collective as C;
+        // SAFETY (all calls below): pointers come from validated device views of the right sizes.
+        let stream = match c {
+            C::AllReduce { send, recv, op } => {
+                let r = dev_mut(recv)?;
+                let s = match send {
+                    Some(s) => dev(s)?.ptr,
+                    None => r.ptr,
+                };
+                ck(
+                    unsafe {
+                        sys::ncclAllReduce(
+                            p(s),
+                            p(r.ptr),
+                            recv.len,
+                            nccl_dtype(recv.dtype),
+                            nccl_op(*op),
+                            comm,
+                            sid(&r.stream),
+                        )
+                    },
+                    "all_reduce",
+                )?;
+                self.count((2 * (n - 1) * recv.byte_len() / n) as u64);
+                r.stream
+            }
+            C::ReduceScatter { send, recv, op } => {
+                let (s, r) = (dev(send)?, dev_mut(recv)?);
+                ck(
+                    unsafe {
+                        sys::ncclReduceScatter(
+                            p(s.ptr),
+                            p(r.ptr),
+                            recv.len,
+                            nccl_dtype(recv.dtype),
+                            nccl_op(*op),
+                            comm,
+                            sid(&r.stream),
+                        )
+                    },
+                    "reduce_scatter",
+                )?;
+                self.count(((n - 1) * recv.byte_len()) as u64);
+                r.stream
+            }
+            C::AllGather { send, recv } => {
+                let (s, r) = (dev(send)?, dev_mut(recv)?);
+                ck(
+                    unsafe {
+                        sys::ncclAllGather(
+                            p(s.ptr),
+                            p(r.ptr),
+                            send.len,
+                            nccl_dtype(send.dtype),
+                            comm,
+                            sid(&r.stream),
+                        )
+                    },
+                    "all_gather",
+                )?;
+                self.count(((n - 1) * send.byte_len()) as u64);
+                r.stream
+            }
+            C::Broadcast { buf, root } => {
+                let b = dev_mut(buf)?;
+                ck(
+                    unsafe {
+                        sys::ncclBroadcast(
+                            p(b.ptr),
+                            p(b.ptr),
+                            buf.len,
+                            nccl_dtype(buf.dtype),
+                            *root as i32,
+                            comm,
+                            sid(&b.stream),
+                        )
+                    },
+                    "broadcast",
+                )?;
+                self.count(buf.byte_len() as u64);
+                b.stream
+            }
+            C::Reduce {
+                send,
+                recv,
+                op,
+                root,
+            } => {
+                let s = dev(send)?;
+                let rp = match recv.as_ref().filter(|_| self.rank == *root) {
+                    Some(r) => dev_mut(r)?.ptr,
+                    None => s.ptr,
+                };
+                ck(
+                    unsafe {
+                        sys::ncclReduce(
+                            p(s.ptr),
+                            p(rp),
+                            send.len,
+                            nccl_dtype(send.dtype),
+                            nccl_op(*op),
+                            *root as i32,
+                            comm,
+                            sid(&s.stream),
+                        )
+                    },
+                    "reduce",
+                )?;
+                self.count(send.byte_len() as u64);
+                s.stream
+            }
+            C::AllToAll { send, recv } => {
+                let counts = vec![send.len / n; n];
+                self.grouped(
+                    comm,
+                    dev(send)?,
+                    &counts,
+                    dev_mut(recv)?,
+                    &counts,
+                    send.dtype,
+                    es,
+                )?
+            }
+            C::AllToAllv {
+                send,
+                send_counts,
+                recv,
+                recv_counts,
+            } => self.grouped(
+                comm,
+                dev(send)?,
+                send_counts,
+                dev_mut(recv)?,
+                recv_counts,
+                send.dtype,
+                es,
+            )?,
+            C::Send { buf, peer, .. } => {
+                let s = dev(buf)?;
+                ck(
+                    unsafe {
+                        sys::ncclSend(
+                            p(s.ptr),
+                            buf.len,
+                            nccl_dtype(buf.dtype),
+                            *peer as i32,
+                            comm,
+                            sid(&s.stream),
+                        )
+                    },
+                    "send",
+                )?;
+                self.count(buf.byte_len() as u64);
+                s.stream
+            }
+            C::Recv { buf, peer, .. } => {
+                let r = dev_mut(buf)?;
+                ck(
+                    unsafe {
+                        sys::ncclRecv(
+                            p(r.ptr),
+                            buf.len,
+                            nccl_dtype(buf.dtype),
+                            *peer as i32,
+                            comm,
+                            sid(&r.stream),
+                        )
+                    },
+                    "recv",
+                )?;
+                r.stream
+            }
+            C::Barrier => {
+                drop(g);
+                return self.barrier_enqueue();
+            }
+        };
+        Ok(stream)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn grouped(
+        &self,
+        comm: sys::ncclComm_t,
+        s: DevOp,
+        sc: &[usize],
+        r: DevOp,
+        rc: &[usize],
+        dtype: DType,
+        es: usize,
+    ) -> Result<Arc<CudaStream>> {
+        let st = r.stream.cu_stream() as sys::cudaStream_t;
+        // SAFETY: offsets are prefix sums of validated counts inside the buffers.
+        unsafe {
+            ck(sys::ncclGroupStart(), "group_start")?;
+            let (mut so, mut ro) = (0usize, 0usize);
+            let mut res = Ok(());
+            for j in 0..self.size {
+                if res.is_ok() {
+                    res = ck(
+                        sys::ncclSend(
+                            (s.ptr as usize + so * es) as *const c_void,
+                            sc[j],
+                            nccl_dtype(dtype),
+                            j as i32,
+                            comm,
+                            st,
+                        ),
+                        "all_to_all send",
+                    );
+                }
+                if res.is_ok() {
+                    res = ck(
+                        sys::ncclRecv(
+                            (r.ptr as usize + ro * es) as *mut c_void,
+                            rc[j],
+                            nccl_dtype(dtype),
+                            j as i32,
+                            comm,
+                            st,
+                        ),
+                        "all_to_all recv",
+                    );
+                }
+                so += sc[j];
+                ro += rc[j];
+            }
+            ck(sys::ncclGroupEnd(), "group_end")?;
+            res?;
+        }
+        self.count(((sc.iter().sum::<usize>() - sc[self.rank]) * es) as u64);
+        Ok(r.stream)
+    }
+
+    fn barrier_enqueue(&self) -> Result<Arc<CudaStream>> {
+        let mut one = self
+            .stream
+            .alloc_zeros::<f32>(1)
+            .map_err(|e| drv("allocating the barrier word", e))?;
+        let v = crate::BufferMut::buf_mut(&mut one);
+        let c: CollectiveRef<'_> = Collective::AllReduce {
+            send: None,
+            recv: v,
+            op: ReduceOp::Sum,
+        };
+        let s = self.enqueue(&c)?;
+        // keep the word alive until the stream passed it
+        s.synchronize().map_err(|e| drv("barrier", e))?;
+        Ok(s)
+    }
+
+    fn count(&self, b: u64) {
+        self.bytes_sent.fetch_add(b, Ordering::Relaxed);
+    }
+
+    fn event_on(&self, s: &Arc<CudaStream>) -> Result<CudaEvent> {
+        s.record_event(None)
+            .map_err(|e| drv("recording a completion event", e))
+    }
+}
+
+/// Wait for an event while watching NCCL's asynchronous errors; abort on error or timeout.
+struct EventWait {
+    event: CudaEvent,
+    comm: Arc<Mutex<Raw>>,
+    broken: Arc<AtomicBool>,
+    rank: usize,
+}
+
+impl EventWait {
+    fn poll_once(&self) -> Option<Result<()>> {
+        match self.event.try_is_complete() {
+            Ok(true) => return Some(Ok(())),
+            Ok(false) => {}
+            Err(e) => return Some(Err(drv("waiting for a collective", e))),
+        }
+        let g = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: valid communicator and out-pointer.
+        let q = unsafe { sys::ncclCommGetAsyncError(g.0, &mut r) };
+        drop(g);
+        if let Err(e) = ck(q, "ncclCommGetAsyncError").and_then(|_| ck(r, "asynchronous error")) {
+            self.abort();
+            return Some(Err(e));
+        }
+        None
+    }
+
+    fn abort(&self) {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            let g = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: valid communicator; after this it is never used again.
+            let r = unsafe { sys::ncclCommAbort(g.0) };
+            if let Err(e) = ck(r, "ncclCommAbort") {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    fn wait(&self, timeout: Duration, during: &'static str) -> Result<()> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.poll_once() {
+                return r;
+            }
+            if Instant::now() >= end {
+                self.abort();
+                return Err(Error::Timeout {
+                    during,
+                    after: timeout,
+                    waiting_for: None,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+}
+
+struct NcclPending {
+    wait: EventWait,
+    op: Option<CollectiveOwned>,
+}
+
+impl Pending<CollectiveOwned> for NcclPending {
+    fn poll(&mut self) -> Option<Result<CollectiveOwned>> {
+        let r = self.wait.poll_once()?;
+        Some(r.and_then(|_| {
+            self.op
+                .take()
+                .ok_or_else(|| Error::InvalidArgument("work completed twice".into()))
+        }))
+    }
+}
+
+impl Drop for NcclPending {
+    fn drop(&mut self) {
+        // the device may still read/write the buffers: never free them before the event
+        if self.op.is_some() && self.wait.poll_once().is_none() {
+            let _ = self
+                .wait
+                .wait(Duration::from_secs(30), "dropping a pending NCCL operation");
+        }
+        let _ = self.wait.rank;
+    }
+}
+
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.size
+    }
+    fn backend(&self) -> &'static str {
+        "nccl"
+    }
+    fn config(&self) -> &Config {
+        &self.cfg
+    }
+    fn supports_device(&self) -> bool {
+        true
+    }
+    fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
+        let name = c.name();
+        let s = self.enqueue(&c)?;
+        let event = self.event_on(&s)?;
+        EventWait {
+            event,
+            comm: self.comm.clone(),
+            broken: self.broken.clone(),
+            rank: self.rank,
+        }
+        .wait(self.cfg.timeout, name)
+    }
+    fn exec_async(&self, mut c: CollectiveOwned) -> Result<Work<CollectiveOwned>> {
+        let s = self.enqueue(&c.views())?;
+        let event = self.event_on(&s)?;
+        let p = NcclPending {
+            wait: EventWait {
+                event,
+                comm: self.comm.clone(),
+                broken: self.broken.clone(),
+                rank: self.rank,
+            },
+            op: Some(c),
+        };
+        Ok(Work::new(
+            Box::new(p),
+            self.cfg.timeout,
+            "non-blocking NCCL collective",
+        ))
+    }
+    fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(self.lost("split of an aborted NCCL communicator"));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| drv("binding the CUDA context", e))?;
+        let g = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let mut new: sys::ncclComm_t = std::ptr::null_mut();
+        let col = color.map(|c| c as i32).unwrap_or(-1); // NCCL_SPLIT_NOCOLOR
+                                                         // SAFETY: valid communicator and out-pointer; NULL config = inherit.
+        ck(
+            unsafe { sys::ncclCommSplit(g.0, col, key, &mut new, std::ptr::null_mut()) },
+            "ncclCommSplit",
+        )?;
+        drop(g);
+        if new.is_null() {
+            return Ok(None);
+        }
+        let (mut nr, mut nn) = (0i32, 0i32);
+        // SAFETY: valid new communicator and out-pointers.
+        unsafe {
+            ck(sys::ncclCommUserRank(new, &mut nr), "ncclCommUserRank")?;
+            ck(sys::ncclCommCount(new, &mut nn), "ncclCommCount")?;
+        }
+        Ok(Some(Box::new(NcclComm {
+            rank: nr as usize,
+            size: nn as usize,
+            cfg: self.cfg.clone(),
+            comm: Arc::new(Mutex::new(Raw(new))),
+            broken: Arc::new(AtomicBool::new(false)),
+            ctx: self.ctx.clone(),
+            stream: self.stream.clone(),
+            bytes_sent: AtomicU64::new(0),
+            _keep: None,
+        })))
+    }
+    fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        if self.broken.load(Ordering::Acquire) {
+            return; // aborted: NCCL already released it
+        }
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.stream.synchronize();
+        let g = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: valid communicator, destroyed once.
+        if let Err(e) = ck(unsafe { sys::ncclCommDestroy(g.0) }, "ncclCommDestroy") {
+            tracing::warn!("{e}");
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Device buffers: the NCCL backend (world size 1 on one GPU), four in-process ranks sharing one GPU
+//! through pinned staging, and the clear error when CUDA libraries are missing (runs in CI).
+//! The GPU tests are `#[ignore = "needs a GPU"]`: run them on the device with `--ignored`.
+#![cfg(feature = "cuda")]
+mod common;
+
+use common::*;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use ferroccl::device::{probe, probe_with, Lib};
+use ferroccl::prelude::*;
+use ferroccl::{Communicator, Config};
+use std::sync::Arc;
+
+#[test]
+fn missing_library_is_a_clear_error_not_a_panic() {
+    let e = probe_with(&[Lib::Cuda, Lib::Nccl], |l| l != Lib::Nccl).unwrap_err();
+    let m = e.to_string();
+    assert!(
+        m.contains("libnccl.so.2") && m.contains("LD_LIBRARY_PATH"),
+        "{m}"
+    );
+    if probe(&[Lib::Cuda]).is_err() {
+        // this machine has no driver (CI): the real entry points say so instead of panicking
+        let e = ferroccl::nccl::NcclComm::single(0, Config::default())
+            .err()
+            .expect("no driver");
+        assert!(e.to_string().contains("libcuda.so.1"), "{e}");
+        let e = ferroccl::init_with(ferroccl::Backend::Nccl)
+            .err()
+            .expect("no driver");
+        assert!(matches!(e, Error::Cuda(_)), "{e}");
+        assert_eq!(ferroccl::device::device_count(), 0);
+    }
+}
+
+trait DevElem: TestElem + Default + DeviceRepr + ValidAsZeroBits {}
+impl<T: TestElem + Default + DeviceRepr + ValidAsZeroBits> DevElem for T {}
+
+fn up<T: DevElem>(s: &Arc<CudaStream>, v: &[T]) -> CudaSlice<T> {
+    if v.is_empty() {
+        return s.alloc_zeros::<T>(0).unwrap();
+    }
+    s.clone_htod(v).unwrap()
+}
+fn down<T: DevElem>(s: &Arc<CudaStream>, d: &CudaSlice<T>) -> Vec<T> {
+    if d.is_empty() {
+        return Vec::new();
+    }
+    s.clone_dtoh(d).unwrap()
+}
+
+/// Every collective on device buffers against the naive reference.
+fn device_suite<T: DevElem>(
+    c: &dyn Communicator,
+    s: &Arc<CudaStream>,
+    n: usize,
+    p2p: bool,
+) -> Result<usize> {
+    let (r, w) = (c.rank(), c.world_size());
+    let mut k = 0;
+    for op in ReduceOp::ALL {
+        let want: Vec<T> = reduced_vec(w, n, op);
+        let mut d = up(s, &input::<T>(r, n, op));
+        c.all_reduce(&mut d, op)?;
+        assert_eq!(down(s, &d), want, "all_reduce {} {op:?} n={n}", T::DTYPE);
+        let inp = up(s, &input::<T>(r, n, op));
+        let mut out = s.alloc_zeros::<T>(n).unwrap();
+        c.all_reduce_into(&inp, &mut out, op)?;
+        assert_eq!(down(s, &out), want, "all_reduce_into {} {op:?}", T::DTYPE);
+        let d2 = c.iall_reduce(up(s, &input::<T>(r, n, op)), op)?.wait()?;
+        assert_eq!(down(s, &d2), want, "iall_reduce {} {op:?}", T::DTYPE);
+        let full: Vec<T> = reduced_vec(w, w * n, op);
+        let mut rs = s.alloc_zeros::<T>(n).unwrap();
+        c.reduce_scatter(&up(s, &input::<T>(r, w * n, op)), &mut rs, op)?;
+        assert_eq!(
+            down(s, &rs),
+            full[r * n..(r + 1) * n].to_vec(),
+            "reduce_scatter {op:?}"
+        );
+        let mut red = s.alloc_zeros::<T>(n).unwrap();
+        c.reduce(
+            &up(s, &input::<T>(r, n, op)),
+            (r == 0).then_some(&mut red),
+            op,
+            0,
+        )?;
+        if r == 0 {
+            assert_eq!(down(s, &red), want, "reduce {op:?}");
+        }
+        k += 5;
+    }
+    let op = ReduceOp::Sum;
+    let mut ag = s.alloc_zeros::<T>(w * n).unwrap();
+    c.all_gather(&up(s, &input::<T>(r, n, op)), &mut ag)?;
+    let want: Vec<T> = (0..w).flat_map(|q| input::<T>(q, n, op)).collect();
+    assert_eq!(down(s, &ag), want, "all_gather");
+    let root = w - 1;
+    let mut b = up(
+        s,
+        &if r == root {
+            input::<T>(root, n, op)
+        } else {
+            vec![T::default(); n]
+        },
+    );
+    c.broadcast(&mut b, root)?;
+    assert_eq!(down(s, &b), input::<T>(root, n, op), "broadcast");
+    let mut a2a = s.alloc_zeros::<T>(w * n).unwrap();
+    c.all_to_all(&up(s, &input::<T>(r, w * n, op)), &mut a2a)?;
+    let want: Vec<T> = (0..w)
+        .flat_map(|q| input::<T>(q, w * n, op)[r * n..(r + 1) * n].to_vec())
+        .collect();
+    assert_eq!(down(s, &a2a), want, "all_to_all");
+    let (_, out) = c
+        .iall_gather(
+            up(s, &input::<T>(r, n, op)),
+            s.alloc_zeros::<T>(w * n).unwrap(),
+        )?
+        .wait()?;
+    assert_eq!(
+        down(s, &out),
+        (0..w)
+            .flat_map(|q| input::<T>(q, n, op))
+            .collect::<Vec<_>>(),
+        "iall_gather"
+    );
+    if p2p && w > 1 {
+        let (next, prev) = ((r + 1) % w, (r + w - 1) % w);
+        let pending = c.irecv(s.alloc_zeros::<T>(n).unwrap(), prev, 3)?;
+        c.send(&up(s, &input::<T>(r, n, op)), next, 3)?;
+        assert_eq!(
+            down(s, &pending.wait()?),
+            input::<T>(prev, n, op),
+            "send/irecv"
+        );
+    }
+    c.barrier()?;
+    Ok(k + 5)
+}
+
+fn all_types(c: &dyn Communicator, s: &Arc<CudaStream>, p2p: bool) -> Result<usize> {
+    let mut k = 0;
+    for n in [0usize, 1, 13, 1031, 300_007] {
+        k += device_suite::<f32>(c, s, n, p2p)?;
+        k += device_suite::<half::bf16>(c, s, n, p2p)?;
+        k += device_suite::<i64>(c, s, n, p2p)?;
+        k += device_suite::<u8>(c, s, n, p2p)?;
+    }
+    Ok(k)
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn nccl_world_1_every_collective_on_device_buffers() {
+    let c = ferroccl::nccl::NcclComm::single(0, Config::default()).unwrap();
+    let s = c.stream().clone();
+    let k = all_types(&c, &s, false).unwrap();
+    println!(
+        "nccl world 1: {k} checks passed on {}",
+        c.context().name().unwrap_or_default()
+    );
+    // host buffers are refused with a message saying what to do
+    let e = c.all_reduce(&mut vec![1f32; 4], ReduceOp::Sum).unwrap_err();
+    assert!(e.to_string().contains("device buffers"), "{e}");
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn four_in_process_ranks_share_one_gpu_through_pinned_staging() {
+    let ks = ferroccl::local::run(4, |c| {
+        let ctx = CudaContext::new(0).map_err(|e| Error::Cuda(format!("{e:?}")))?;
+        let s = ctx
+            .new_stream()
+            .map_err(|e| Error::Cuda(format!("{e:?}")))?;
+        all_types(c, &s, true)
+    })
+    .unwrap();
+    println!("4 local ranks on one GPU: {ks:?} checks passed");
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn init_picks_nccl_when_forced_and_a_gpu_is_present() {
+    std::env::set_var("FERROCCL_BACKEND", "nccl");
+    let c = ferroccl::init().unwrap();
+    assert_eq!(c.backend(), "nccl");
+    assert_eq!(c.world_size(), 1);
+}
