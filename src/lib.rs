@@ -26,6 +26,7 @@ pub mod comm;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod device;
+pub mod dgc;
 pub mod dtype;
 mod engine;
 pub mod error;

@@ -326,3 +326,35 @@ fn link_model_charges_alpha_beta_in_virtual_time() {
         );
     }
 }
+
+#[test]
+fn point_to_point_between_live_ranks_survives_a_lost_rank() {
+    let opts = Options {
+        config: Some(Config::default().with_timeout(Duration::from_secs(20))),
+        ..Options::default()
+    };
+    let seen = std::sync::Mutex::new(Vec::new());
+    let out = local::run_with(3, &opts, |c| {
+        if c.rank() == 2 {
+            panic!("rank 2 dies");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        // collectives fail: the group is broken
+        let coll = c.barrier().unwrap_err();
+        assert!(matches!(coll, Error::PeerLost { .. }), "{coll}");
+        // but ranks 0 and 1 still talk
+        let peer = 1 - c.rank();
+        let w = c.irecv(vec![0i32; 2], peer, 9)?;
+        c.send(&[c.rank() as i32, 7], peer, 9)?;
+        let got = w.wait()?;
+        // and a receive from the dead rank fails instead of hanging
+        let dead = c.irecv(vec![0i32; 1], 2, 1)?.wait().unwrap_err();
+        assert!(matches!(dead, Error::PeerLost { rank: 2, .. }), "{dead}");
+        seen.lock().unwrap().push((c.rank(), got));
+        Ok(())
+    });
+    assert!(out.unwrap_err().to_string().contains("rank 2 panicked"));
+    let mut seen = seen.into_inner().unwrap();
+    seen.sort();
+    assert_eq!(seen, vec![(0, vec![1, 7]), (1, vec![0, 7])]);
+}

@@ -21,6 +21,7 @@
 //!
 //! ```
 //! use ferroccl::coding::{Aggregator, CodedAllReduce, GradientCode};
+//! use ferroccl::Communicator;
 //! use std::sync::Arc;
 //! let code = Arc::new(GradientCode::cyclic(4, 1, 7).unwrap());
 //! let sums = ferroccl::local::run(4, |comm| {

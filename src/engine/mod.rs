@@ -210,7 +210,9 @@ impl Engine {
                 arrive,
             })
             .map_err(|_| {
-                self.health.break_for(dst);
+                if !matches!(tag, Tag::P2p(_)) {
+                    self.health.break_for(dst);
+                }
                 Error::PeerLost {
                     rank: dst,
                     during: "send",
@@ -311,12 +313,11 @@ impl Engine {
         while let Ok(m) = self.inbox.try_recv() {
             self.file(m);
         }
-        let broken = self.health.check("irecv").err();
+        // Point-to-point traffic between live ranks survives a lost rank (as in ULFM MPI): only a
+        // receive from the lost rank itself fails, and the group is not broken for it.
         let mut keep = Vec::new();
         for p in self.posted.drain(..) {
-            let lost = broken.is_some() || self.health.gone[p.src].load(Ordering::Acquire);
-            if lost {
-                self.health.break_for(p.src);
+            if self.health.gone[p.src].load(Ordering::Acquire) {
                 let _ = p.reply.send(Err(Error::PeerLost {
                     rank: p.src,
                     during: "irecv",
@@ -367,8 +368,11 @@ impl Engine {
             }
         }
         let deadline = self.deadline();
+        let p2p = matches!(tag, Tag::P2p(_));
         loop {
-            self.health.check(during)?;
+            if !p2p {
+                self.health.check(during)?;
+            }
             match self.inbox.recv_timeout(Duration::from_millis(10)) {
                 Ok(m) if m.src == src && m.tag == tag => {
                     self.take_clock(&m);
@@ -380,7 +384,9 @@ impl Engine {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.health.break_for(src);
+                    if !p2p {
+                        self.health.break_for(src);
+                    }
                     return Err(Error::PeerLost { rank: src, during });
                 }
             }
@@ -393,7 +399,9 @@ impl Engine {
                     }
                     self.file(m);
                 }
-                self.health.break_for(src);
+                if !p2p {
+                    self.health.break_for(src);
+                }
                 return Err(Error::PeerLost { rank: src, during });
             }
             if Instant::now() >= deadline {

@@ -1,0 +1,491 @@
+//! Gradient coding on a real training job: an MLP on the digits dataset (bundled with smartcore,
+//! nothing downloaded) trained by 8 ranks, with slow ranks and a rank that dies mid-training.
+//!
+//! ```text
+//! cargo run --release --example straggler                 # all scenarios, in-process ranks
+//! cargo run --release --example straggler -- --scenario gc-slow
+//! mpirun -n 8 target/release/examples/straggler --scenario gc-slow   # (feature mpi) one per process
+//! ```
+//!
+//! Every step the global batch is split into `n` partitions (one per rank). Uncoded training
+//! all-reduces the partition gradients and so waits for the slowest rank. Gradient-coded training
+//! ([`ferroccl::coding`], cyclic `(n, s)` code) has each rank compute the gradients of its `s + 1`
+//! partitions and send one coded combination; the aggregator (rank 0) decodes the exact sum from the
+//! first `n − s` arrivals and hands it back, and a slow rank skips the rounds that finished without it.
+//!
+//! Scenarios (in-process: stragglers are the link model's per-rank compute delay, `TimeMode::Real`):
+//! `uncoded` and `gc` (no stragglers), `uncoded-slow` and `gc-slow` (`--slow` ranks delayed by
+//! `--delay-ms` per step), `gc-kill` and `uncoded-kill` (rank `--kill` stops responding at step
+//! `--kill-step`: GC keeps going on the other `n − 1 ≥ n − s`; uncoded training hits the timeout,
+//! `--timeout-s`, and reports the error instead of hanging). Rank 0 evaluates the test accuracy.
+//! Ends with one `RESULT {json}` line.
+
+use clap::Parser;
+use ferroccl::coding::{Aggregator, CodedAllReduce, GradientCode};
+use ferroccl::local::{Link, LinkModel, Options, TimeMode};
+use ferroccl::prelude::*;
+use ferroccl::{Backend, Config};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Gradient coding vs uncoded training with stragglers and a dead rank.
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// Ranks (= partitions of each global batch).
+    #[arg(long, default_value_t = 8)]
+    world: usize,
+    /// Stragglers the code tolerates.
+    #[arg(long, default_value_t = 2)]
+    s: usize,
+    /// Scenario: all, uncoded, gc, uncoded-slow, gc-slow, gc-kill, uncoded-kill.
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Epochs.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Samples per partition and step.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 0.3)]
+    lr: f32,
+    /// Seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Slow ranks (comma-separated).
+    #[arg(long, default_value = "6,7", value_delimiter = ',')]
+    slow: Vec<usize>,
+    /// Delay of a slow rank per step, ms.
+    #[arg(long, default_value_t = 40)]
+    delay_ms: u64,
+    /// Nominal compute per partition and step, ms (charged through the link model).
+    #[arg(long, default_value_t = 2)]
+    compute_ms: u64,
+    /// Rank that dies in the kill scenarios.
+    #[arg(long, default_value_t = 5)]
+    kill: usize,
+    /// Step at which it dies.
+    #[arg(long, default_value_t = 30)]
+    kill_step: usize,
+    /// Communicator timeout, seconds (bounds how long uncoded training hangs on a dead rank).
+    #[arg(long, default_value_t = 2.0)]
+    timeout_s: f64,
+}
+
+const INPUT: usize = 64;
+const HIDDEN: usize = 64;
+const CLASSES: usize = 10;
+
+/// The digits dataset, features scaled to [0, 1], with a fixed 80/20 split.
+struct Data {
+    x: Vec<f32>,
+    y: Vec<usize>,
+    train: Vec<usize>,
+    test: Vec<usize>,
+}
+
+impl Data {
+    fn load(seed: u64) -> Data {
+        let d = smartcore::dataset::digits::load_dataset();
+        assert_eq!(d.num_features, INPUT, "digits has 8x8 images");
+        let mut idx: Vec<usize> = (0..d.num_samples).collect();
+        idx.shuffle(&mut StdRng::seed_from_u64(seed));
+        let test = idx.split_off(d.num_samples * 4 / 5);
+        Data {
+            x: d.data.iter().map(|v| v / 16.0).collect(),
+            y: d.target.iter().map(|&t| t as usize).collect(),
+            train: idx,
+            test,
+        }
+    }
+
+    fn sample(&self, i: usize) -> (&[f32], usize) {
+        (&self.x[i * INPUT..(i + 1) * INPUT], self.y[i])
+    }
+}
+
+/// Parameters (and gradients) in layer order: W1 (HIDDEN×INPUT), b1, W2 (CLASSES×HIDDEN), b2.
+type Tensors = Vec<Vec<f32>>;
+
+fn zeros() -> Tensors {
+    vec![
+        vec![0.0; HIDDEN * INPUT],
+        vec![0.0; HIDDEN],
+        vec![0.0; CLASSES * HIDDEN],
+        vec![0.0; CLASSES],
+    ]
+}
+
+/// He-uniform weights for the ReLU layer, Glorot-uniform for the output layer, zero biases.
+fn init_params(seed: u64) -> Tensors {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut p = zeros();
+    let a1 = (6.0 / INPUT as f32).sqrt();
+    let a2 = (6.0 / (HIDDEN + CLASSES) as f32).sqrt();
+    p[0].iter_mut().for_each(|w| *w = rng.gen_range(-a1..a1));
+    p[2].iter_mut().for_each(|w| *w = rng.gen_range(-a2..a2));
+    p
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// One sample through the network: hidden activations and class probabilities.
+fn forward(p: &Tensors, x: &[f32]) -> ([f32; HIDDEN], [f32; CLASSES]) {
+    let mut h = [0f32; HIDDEN];
+    for ((hj, w), b) in h.iter_mut().zip(p[0].chunks(INPUT)).zip(&p[1]) {
+        *hj = (b + dot(w, x)).max(0.0);
+    }
+    let mut z = [0f32; CLASSES];
+    for ((zk, w), b) in z.iter_mut().zip(p[2].chunks(HIDDEN)).zip(&p[3]) {
+        *zk = b + dot(w, &h);
+    }
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    z.iter_mut().for_each(|v| *v = (*v - max).exp());
+    let sum: f32 = z.iter().sum();
+    z.iter_mut().for_each(|v| *v /= sum);
+    (h, z)
+}
+
+/// Mean cross-entropy over `batch`; its gradient overwrites `g`.
+fn loss_and_grad(p: &Tensors, data: &Data, batch: &[usize], g: &mut Tensors) -> f32 {
+    g.iter_mut().for_each(|t| t.fill(0.0));
+    let scale = 1.0 / batch.len() as f32;
+    let mut loss = 0.0;
+    for &i in batch {
+        let (x, y) = data.sample(i);
+        let (h, mut dz) = forward(p, x);
+        loss -= dz[y].max(1e-30).ln();
+        dz[y] -= 1.0; // d loss / d logits = softmax - one_hot
+        let mut dh = [0f32; HIDDEN];
+        for (k, &d) in dz.iter().enumerate() {
+            let d = d * scale;
+            g[3][k] += d;
+            let rows = k * HIDDEN..(k + 1) * HIDDEN;
+            for (((gw, w), hj), dhj) in g[2][rows.clone()]
+                .iter_mut()
+                .zip(&p[2][rows])
+                .zip(&h)
+                .zip(&mut dh)
+            {
+                *gw += d * hj;
+                *dhj += d * w;
+            }
+        }
+        for (j, (&hj, &d)) in h.iter().zip(&dh).enumerate() {
+            if hj > 0.0 {
+                g[1][j] += d;
+                for (gw, xi) in g[0][j * INPUT..(j + 1) * INPUT].iter_mut().zip(x) {
+                    *gw += d * xi;
+                }
+            }
+        }
+    }
+    loss * scale
+}
+
+fn flatten(g: &Tensors) -> Vec<f32> {
+    g.iter().flatten().copied().collect()
+}
+
+fn accuracy(p: &Tensors, data: &Data) -> f64 {
+    let ok = data
+        .test
+        .iter()
+        .filter(|&&i| {
+            let (x, y) = data.sample(i);
+            let (_, prob) = forward(p, x);
+            (0..CLASSES).fold(0, |b, k| if prob[k] > prob[b] { k } else { b }) == y
+        })
+        .count();
+    ok as f64 / data.test.len() as f64
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Uncoded,
+    Gc,
+}
+
+/// What a scenario reports (from rank 0).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct Report {
+    scenario: String,
+    ok: bool,
+    error: Option<String>,
+    seconds: f64,
+    steps: usize,
+    test_accuracy: f64,
+    mean_responders: f64,
+    late_discarded: u64,
+    lost: Vec<usize>,
+}
+
+/// Train on `comm`; `dead` is set when the killed rank stops; `done` releases it at the end.
+fn train<C: Communicator + ?Sized>(
+    comm: &C,
+    a: &Args,
+    mode: Mode,
+    kill: Option<usize>,
+    data: &Data,
+    done: &AtomicBool,
+    slow_sleep: bool,
+) -> Result<Report> {
+    let (rank, n) = (comm.rank(), comm.world_size());
+    let global = a.batch * n;
+    let steps = data.train.len() / global;
+    let code = Arc::new(GradientCode::cyclic(n, a.s, a.seed)?);
+    let mut agg = CodedAllReduce::new(code.clone(), Aggregator::Fixed(0));
+    let mut params = init_params(a.seed); // same seed on every rank: identical replicas
+    let mut grads = zeros();
+    let dim: usize = grads.iter().map(Vec::len).sum();
+    let mut sum = vec![0f32; dim];
+    let show = rank == 0;
+    let bar = if show {
+        ProgressBar::with_draw_target(
+            Some((a.epochs * steps) as u64),
+            ProgressDrawTarget::stderr(),
+        )
+        .with_style(
+            ProgressStyle::with_template("{bar:30} step {pos}/{len} [{elapsed}]")
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+        )
+    } else {
+        ProgressBar::hidden()
+    };
+    let t0 = Instant::now();
+    let (mut responders, mut rounds) = (0usize, 0usize);
+    let mut step_no = 0;
+    let mut orders = Vec::new();
+    for epoch in 1..=a.epochs {
+        let mut order = data.train.clone();
+        order.shuffle(&mut StdRng::seed_from_u64(
+            a.seed.wrapping_add(epoch as u64),
+        ));
+        orders.push(order);
+    }
+    let total = a.epochs * steps;
+    let part = |t: usize, p: usize| -> &[usize] {
+        let (e, s) = (t / steps, t % steps);
+        &orders[e][s * global + p * a.batch..][..a.batch]
+    };
+    let is_slow = a.slow.contains(&rank);
+    while step_no < total {
+        if kill == Some(rank) && step_no >= a.kill_step {
+            // This rank dies: it stops responding (keeps its communicator so the others can finish).
+            while !done.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            return Ok(Report::default());
+        }
+        if mode == Mode::Gc {
+            if let Some(info) = agg.poll_ahead(comm, &mut sum)? {
+                let _ = info;
+                apply(&mut params, &sum, a.lr / n as f32);
+                step_no += 1;
+                continue;
+            }
+        }
+        let mine: Vec<usize> = match mode {
+            Mode::Uncoded => vec![rank],
+            Mode::Gc => code.partitions(rank).to_vec(),
+        };
+        comm.compute(Duration::from_millis(a.compute_ms * mine.len() as u64))?;
+        if slow_sleep && is_slow {
+            std::thread::sleep(Duration::from_millis(a.delay_ms));
+        }
+        let mut parts = Vec::with_capacity(mine.len());
+        for &p in &mine {
+            loss_and_grad(&params, data, part(step_no, p), &mut grads);
+            parts.push(flatten(&grads));
+        }
+        match mode {
+            Mode::Uncoded => {
+                sum.copy_from_slice(&parts[0]);
+                comm.all_reduce(&mut sum, ReduceOp::Sum)?;
+                responders += n;
+            }
+            Mode::Gc => {
+                let views: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+                let coded = code.encode(rank, &views)?;
+                let info = agg.round(comm, &coded, &mut sum)?;
+                responders += info.responders.len();
+            }
+        }
+        rounds += 1;
+        apply(&mut params, &sum, a.lr / n as f32);
+        step_no += 1;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    done.store(true, Ordering::Release);
+    let discarded = agg.discarded();
+    let lost = agg.lost();
+    if mode == Mode::Gc {
+        agg.finish(comm, Duration::from_secs_f64(a.timeout_s))?;
+    }
+    Ok(Report {
+        scenario: String::new(),
+        ok: true,
+        error: None,
+        seconds,
+        steps: total,
+        test_accuracy: if rank == 0 {
+            accuracy(&params, data)
+        } else {
+            0.0
+        },
+        mean_responders: responders as f64 / rounds.max(1) as f64,
+        late_discarded: discarded,
+        lost,
+    })
+}
+
+fn apply(p: &mut Tensors, sum: &[f32], scale: f32) {
+    let mut k = 0;
+    for t in p.iter_mut() {
+        for w in t.iter_mut() {
+            *w -= scale * sum[k];
+            k += 1;
+        }
+    }
+}
+
+fn scenario(a: &Args, name: &str, data: &Data) -> Report {
+    let (mode, slow, kill) = match name {
+        "uncoded" => (Mode::Uncoded, false, None),
+        "gc" => (Mode::Gc, false, None),
+        "uncoded-slow" => (Mode::Uncoded, true, None),
+        "gc-slow" => (Mode::Gc, true, None),
+        "gc-kill" => (Mode::Gc, false, Some(a.kill)),
+        _ => (Mode::Uncoded, false, Some(a.kill)),
+    };
+    let mut model = LinkModel::uniform(TimeMode::Real, Link::gbit(10.0, Duration::from_micros(10)));
+    if slow {
+        for &r in &a.slow {
+            model = model.with_delay(r, Duration::from_millis(a.delay_ms));
+        }
+    }
+    let opts = Options {
+        config: Some(Config::default().with_timeout(Duration::from_secs_f64(a.timeout_s))),
+        link: Some(model),
+        copy_only: false,
+    };
+    let done = AtomicBool::new(false);
+    let t0 = Instant::now();
+    let r = ferroccl::local::run_with(a.world, &opts, |comm| {
+        let r = train(comm, a, mode, kill, data, &done, false);
+        if r.is_err() {
+            done.store(true, Ordering::Release);
+        }
+        r
+    });
+    let mut rep = match r {
+        Ok(mut v) => v.swap_remove(0),
+        Err(e) => Report {
+            ok: false,
+            error: Some(e.to_string()),
+            seconds: t0.elapsed().as_secs_f64(),
+            ..Report::default()
+        },
+    };
+    rep.scenario = name.to_string();
+    rep
+}
+
+fn run(a: &Args) -> std::result::Result<(), String> {
+    if a.s >= a.world || a.slow.iter().any(|&r| r >= a.world) || a.kill >= a.world || a.kill == 0 {
+        return Err(
+            "need s < world, slow ranks < world and 0 < kill < world (rank 0 aggregates)".into(),
+        );
+    }
+    let data = Data::load(a.seed);
+    let names: Vec<&str> = if a.scenario == "all" {
+        vec![
+            "uncoded",
+            "gc",
+            "uncoded-slow",
+            "gc-slow",
+            "gc-kill",
+            "uncoded-kill",
+        ]
+    } else {
+        vec![a.scenario.as_str()]
+    };
+    let mut reports = Vec::new();
+    if Backend::detect().map_err(|e| e.to_string())? == Backend::Local {
+        for name in names {
+            let r = scenario(a, name, &data);
+            println!(
+                "{:<14} {:>7.2} s  accuracy {:.4}  mean responders {:.2}  late discarded {:>4}  {}",
+                r.scenario,
+                r.seconds,
+                r.test_accuracy,
+                r.mean_responders,
+                r.late_discarded,
+                r.error
+                    .as_deref()
+                    .map(|e| format!("ERROR: {e}"))
+                    .unwrap_or_default()
+            );
+            reports.push(r);
+        }
+    } else {
+        // One rank per process (mpirun, torchrun): stragglers sleep (no link model there).
+        let comm = ferroccl::init().map_err(|e| e.to_string())?;
+        let name = names[0];
+        let mode = if name.starts_with("gc") {
+            Mode::Gc
+        } else {
+            Mode::Uncoded
+        };
+        let done = AtomicBool::new(false);
+        let kill = name.ends_with("kill").then_some(a.kill);
+        let mut r = train(&*comm, a, mode, kill, &data, &done, name.ends_with("slow"))
+            .map_err(|e| e.to_string())?;
+        r.scenario = name.into();
+        if comm.rank() != 0 {
+            return Ok(());
+        }
+        println!("{name}: {:.2} s accuracy {:.4}", r.seconds, r.test_accuracy);
+        reports.push(r);
+    }
+    let get = |s: &str| reports.iter().find(|r| r.scenario == s);
+    let mut failures = Vec::new();
+    if let (Some(u), Some(g)) = (get("uncoded"), get("gc-slow")) {
+        if (u.test_accuracy - g.test_accuracy).abs() > 0.02 {
+            failures.push(format!(
+                "GC with stragglers reached {:.4}, uncoded {:.4}",
+                g.test_accuracy, u.test_accuracy
+            ));
+        }
+    }
+    for r in &reports {
+        if r.scenario.starts_with("gc") && !r.ok {
+            failures.push(format!("{} failed: {:?}", r.scenario, r.error));
+        }
+    }
+    let result = serde_json::json!({ "world": a.world, "s": a.s, "scenarios": reports });
+    println!("RESULT {result}");
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
+}
+
+fn main() -> ExitCode {
+    match run(&Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("straggler: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,483 @@
+//! Deep Gradient Compression: hand-computed steps per technique, threshold sampling, wire format,
+//! bad input, checkpoints, the dense limit, and (feature `cuda`) the kernels against their CPU twins.
+
+use ferroccl::dgc::{
+    select, wire, Dgc, DgcConfig, Exchange, IndexCoding, NonFinite, Selection, ValueFormat,
+};
+use ferroccl::prelude::*;
+use proptest::prelude::*;
+
+/// Only the technique under test: exact top-k, no warm-up, no clipping, no momentum tricks.
+fn plain(density: f64) -> DgcConfig {
+    DgcConfig::default()
+        .final_density(density)
+        .warmup_enabled(false)
+        .clipping(false)
+        .momentum_correction(false)
+        .momentum_masking(false)
+        .selection(Selection::ExactTopK)
+}
+
+/// Run `steps` DGC steps on 2 ranks; `grads[step][rank]`; returns per rank (updates, final state).
+fn run2(
+    cfg: DgcConfig,
+    grads: Vec<[Vec<f32>; 2]>,
+) -> Vec<(Vec<Vec<f32>>, ferroccl::dgc::DgcState)> {
+    ferroccl::local::run(2, |comm| {
+        let n = grads[0][0].len();
+        let mut dgc = Dgc::new(n, cfg.clone())?;
+        let mut ups = Vec::new();
+        for g in &grads {
+            let mut x = g[comm.rank()].clone();
+            dgc.step(comm, &mut x, 10.0)?;
+            ups.push(x);
+        }
+        Ok((ups, dgc.state().clone()))
+    })
+    .unwrap()
+}
+
+#[test]
+fn sparsification_with_local_accumulation() {
+    let z = vec![0.0; 8];
+    let out = run2(
+        plain(0.25), // n = 8 -> k = 2
+        vec![
+            [
+                vec![1.0, -5.0, 0.5, 3.0, 0.0, 0.0, 0.25, 0.0],
+                vec![0.0, 2.0, 0.0, 0.0, -4.0, 6.0, 0.0, 1.0],
+            ],
+            [vec![2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], z.clone()],
+        ],
+    );
+    // Step 1: rank 0 sends (1, -5), (3, 3); rank 1 sends (4, -4), (5, 6); average.
+    assert_eq!(out[0].0[0], vec![0.0, -2.5, 0.0, 1.5, -2.0, 3.0, 0.0, 0.0]);
+    // Step 2: rank 0's residual [1, 0, 0.5, 0, 0, 0, 0.25, 0] + [2, 0, ...] sends (0, 3), (2, 0.5);
+    // rank 1's residual [0, 2, 0, 0, 0, 0, 0, 1] sends (1, 2), (7, 1).
+    assert_eq!(out[0].0[1], vec![1.5, 1.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.5]);
+    assert_eq!(out[0].0, out[1].0, "every rank gets the same update");
+    assert_eq!(out[0].1.v, vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25, 0.0]);
+    assert_eq!(out[1].1.v, z);
+}
+
+#[test]
+fn momentum_correction_and_factor_masking() {
+    let z = vec![0.0; 8];
+    let grads = vec![
+        [vec![4.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -2.0], z.clone()],
+        [vec![0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], z.clone()],
+    ];
+    let mc = plain(0.25).momentum_correction(true).momentum(0.5);
+
+    // Masking on: step 1 sends (0, 4), (7, -2) and zeroes u and v there: u = v = [0, 1, 0...].
+    // Step 2: u = 0.5·u + g = [0, 1.5, ...], v = [0, 2.5, ...]: only index 1 is non-zero.
+    let on = run2(mc.clone().momentum_masking(true), grads.clone());
+    assert_eq!(on[0].0[0], vec![2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]);
+    assert_eq!(on[0].0[1], vec![0.0, 1.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    assert_eq!(on[0].1.u, vec![0.0; 8]);
+    assert_eq!(on[0].1.v, vec![0.0; 8]);
+
+    // Masking off: u keeps [4, 1, 0, ..., -2]; step 2: u = [2, 1.5, ..., -1], v = [2, 2.5, ..., -1]:
+    // the stale momentum sends index 0 again.
+    let off = run2(mc.momentum_masking(false), grads);
+    assert_eq!(off[0].0[1], vec![1.0, 1.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    assert_eq!(off[0].1.u, vec![2.0, 1.5, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]);
+    assert_eq!(off[0].1.v, vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]);
+}
+
+#[test]
+fn local_gradient_clipping_scales_by_world_size() {
+    // ‖g‖ = 5; clip_norm 2·√2 over 2 ranks -> local limit 2 -> scale 0.4.
+    let g = vec![3.0, 4.0, 0.0, 0.0];
+    let cfg = plain(1.0)
+        .clipping(true)
+        .clip_norm(2.0 * std::f64::consts::SQRT_2);
+    let out = run2(cfg, vec![[g.clone(), g]]);
+    let u = &out[0].0[0];
+    assert!(
+        (u[0] - 1.2).abs() < 1e-6 && (u[1] - 1.6).abs() < 1e-6,
+        "{u:?}"
+    );
+    assert_eq!(
+        select::clip_scale(25.0, 100.0, 4),
+        1.0,
+        "below the limit: untouched"
+    );
+}
+
+#[test]
+fn warm_up_schedule() {
+    let cfg = DgcConfig::default();
+    let d: Vec<f64> = (0..6).map(|e| cfg.density_at(e as f64)).collect();
+    assert_eq!(d, vec![0.25, 0.0625, 0.015625, 0.004, 0.001, 0.001]);
+    assert_eq!(cfg.density_at(1.7), 0.0625);
+    let dgc = Dgc::new(1000, cfg.clone()).unwrap();
+    let k: Vec<usize> = (0..6).map(|e| dgc.k_at(e as f64)).collect();
+    assert_eq!(k, vec![250, 63, 16, 4, 1, 1]);
+    let off = Dgc::new(1000, cfg.warmup_enabled(false)).unwrap();
+    assert_eq!(off.k_at(0.0), 1);
+}
+
+fn random_grad(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = select::mix64(s);
+            // Heavy-ish tails, like gradients: a product of two uniforms with a random sign.
+            let a = (s >> 40) as f32 / (1u64 << 24) as f32;
+            let b = ((s >> 16) & 0xFFFFFF) as f32 / (1u64 << 24) as f32;
+            let sign = if s & 1 == 0 { 1.0 } else { -1.0 };
+            sign * a * a * b
+        })
+        .collect()
+}
+
+#[test]
+fn sampled_threshold_stays_in_the_correction_band() {
+    let n = 200_000;
+    let k = 200; // 0.1%
+    let up = select::Update {
+        scale: 1.0,
+        momentum: 0.9,
+        momentum_correction: false,
+    };
+    for seed in 0..8u64 {
+        let g = random_grad(n, seed + 100);
+        let mut exact_mags: Vec<f32> = g.iter().map(|x| x.abs()).collect();
+        let exact_thr = select::kth_largest(&mut exact_mags, k);
+        let p = select::SelectParams {
+            k,
+            sample: Some(n / 100),
+            seed,
+            step: seed,
+            upper: 1.3,
+            lower: 0.8,
+            max_adapt: 8,
+        };
+        let (mut u, mut v) = (vec![0.0; n], vec![0.0; n]);
+        let sel = select::compress(&g, &mut u, &mut v, up, &p).unwrap();
+        assert!(
+            sel.idx.len() <= k && sel.idx.len() as f64 >= 0.8 * k as f64,
+            "seed {seed}: {} selected for k = {k} (first estimate passed {})",
+            sel.idx.len(),
+            sel.first_count
+        );
+        // Everything sent is among the largest: at least 0.8k of the exact top k.
+        let in_exact = sel.val.iter().filter(|x| x.abs() >= exact_thr).count();
+        assert!(in_exact as f64 >= 0.8 * k as f64, "seed {seed}: {in_exact}");
+        assert!(sel.idx.windows(2).all(|w| w[0] < w[1]), "ascending");
+
+        let pe = select::SelectParams { sample: None, ..p };
+        let (mut u, mut v) = (vec![0.0; n], vec![0.0; n]);
+        let ex = select::compress(&g, &mut u, &mut v, up, &pe).unwrap();
+        assert_eq!(ex.idx.len(), k);
+        assert!(ex.val.iter().all(|x| x.abs() >= exact_thr));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn wire_roundtrip(
+        set in proptest::collection::btree_map(0u32..5_000_000, -1e6f32..1e6, 0..200),
+        delta in any::<bool>(),
+        bf in any::<bool>(),
+        pad in 0usize..5,
+    ) {
+        let idx: Vec<u32> = set.keys().copied().collect();
+        let val: Vec<f32> = set.values().copied().collect();
+        let coding = if delta { IndexCoding::DeltaVarint } else { IndexCoding::U32 };
+        let values = if bf { ValueFormat::Bf16 } else { ValueFormat::F32 };
+        let pad_to = (!delta && pad > 0).then_some(idx.len() + pad);
+        let mut msg = Vec::new();
+        wire::encode(&idx, &val, coding, values, pad_to, &mut msg).unwrap();
+        if let Some(p) = pad_to {
+            prop_assert_eq!(msg.len(), wire::fixed_len(p, values));
+        }
+        msg.extend_from_slice(&[0, 0, 0]); // gather padding is allowed
+        let mut got = Vec::new();
+        let cnt = wire::decode(&msg, 5_000_000, coding, values, |i, x| got.push((i, x))).unwrap();
+        prop_assert_eq!(cnt, idx.len());
+        let mut want = val.clone();
+        wire::quantize(&mut want, values);
+        let want: Vec<(u32, f32)> = idx.iter().copied().zip(want).collect();
+        prop_assert_eq!(got, want);
+        // Any index out of range is caught.
+        if let Some(&last) = idx.last() {
+            let r = wire::decode(&msg, last as usize, coding, values, |_, _| ());
+            prop_assert!(r.is_err());
+        }
+    }
+}
+
+#[test]
+fn delta_varint_is_compact_and_needs_counts() {
+    let idx: Vec<u32> = (0..1000).map(|i| i * 1000).collect();
+    let val = vec![1.0f32; 1000];
+    let mut msg = Vec::new();
+    wire::encode(
+        &idx,
+        &val,
+        IndexCoding::DeltaVarint,
+        ValueFormat::Bf16,
+        None,
+        &mut msg,
+    )
+    .unwrap();
+    assert_eq!(msg.len(), 4 + 1 + 999 * 2 + 1000 * 2); // 1000 < 2^14: two varint bytes
+    assert!(DgcConfig::default()
+        .index_coding(IndexCoding::DeltaVarint)
+        .validate()
+        .is_err());
+    assert!(DgcConfig::default().compact().validate().is_ok());
+    assert!(wire::decode(
+        &msg[..msg.len() - 1],
+        1 << 20,
+        IndexCoding::DeltaVarint,
+        ValueFormat::Bf16,
+        |_, _| {}
+    )
+    .is_err());
+}
+
+#[test]
+fn compact_wire_format_gives_the_same_update() {
+    // Values exactly representable in bf16, so both formats must agree exactly.
+    let g0: Vec<f32> = (0..64).map(|i| ((i * 37) % 64) as f32 - 32.0).collect();
+    let g1: Vec<f32> = (0..64).map(|i| ((i * 11) % 64) as f32 - 30.0).collect();
+    let base = plain(0.125)
+        .momentum_correction(true)
+        .momentum_masking(true);
+    let a = run2(base.clone(), vec![[g0.clone(), g1.clone()]]);
+    let b = run2(base.compact(), vec![[g0, g1]]);
+    assert_eq!(a[0].0, b[0].0);
+    assert_eq!(a[1].1, {
+        let mut s = b[1].1.clone();
+        s.config = a[1].1.config.clone();
+        s
+    });
+}
+
+#[test]
+fn bytes_and_compression_ratio() {
+    let n = 100_000;
+    let out = ferroccl::local::run(4, |comm| {
+        let mut dgc = Dgc::new(n, DgcConfig::default().warmup_enabled(false))?;
+        let mut g = random_grad(n, comm.rank() as u64);
+        dgc.step(comm, &mut g, 0.0)
+    })
+    .unwrap();
+    let s = out[0];
+    assert_eq!(s.k, 100);
+    assert_eq!(s.message_bytes, 4 + 100 * 8);
+    assert!((s.compression_ratio - 400_000.0 / 804.0).abs() < 1e-9);
+    assert_eq!(
+        s.bytes_sent,
+        3 * 804,
+        "ring all-gather: (N-1) messages per rank"
+    );
+    let compact = ferroccl::local::run(4, |comm| {
+        let mut dgc = Dgc::new(n, DgcConfig::default().warmup_enabled(false).compact())?;
+        let mut g = random_grad(n, comm.rank() as u64);
+        dgc.step(comm, &mut g, 0.0)
+    })
+    .unwrap();
+    assert!(compact[0].compression_ratio > 900.0, "{:?}", compact[0]);
+}
+
+#[test]
+fn non_finite_gradient_is_an_error_and_leaves_the_state_alone() {
+    ferroccl::local::run(1, |comm| {
+        let mut g = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let mut d = Dgc::new(6, plain(0.5).momentum_correction(true))?;
+        d.step(comm, &mut g, 0.0)?;
+        let before = d.state().clone();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut g = vec![1.0, bad, 3.0, 4.0, 5.0, 6.0];
+            let e = d.step(comm, &mut g, 0.0).unwrap_err();
+            assert!(
+                e.to_string().contains("non-finite") && e.to_string().contains("index 1"),
+                "{e}"
+            );
+            assert_eq!(d.state(), &before, "residual not poisoned");
+        }
+        let mut g = vec![1.0; 6];
+        d.step(comm, &mut g, 0.0)?; // later steps work
+        assert!(d.state().v.iter().all(|x| x.is_finite()));
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn skip_policy_skips_on_every_rank() {
+    for exchange in [Exchange::FixedK, Exchange::CountsThenGather] {
+        let cfg = plain(0.5)
+            .momentum_correction(true)
+            .non_finite(NonFinite::SkipStep)
+            .exchange(exchange);
+        let out = ferroccl::local::run(2, |comm| {
+            let mut dgc = Dgc::new(4, cfg.clone())?;
+            let mut g = vec![1.0, -2.0, 3.0, 0.5];
+            dgc.step(comm, &mut g, 0.0)?;
+            let before = dgc.state().clone();
+            let mut g = if comm.rank() == 0 {
+                vec![1.0, f32::NAN, 0.0, 0.0]
+            } else {
+                vec![7.0, 7.0, 7.0, 7.0]
+            };
+            let s = dgc.step(comm, &mut g, 0.0)?;
+            assert!(s.skipped);
+            assert_eq!(g, vec![0.0; 4], "zero update");
+            assert_eq!(
+                dgc.state(),
+                &before,
+                "state unchanged on rank {}",
+                comm.rank()
+            );
+            let mut g = vec![1.0; 4];
+            let s = dgc.step(comm, &mut g, 0.0)?;
+            assert!(!s.skipped);
+            Ok(g)
+        })
+        .unwrap();
+        assert_eq!(out[0], out[1]);
+    }
+}
+
+#[test]
+fn checkpoint_restore_gives_the_identical_next_step() {
+    let n = 5000;
+    let out = ferroccl::local::run(2, |comm| {
+        let mut dgc = Dgc::new(n, DgcConfig::default())?;
+        for s in 0..3 {
+            let mut g = random_grad(n, 10 * s + comm.rank() as u64);
+            dgc.step(comm, &mut g, s as f64)?;
+        }
+        let json = serde_json::to_string(dgc.state()).unwrap();
+        let mut restored = Dgc::from_state(serde_json::from_str(&json).unwrap())?;
+        let g = random_grad(n, 99 + comm.rank() as u64);
+        let (mut a, mut b) = (g.clone(), g);
+        let sa = dgc.step(comm, &mut a, 3.0)?;
+        let sb = restored.step(comm, &mut b, 3.0)?;
+        assert_eq!(sa.selected, sb.selected);
+        assert_eq!(dgc.state(), restored.state());
+        Ok(a == b)
+    })
+    .unwrap();
+    assert!(out.iter().all(|&same| same));
+    // A poisoned checkpoint is refused.
+    let mut st = Dgc::new(3, DgcConfig::default()).unwrap().state().clone();
+    st.v[2] = f32::NAN;
+    assert!(Dgc::from_state(st).is_err());
+}
+
+#[test]
+fn density_one_without_momentum_correction_equals_dense_all_reduce() {
+    for exchange in [Exchange::FixedK, Exchange::CountsThenGather] {
+        let out = ferroccl::local::run(4, |comm| {
+            let n = 1000;
+            let g: Vec<f32> = (0..n)
+                .map(|i| ((i * 7 + comm.rank() * 13) % 41) as f32 - 20.0)
+                .collect();
+            let mut dense = g.clone();
+            comm.all_reduce(&mut dense, ReduceOp::Avg)?;
+            let mut dgc = Dgc::new(
+                n,
+                plain(1.0).exchange(exchange).selection(Selection::Sampled),
+            )?;
+            let mut x = g;
+            dgc.step(comm, &mut x, 0.0)?;
+            assert!(
+                dgc.state().v.iter().all(|&r| r == 0.0),
+                "nothing left behind"
+            );
+            Ok(x == dense)
+        })
+        .unwrap();
+        assert!(out.iter().all(|&eq| eq), "{exchange:?}");
+    }
+    // And the dense baseline switch is the all-reduce itself.
+    let out = ferroccl::local::run(2, |comm| {
+        let mut dgc = Dgc::new(3, DgcConfig::default().sparsify(false))?;
+        let mut g = vec![comm.rank() as f32; 3];
+        let s = dgc.step(comm, &mut g, 0.0)?;
+        assert_eq!(s.compression_ratio, 1.0);
+        Ok(g)
+    })
+    .unwrap();
+    assert_eq!(out[0], vec![0.5; 3]);
+}
+
+#[test]
+fn wrong_lengths_and_bad_configs_are_errors() {
+    assert!(Dgc::new(4, DgcConfig::default().final_density(0.0)).is_err());
+    assert!(Dgc::new(4, DgcConfig::default().warmup(vec![0.5, 2.0])).is_err());
+    assert!(Dgc::new(4, DgcConfig::default().momentum(1.0)).is_err());
+    ferroccl::local::run(1, |comm| {
+        let mut d = Dgc::new(4, DgcConfig::default())?;
+        assert!(d.step(comm, &mut [1.0; 3], 0.0).is_err());
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// The fused kernel and its CPU twin agree bit for bit (u, v, candidate set), then the whole GPU
+/// compression step matches the host step.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_kernels_match_cpu_twins() {
+    use ferroccl::dgc::gpu::DgcKernels;
+    let k = DgcKernels::new(0).unwrap();
+    for &(n, mc, scale) in &[
+        (1usize << 20, true, 1.0f32),
+        (1_000_003, false, 0.37),
+        (37, true, 0.5),
+    ] {
+        let g = random_grad(n, n as u64);
+        let u0 = random_grad(n, 7);
+        let v0 = random_grad(n, 8);
+        let up = select::Update {
+            scale,
+            momentum: 0.9,
+            momentum_correction: mc,
+        };
+        // Sample.
+        let s = (n / 100).max(1);
+        let mut cs = vec![0.0; s];
+        select::sample_magnitudes(&g, &u0, &v0, up, 5, 3, &mut cs);
+        let gs = k.sample(&g, &u0, &v0, up, 5, 3, s).unwrap();
+        assert_eq!(cs, gs, "sample n={n}");
+        // k-th largest of the sample.
+        let rank = (s / 10).max(1);
+        let thr_gpu = k.kth_largest(&gs, rank).unwrap();
+        let thr_cpu = select::kth_largest(&mut cs.clone(), rank);
+        assert_eq!(thr_cpu, thr_gpu);
+        // Fused pass.
+        let (mut cu, mut cv) = (u0.clone(), v0.clone());
+        let (mut ci, mut cx) = (Vec::new(), Vec::new());
+        let cap = n;
+        let ccount =
+            select::fused_update_select(&g, &mut cu, &mut cv, up, thr_cpu, cap, &mut ci, &mut cx);
+        let (gu, gv, mut gi, mut gx, gcount) = k.fused(&g, &u0, &v0, up, thr_gpu, cap).unwrap();
+        assert_eq!(ccount, gcount);
+        assert!(cu == gu && cv == gv, "u/v bit-identical, n={n}");
+        select::finish_selection(&mut gi, &mut gx, usize::MAX);
+        assert_eq!((ci, cx), (gi, gx));
+        // Sum of squares (f64, different order: tolerance).
+        let a = select::sum_squares(&g);
+        let b = k.sum_squares(&g).unwrap();
+        assert!(((a - b) / a).abs() < 1e-12);
+    }
+}
+
+/// dgc.cu compiles with NVRTC without errors or warnings (no GPU needed, only libnvrtc).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs libnvrtc (set LD_LIBRARY_PATH)"]
+fn dgc_cu_compiles_with_nvrtc() {
+    for arch in ["sm_80", "sm_90"] {
+        ferroccl::dgc::gpu::compile_ptx(arch).unwrap();
+    }
+}
