@@ -3,9 +3,10 @@
 // * scatter_rows_copy_v*: overwrite without weights, done on raw bytes in units of V (like pack.cu).
 // * scatter_rows_f32_v4 / _v1: f32 rows, float4 or scalar units; optional weights; overwrite or
 //   accumulate (atomicAdd; a vector atomicAdd on sm_90+).
-// * scatter_rows_{bf16,f16}_v2 / _v1: 16-bit rows, two elements (one 32-bit word) or one per unit;
+// * scatter_rows_{bf16,f16}_v4 / _v2 / _v1: 16-bit rows, four (one 64-bit word), two (one 32-bit
+//   word) or one element per unit;
 //   the product and the sum are computed in f32 and rounded once to the 16-bit type; accumulation is a
-//   compare-and-swap loop on the 32-bit word holding the element(s).
+//   compare-and-swap loop on the 64- or 32-bit word holding the element(s).
 //
 // Products use __fmul_rn and sums __fadd_rn (never fused), so results match the CPU twin bit for bit
 // when no destination row is hit twice. With duplicate indices and accumulate the order of the atomic
@@ -117,6 +118,42 @@ struct F32x4 {
     }
 };
 
+// 16-bit floats, four elements per unit (one 8-byte aligned 64-bit word): half the atomics of Halfx2.
+template <bool BF16>
+struct Halfx4 {
+    typedef u64 Unit;
+    __device__ __forceinline__ static void apply(const u64* in, u64* out, float w, bool has_w,
+                                                 bool accumulate) {
+        const u64 s = *in;
+        float v[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            v[k] = apply_weight(half_to_f32<BF16>((u32)(s >> (16 * k)) & 0xFFFFu), w, has_w);
+        }
+        if (accumulate) {
+            u64 old = *out;
+            u64 assumed;
+            do {
+                assumed = old;
+                u64 next = 0ull;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const float cur = half_to_f32<BF16>((u32)(assumed >> (16 * k)) & 0xFFFFu);
+                    next |= (u64)f32_to_half<BF16>(__fadd_rn(cur, v[k])) << (16 * k);
+                }
+                old = atomicCAS(out, assumed, next);
+            } while (old != assumed);
+        } else {
+            u64 next = 0ull;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                next |= (u64)f32_to_half<BF16>(v[k]) << (16 * k);
+            }
+            *out = next;
+        }
+    }
+};
+
 // 16-bit floats, two elements per unit (one 4-byte aligned 32-bit word).
 template <bool BF16>
 struct Halfx2 {
@@ -221,7 +258,9 @@ __device__ __forceinline__ void scatter_rows_float_impl(const typename Op::Unit*
 
 SCATTER_ROWS_FLOAT(scatter_rows_f32_v4, F32x4)
 SCATTER_ROWS_FLOAT(scatter_rows_f32_v1, F32x1)
+SCATTER_ROWS_FLOAT(scatter_rows_bf16_v4, Halfx4<true>)
 SCATTER_ROWS_FLOAT(scatter_rows_bf16_v2, Halfx2<true>)
 SCATTER_ROWS_FLOAT(scatter_rows_bf16_v1, Halfx1<true>)
+SCATTER_ROWS_FLOAT(scatter_rows_f16_v4, Halfx4<false>)
 SCATTER_ROWS_FLOAT(scatter_rows_f16_v2, Halfx2<false>)
 SCATTER_ROWS_FLOAT(scatter_rows_f16_v1, Halfx1<false>)

@@ -362,9 +362,9 @@ mod cuda {
 
     /// Random bit patterns (NaNs, infinities, subnormals included).
     fn random_bits<T: KernelElem>(rng: &mut StdRng, n: usize) -> Vec<T> {
-        let mut bytes = vec![0u8; n * std::mem::size_of::<T>()];
-        rng.fill(&mut bytes[..]);
-        bytemuck::cast_slice(&bytes).to_vec()
+        let mut v = vec![T::zeroed(); n];
+        rng.fill(bytemuck::cast_slice_mut::<T, u8>(&mut v));
+        v
     }
 
     fn random_floats<T: FloatElem>(rng: &mut StdRng, n: usize) -> Vec<T> {
@@ -374,12 +374,19 @@ mod cuda {
     }
 
     fn poison<T: KernelElem>(n: usize) -> Vec<T> {
-        let b: Vec<u8> = match std::mem::size_of::<T>() {
-            4 => POISON_F32.to_le_bytes().repeat(n),
-            2 => POISON_16.to_le_bytes().repeat(n),
-            s => vec![0xA5; s * n],
+        let mut v = vec![T::zeroed(); n];
+        let pattern: Vec<u8> = match std::mem::size_of::<T>() {
+            4 => POISON_F32.to_le_bytes().to_vec(),
+            2 => POISON_16.to_le_bytes().to_vec(),
+            _ => vec![0xA5],
         };
-        bytemuck::cast_slice(&b).to_vec()
+        for (b, p) in bytemuck::cast_slice_mut::<T, u8>(&mut v)
+            .iter_mut()
+            .zip(pattern.iter().cycle())
+        {
+            *b = *p;
+        }
+        v
     }
 
     fn gather_case<T: KernelElem>(g: &CudaKernels, rng: &mut StdRng, rows: usize, row_len: usize) {
@@ -506,7 +513,8 @@ mod cuda {
 
     fn scatter_all<T: FloatElem>(g: &CudaKernels, rng: &mut StdRng) {
         for &rows in &ROWS {
-            for &row_len in &ROW_LENS {
+            // 6: the 16-bit two-per-word path (row bytes % 8 != 0).
+            for &row_len in ROW_LENS.iter().chain(&[6]) {
                 for (weighted, accumulate) in
                     [(false, false), (true, false), (false, true), (true, true)]
                 {

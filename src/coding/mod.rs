@@ -43,8 +43,10 @@
 //! simulator ([`crate::sim`]) runs them against uncoded training and GC on the same straggler trace.
 
 pub mod code;
+pub mod pipeline;
 pub mod runtime;
 pub mod sequential;
 
 pub use code::{GradientCode, Scheme};
+pub use pipeline::{JobResult, SequentialRuntime};
 pub use runtime::{Aggregator, CodedAllReduce, RoundInfo};

@@ -11,7 +11,9 @@
 
 use super::select::{SelectParams, Update};
 use crate::{Error, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use std::sync::Arc;
 
@@ -22,7 +24,10 @@ fn cuda<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
 /// Compile `cuda/dgc.cu` to PTX for `arch` (e.g. `"sm_90"`); needs only libnvrtc.
 pub fn compile_ptx(arch: &str) -> Result<Ptx> {
     let opts = CompileOptions {
-        options: vec![format!("--gpu-architecture={arch}"), "-default-device".into()],
+        options: vec![
+            format!("--gpu-architecture={arch}"),
+            "-default-device".into(),
+        ],
         name: Some("dgc.cu".into()),
         ..Default::default()
     };
@@ -39,8 +44,10 @@ pub struct Candidates {
     pub sel_idx: CudaSlice<u32>,
     /// Selected values.
     pub sel_val: CudaSlice<f32>,
-    /// Counters: [candidates, selected].
+    /// Candidate counter.
     pub count: CudaSlice<u32>,
+    /// Selected counter.
+    pub sel_count: CudaSlice<u32>,
     /// Sample scratch.
     pub sample: CudaSlice<f32>,
     /// Threshold scratch.
@@ -69,10 +76,17 @@ const THREADS: u32 = 256;
 impl DgcKernels {
     /// Open device `ordinal` and compile the kernels for its architecture.
     pub fn new(ordinal: usize) -> Result<DgcKernels> {
-        let ctx = CudaContext::new(ordinal).map_err(cuda("open device"))?;
-        let (maj, min) = ctx.compute_capability().map_err(cuda("compute capability"))?;
+        // cudarc's dynamic loading panics when libcuda is missing: turn that into an error.
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| Error::Cuda("libcuda.so (the NVIDIA driver) could not be loaded".into()))?
+            .map_err(cuda("open device"))?;
+        let (maj, min) = ctx
+            .compute_capability()
+            .map_err(cuda("compute capability"))?;
         let sms = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
             .map_err(cuda("SM count"))?;
         let ptx = compile_ptx(&format!("sm_{maj}{min}"))?;
         let module = ctx.load_module(ptx).map_err(cuda("load module"))?;
@@ -129,7 +143,8 @@ impl DgcKernels {
             val: self.stream.alloc_zeros(cap.max(1)).map_err(z)?,
             sel_idx: self.stream.alloc_zeros(k.max(1)).map_err(z)?,
             sel_val: self.stream.alloc_zeros(k.max(1)).map_err(z)?,
-            count: self.stream.alloc_zeros(2).map_err(z)?,
+            count: self.stream.alloc_zeros(1).map_err(z)?,
+            sel_count: self.stream.alloc_zeros(1).map_err(z)?,
             sample: self.stream.alloc_zeros(s.max(1)).map_err(z)?,
             thr: self.stream.alloc_zeros(1).map_err(z)?,
             sumsq: self.stream.alloc_zeros(1).map_err(z)?,
@@ -141,7 +156,9 @@ impl DgcKernels {
         let n = g.len() as u64;
         let mut b = self.stream.launch_builder(&self.sum_squares);
         b.arg(g).arg(&n).arg(out);
-        unsafe { b.launch(self.grid(n)) }.map(drop).map_err(cuda("sum_squares"))
+        unsafe { b.launch(self.grid(n)) }
+            .map(drop)
+            .map_err(cuda("sum_squares"))
     }
 
     /// Launch `dgc_sample` (`out.len()` samples).
@@ -160,13 +177,27 @@ impl DgcKernels {
         let (n, s) = (g.len() as u64, s as u64);
         let mc = i32::from(up.momentum_correction);
         let mut b = self.stream.launch_builder(&self.sample);
-        b.arg(g).arg(u).arg(v).arg(&n).arg(&up.scale).arg(&up.momentum).arg(&mc);
+        b.arg(g)
+            .arg(u)
+            .arg(v)
+            .arg(&n)
+            .arg(&up.scale)
+            .arg(&up.momentum)
+            .arg(&mc);
         b.arg(&seed).arg(&step).arg(&s).arg(out);
-        unsafe { b.launch(self.grid(s)) }.map(drop).map_err(cuda("sample"))
+        unsafe { b.launch(self.grid(s)) }
+            .map(drop)
+            .map_err(cuda("sample"))
     }
 
     /// Launch `dgc_kth_largest` over the first `s` values of `xs` (one block).
-    pub fn launch_kth(&self, xs: &CudaSlice<f32>, s: usize, rank: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+    pub fn launch_kth(
+        &self,
+        xs: &CudaSlice<f32>,
+        s: usize,
+        rank: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let (s, rank) = (s as u32, rank.max(1) as u32);
         let mut b = self.stream.launch_builder(&self.kth);
         b.arg(xs).arg(&s).arg(&rank).arg(out);
@@ -175,7 +206,9 @@ impl DgcKernels {
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
-        unsafe { b.launch(cfg) }.map(drop).map_err(cuda("kth_largest"))
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(cuda("kth_largest"))
     }
 
     /// Launch `dgc_fused`; `count` (one u32) must be zeroed.
@@ -195,9 +228,18 @@ impl DgcKernels {
         let cap = idx.len() as u32;
         let mc = i32::from(up.momentum_correction);
         let mut b = self.stream.launch_builder(&self.fused);
-        b.arg(g).arg(u).arg(v).arg(&n).arg(&up.scale).arg(&up.momentum).arg(&mc).arg(&thr);
+        b.arg(g)
+            .arg(u)
+            .arg(v)
+            .arg(&n)
+            .arg(&up.scale)
+            .arg(&up.momentum)
+            .arg(&mc)
+            .arg(&thr);
         b.arg(&cap).arg(idx).arg(val).arg(count);
-        unsafe { b.launch(self.grid(n / 4 + 1)) }.map(drop).map_err(cuda("fused"))
+        unsafe { b.launch(self.grid(n / 4 + 1)) }
+            .map(drop)
+            .map_err(cuda("fused"))
     }
 
     /// Launch `dgc_select`; `count` must be zeroed.
@@ -212,8 +254,16 @@ impl DgcKernels {
         let n = v.len() as u64;
         let cap = idx.len() as u32;
         let mut b = self.stream.launch_builder(&self.select);
-        b.arg(v).arg(&n).arg(&thr).arg(&cap).arg(idx).arg(val).arg(count);
-        unsafe { b.launch(self.grid(n)) }.map(drop).map_err(cuda("select"))
+        b.arg(v)
+            .arg(&n)
+            .arg(&thr)
+            .arg(&cap)
+            .arg(idx)
+            .arg(val)
+            .arg(count);
+        unsafe { b.launch(self.grid(n)) }
+            .map(drop)
+            .map_err(cuda("select"))
     }
 
     /// Launch `dgc_mask` over the first `cnt` pairs.
@@ -229,7 +279,9 @@ impl DgcKernels {
         let (c, mm) = (cnt as u32, i32::from(mask_momentum));
         let mut b = self.stream.launch_builder(&self.mask);
         b.arg(u).arg(v).arg(idx).arg(sent).arg(&c).arg(&mm);
-        unsafe { b.launch(self.grid(cnt as u64)) }.map(drop).map_err(cuda("mask"))
+        unsafe { b.launch(self.grid(cnt as u64)) }
+            .map(drop)
+            .map_err(cuda("mask"))
     }
 
     /// Launch `dgc_filter`: keep candidates with magnitude ≥ `thr` (at most `out_idx.len()`).
@@ -246,8 +298,17 @@ impl DgcKernels {
     ) -> Result<()> {
         let (c, cap) = (cnt as u32, out_idx.len() as u32);
         let mut b = self.stream.launch_builder(&self.filter);
-        b.arg(idx).arg(val).arg(&c).arg(&thr).arg(&cap).arg(out_idx).arg(out_val).arg(count);
-        unsafe { b.launch(self.grid(cnt as u64)) }.map(drop).map_err(cuda("filter"))
+        b.arg(idx)
+            .arg(val)
+            .arg(&c)
+            .arg(&thr)
+            .arg(&cap)
+            .arg(out_idx)
+            .arg(out_val)
+            .arg(count);
+        unsafe { b.launch(self.grid(cnt as u64)) }
+            .map(drop)
+            .map_err(cuda("filter"))
     }
 
     /// Launch `dgc_scatter_add_fixed` over `world` gathered fixed-k messages (`dense += values`).
@@ -262,16 +323,29 @@ impl DgcKernels {
     ) -> Result<()> {
         let (w, kk, b16, n) = (world as u32, k as u32, i32::from(bf16), dense.len() as u64);
         let mut b = self.stream.launch_builder(&self.scatter_add_fixed);
-        b.arg(msgs).arg(&w).arg(&kk).arg(&b16).arg(dense).arg(&n).arg(err);
-        unsafe { b.launch(self.grid((world * k) as u64)) }.map(drop).map_err(cuda("scatter_add_fixed"))
+        b.arg(msgs)
+            .arg(&w)
+            .arg(&kk)
+            .arg(&b16)
+            .arg(dense)
+            .arg(&n)
+            .arg(err);
+        unsafe { b.launch(self.grid((world * k) as u64)) }
+            .map(drop)
+            .map_err(cuda("scatter_add_fixed"))
     }
 
     fn read_u32(&self, x: &CudaSlice<u32>, i: usize) -> Result<u32> {
         let v = self.download(x)?;
-        v.get(i).copied().ok_or_else(|| Error::Cuda("dgc: counter buffer too short".into()))
+        v.get(i)
+            .copied()
+            .ok_or_else(|| Error::Cuda("dgc: counter buffer too short".into()))
     }
 
-    fn zero<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, x: &mut CudaSlice<T>) -> Result<()> {
+    fn zero<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        x: &mut CudaSlice<T>,
+    ) -> Result<()> {
         self.stream.memset_zeros(x).map_err(cuda("memset"))
     }
 
@@ -279,6 +353,7 @@ impl DgcKernels {
     /// `up.scale` (compute it from [`DgcKernels::launch_sum_squares`]). Returns
     /// `(selected, threshold)`; the selected pairs are `c.sel_idx[..selected]`, `c.sel_val[..selected]`,
     /// and `u`, `v` are updated and masked (f32 values sent).
+    #[allow(clippy::too_many_arguments)]
     pub fn compress(
         &self,
         g: &CudaSlice<f32>,
@@ -306,10 +381,14 @@ impl DgcKernels {
         while adapt < p.max_adapt {
             let next = if count > cap {
                 too_many = Some(thr);
-                too_few.map_or(f64::from(thr) * p.upper, |h| (f64::from(thr) * f64::from(h)).sqrt())
+                too_few.map_or(f64::from(thr) * p.upper, |h| {
+                    (f64::from(thr) * f64::from(h)).sqrt()
+                })
             } else if few(count) && thr > 0.0 {
                 too_few = Some(thr);
-                too_many.map_or(f64::from(thr) * p.lower, |l| (f64::from(thr) * f64::from(l)).sqrt())
+                too_many.map_or(f64::from(thr) * p.lower, |l| {
+                    (f64::from(thr) * f64::from(l)).sqrt()
+                })
             } else {
                 break;
             };
@@ -332,9 +411,81 @@ impl DgcKernels {
         } else {
             thr
         };
-        self.launch_filter(&c.idx, &c.val, cnt, kth, &mut c.sel_idx, &mut c.sel_val, &mut c.count.slice_mut(1..2).try_into().map_err(|_| Error::Cuda("dgc: counter view".into()))?)?;
+        self.zero(&mut c.sel_count)?;
+        self.launch_filter(
+            &c.idx,
+            &c.val,
+            cnt,
+            kth,
+            &mut c.sel_idx,
+            &mut c.sel_val,
+            &mut c.sel_count,
+        )?;
         let selected = cnt.min(k);
         self.launch_mask(u, v, &c.sel_idx, &c.sel_val, selected, mask_momentum)?;
         Ok((selected, kth))
+    }
+
+    // Host-memory conveniences for the parity tests.
+
+    /// `dgc_sample` on host data.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        &self,
+        g: &[f32],
+        u: &[f32],
+        v: &[f32],
+        up: Update,
+        seed: u64,
+        step: u64,
+        s: usize,
+    ) -> Result<Vec<f32>> {
+        let (g, u, v) = (self.upload(g)?, self.upload(u)?, self.upload(v)?);
+        let mut out = self.stream.alloc_zeros(s.max(1)).map_err(cuda("alloc"))?;
+        self.launch_sample(&g, &u, &v, up, seed, step, s, &mut out)?;
+        let mut r = self.download(&out)?;
+        r.truncate(s);
+        Ok(r)
+    }
+
+    /// `dgc_kth_largest` on host data.
+    pub fn kth_largest(&self, xs: &[f32], rank: usize) -> Result<f32> {
+        let x = self.upload(xs)?;
+        let mut out = self.stream.alloc_zeros(1).map_err(cuda("alloc"))?;
+        self.launch_kth(&x, xs.len(), rank, &mut out)?;
+        Ok(self.download(&out)?.first().copied().unwrap_or(0.0))
+    }
+
+    /// `dgc_sum_squares` on host data.
+    pub fn sum_squares(&self, g: &[f32]) -> Result<f64> {
+        let g = self.upload(g)?;
+        let mut out = self.stream.alloc_zeros(1).map_err(cuda("alloc"))?;
+        self.launch_sum_squares(&g, &mut out)?;
+        Ok(self.download(&out)?.first().copied().unwrap_or(0.0))
+    }
+
+    /// `dgc_fused` on host data: `(u, v, candidate idx, candidate val, count)` (candidates unordered).
+    #[allow(clippy::type_complexity)]
+    pub fn fused(
+        &self,
+        g: &[f32],
+        u: &[f32],
+        v: &[f32],
+        up: Update,
+        thr: f32,
+        cap: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<u32>, Vec<f32>, usize)> {
+        let g = self.upload(g)?;
+        let (mut u, mut v) = (self.upload(u)?, self.upload(v)?);
+        let mut idx = self.stream.alloc_zeros(cap.max(1)).map_err(cuda("alloc"))?;
+        let mut val = self.stream.alloc_zeros(cap.max(1)).map_err(cuda("alloc"))?;
+        let mut count = self.stream.alloc_zeros(1).map_err(cuda("alloc"))?;
+        self.launch_fused(&g, &mut u, &mut v, up, thr, &mut idx, &mut val, &mut count)?;
+        let cnt = self.read_u32(&count, 0)? as usize;
+        let mut i = self.download(&idx)?;
+        let mut x = self.download(&val)?;
+        i.truncate(cnt.min(cap));
+        x.truncate(cnt.min(cap));
+        Ok((self.download(&u)?, self.download(&v)?, i, x, cnt))
     }
 }

@@ -25,6 +25,7 @@
 //!
 //! ```
 //! use ferroccl::dgc::{Dgc, DgcConfig};
+//! use ferroccl::prelude::*;
 //! let updates = ferroccl::local::run(2, |comm| {
 //!     let mut dgc = Dgc::new(8, DgcConfig::default().final_density(0.25).warmup(vec![]))?;
 //!     let mut grad = vec![0.0f32; 8];
@@ -63,6 +64,8 @@
 //! The compression step is split into kernels (`cuda/dgc.cu`), each with its CPU twin in [`select`]
 //! and the same semantics; see that module for the mapping. The host path here runs the twins.
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod select;
 pub mod wire;
 

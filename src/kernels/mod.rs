@@ -40,16 +40,16 @@
 //!
 //! The CUDA implementation needs `libcuda.so` (the driver) and `libnvrtc.so.13` at run time; both
 //! are looked up when `CudaKernels::new` is called, and their absence is a clear
-//! [`Error::Cuda`](crate::Error::Cuda), never a panic. `compile_all` compiles every kernel for
+//! [`Error::Cuda`], never a panic. `compile_all` compiles every kernel for
 //! a given architecture with NVRTC alone (no GPU needed); CI uses it to fail on any error or warning.
 //!
 //! # Semantics shared by both implementations
 //!
 //! * Arguments are checked before any work: wrong lengths are
-//!   [`Error::LengthMismatch`](crate::Error::LengthMismatch), `row_len == 0` is
-//!   [`Error::InvalidArgument`](crate::Error::InvalidArgument).
+//!   [`Error::LengthMismatch`], `row_len == 0` is
+//!   [`Error::InvalidArgument`].
 //! * An index that is not smaller than the number of rows (or the dense length) is
-//!   [`Error::InvalidArgument`](crate::Error::InvalidArgument) on both. The CPU twin checks all
+//!   [`Error::InvalidArgument`] on both. The CPU twin checks all
 //!   indices before writing anything; the CUDA kernels skip such rows and raise a device-side error
 //!   flag which is read back after the launch (see `CudaKernels` for the deferred mode), so on
 //!   that error the destination's contents are unspecified.

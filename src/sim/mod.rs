@@ -17,5 +17,5 @@ pub mod cluster;
 pub mod rng;
 pub mod trace;
 
-pub use cluster::{order_statistic, simulate, CostModel, SchemeReport};
+pub use cluster::{order_statistic, simulate, simulate_with, CostModel, SchemeReport, WaitRule};
 pub use trace::{Model, Trace, TraceStats};
