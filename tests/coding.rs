@@ -250,3 +250,195 @@ fn mismatched_world_is_a_named_error() {
     let e = r.unwrap_err().to_string();
     assert!(e.contains("n = 3"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The sequential runtime (uncoded, GC, SR-SGC, M-SGC over a communicator).
+
+use ferroccl::coding::sequential::{Gc, MSgc, Planner, SrSgc, Task, Uncoded};
+use ferroccl::coding::{JobResult, SequentialRuntime};
+
+/// Unit gradient of `(job, unit)`: small integers plus `100·job`, so sums are exact in f32 and a
+/// result of another job would be off by a multiple of 100.
+fn unit_grad(job: usize, unit: usize, d: usize) -> Vec<f32> {
+    (0..d)
+        .map(|k| ((job * 7 + unit * 3 + k) % 13) as f32 - 6.0 + 100.0 * job as f32)
+        .collect()
+}
+
+fn job_truth(job: usize, units: usize, d: usize) -> Vec<f32> {
+    let mut acc = vec![0f64; d];
+    for u in 0..units {
+        for (a, v) in acc.iter_mut().zip(unit_grad(job, u, d)) {
+            *a += f64::from(v);
+        }
+    }
+    acc.into_iter().map(|x| x as f32).collect()
+}
+
+fn task_result(t: &Task, d: usize) -> Vec<f32> {
+    let mut acc = vec![0f64; d];
+    for &(u, c) in t.terms.iter() {
+        for (a, v) in acc.iter_mut().zip(unit_grad(t.job, u, d)) {
+            *a += c * f64::from(v);
+        }
+    }
+    acc.into_iter().map(|x| x as f32).collect()
+}
+
+struct SeqOut {
+    jobs: Vec<JobResult>,
+    discarded: u64,
+    skipped: u64,
+    left: usize,
+    cut: usize,
+}
+
+/// Run `jobs + T` rounds of `make()` on `n` in-process ranks; `slow(rank, round)` sleeps that long in
+/// the rank's first task of the round (on top of the link model's per-rank delay).
+fn run_seq<P, M, S>(n: usize, jobs: usize, link: Option<LinkModel>, make: M, slow: S) -> Vec<SeqOut>
+where
+    P: Planner,
+    M: Fn() -> P + Sync,
+    S: Fn(usize, usize) -> Option<Duration> + Sync,
+{
+    let d = 5;
+    let opts = Options {
+        config: Some(Config::default().with_timeout(Duration::from_secs(20))),
+        link,
+        copy_only: false,
+    };
+    ferroccl::local::run_with(n, &opts, |comm| {
+        let planner = make();
+        let rounds = jobs + planner.delay();
+        let units = planner.units().len();
+        let mut rt = SequentialRuntime::new(planner, 0, d);
+        let mut out = Vec::new();
+        let mut cut = 0;
+        while rt.rounds() < rounds {
+            let r = rt.rounds();
+            let mut first = true;
+            let info = rt.step(comm, |t| {
+                if first {
+                    first = false;
+                    comm.compute(Duration::from_micros(300))?;
+                    if let Some(s) = slow(comm.rank(), r) {
+                        std::thread::sleep(s);
+                    }
+                }
+                Ok(task_result(t, d))
+            })?;
+            cut += usize::from(info.completed.len() < n);
+            for j in info.decoded {
+                let want = job_truth(j.job, units, d);
+                assert_eq!(
+                    j.gradient, want,
+                    "rank {} job {} decoded in round {}",
+                    comm.rank(),
+                    j.job,
+                    j.round
+                );
+                out.push(j);
+            }
+        }
+        let left = rt.finish(comm, Duration::from_secs(10))?;
+        Ok(SeqOut {
+            jobs: out,
+            discarded: rt.discarded(),
+            skipped: rt.skipped(),
+            left,
+            cut,
+        })
+    })
+    .unwrap()
+}
+
+fn check_all_jobs(out: &[SeqOut], jobs: usize, delay: usize) {
+    for (rank, o) in out.iter().enumerate() {
+        // Jobs of the flush rounds may decode early (SR-SGC); the real ones all decode, once each.
+        let ids: Vec<usize> = o.jobs.iter().map(|j| j.job).filter(|&j| j < jobs).collect();
+        assert_eq!(ids, (0..jobs).collect::<Vec<_>>(), "rank {rank}");
+        assert!(o.jobs.iter().all(|j| j.round <= j.job + delay), "rank {rank}");
+    }
+    assert_eq!(out[0].left, 0, "stale receives left on the master");
+}
+
+#[test]
+fn seq_runtime_gc_and_uncoded_with_a_slow_rank() {
+    let (n, jobs) = (6, 12);
+    let link = || {
+        Some(
+            LinkModel::uniform(TimeMode::Real, Link::gbit(10.0, Duration::from_micros(10)))
+                .with_delay(5, Duration::from_millis(30)),
+        )
+    };
+    let gc = run_seq(
+        n,
+        jobs,
+        link(),
+        || Gc::new(Scheme::FractionalRepetition, n, 1, 1).unwrap(),
+        |_, _| None,
+    );
+    check_all_jobs(&gc, jobs, 0);
+    assert!(gc[0].cut >= jobs - 2, "GC cut off the slow rank: {}", gc[0].cut);
+    assert!(gc[0].discarded > 0, "late results were discarded");
+    assert!(gc[5].skipped > 0, "the slow rank skipped rounds");
+    let un = run_seq(n, jobs, link(), || Uncoded::new(n).unwrap(), |_, _| None);
+    check_all_jobs(&un, jobs, 0);
+    assert_eq!(un[0].cut, 0);
+}
+
+#[test]
+fn seq_runtime_sr_sgc_exact_under_bursts() {
+    // (B, W, λ) = (1, 2, 2): s = 1, FR (6, 1), T = 1. Ranks 2 and 3 (one FR group) are slow in round
+    // 3 (v = 2 > s: one of them repeats job 3 in round 4) and rank 4 in round 7.
+    let (n, jobs) = (6, 12);
+    let out = run_seq(
+        n,
+        jobs,
+        None,
+        || SrSgc::new(n, 1, 2, 2, 1).unwrap(),
+        |rank, r| {
+            ((r == 3 && (rank == 2 || rank == 3)) || (r == 7 && rank == 4))
+                .then(|| Duration::from_millis(150))
+        },
+    );
+    check_all_jobs(&out, jobs, 1);
+    assert!(out[0].cut >= 2, "the bursts were cut off: {}", out[0].cut);
+}
+
+#[test]
+fn seq_runtime_msgc_exact_under_bursts_and_late_messages_never_leak() {
+    // (B, W, λ) = (2, 3, 2): T = 3, FR (6, 2) for D2, 4 mini-tasks per round. Rank 1 is slow in rounds
+    // 2 and 3 (a burst of B), rank 4 in round 8; their late results arrive while later rounds run.
+    let (n, jobs) = (6, 14);
+    let out = run_seq(
+        n,
+        jobs,
+        None,
+        || MSgc::new(n, 2, 3, 2, 1).unwrap(),
+        |rank, r| {
+            ((rank == 1 && (r == 2 || r == 3)) || (rank == 4 && r == 8))
+                .then(|| Duration::from_millis(150))
+        },
+    );
+    check_all_jobs(&out, jobs, 3);
+    assert!(out[0].cut >= 2, "the bursts were cut off: {}", out[0].cut);
+    assert!(out[0].discarded > 0, "late results were received and discarded");
+}
+
+#[test]
+fn seq_runtime_msgc_with_a_permanently_slow_rank_stays_exact() {
+    // Outside the model (a burst longer than B): the master waits where the model says so; every job
+    // is still exact.
+    let (n, jobs) = (6, 10);
+    let link = LinkModel::uniform(TimeMode::Real, Link::gbit(10.0, Duration::from_micros(10)))
+        .with_delay(3, Duration::from_millis(20));
+    let out = run_seq(
+        n,
+        jobs,
+        Some(link),
+        || MSgc::new(n, 1, 2, 2, 1).unwrap(),
+        |_, _| None,
+    );
+    check_all_jobs(&out, jobs, 1);
+}

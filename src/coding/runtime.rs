@@ -15,10 +15,11 @@
 //! because both the in-process engine and MPI match a message to the *oldest* posted receive of the same
 //! `(source, tag)`, and a stale receive stays posted until its message arrives.
 //!
-//! A worker whose receive fails with [`Error::PeerLost`] is a permanent straggler: no receive is posted
-//! for it again, and rounds go on while at least `n − s` workers respond. (On the in-process backend
-//! today, a rank that drops its communicator breaks the whole communicator, so every later operation
-//! fails; a rank that hangs — stops sending — is survived.)
+//! A worker whose receive (or the send of a result to it) fails with [`Error::PeerLost`] is a permanent
+//! straggler: no receive is posted for it again, and rounds go on while at least `n − s` workers
+//! respond. This survives a rank that dies — its thread returns or panics and drops its communicator —
+//! on the in-process backend, where point-to-point traffic between live ranks keeps working after a
+//! loss (collectives fail with `PeerLost`), and a rank that hangs (stops sending).
 
 use super::code::GradientCode;
 use crate::work::Work;
@@ -406,8 +407,19 @@ impl CodedAllReduce {
         for &w in &responders {
             result[d + w] = 1.0;
         }
-        for w in (0..n).filter(|&w| w != rank && !self.lanes[w].lost) {
-            comm.send(&result[..], w, result_tag(t))?;
+        for w in 0..n {
+            if w == rank || self.lanes[w].lost {
+                continue;
+            }
+            match comm.send(&result[..], w, result_tag(t)) {
+                Ok(()) => {}
+                Err(Error::PeerLost { .. }) => {
+                    // The worker died: a permanent straggler from now on.
+                    self.lanes[w].lost = true;
+                    self.lanes[w].owed.clear();
+                }
+                Err(e) => return Err(e),
+            }
         }
         out.copy_from_slice(&sum);
         Ok(RoundInfo {

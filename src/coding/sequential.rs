@@ -55,6 +55,7 @@ use super::code::{GradientCode, Scheme};
 use crate::{Error, Result};
 use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 /// The synthetic gradient of `(job, unit)`: a deterministic value in `[-1, 1)`, used to check that
 /// every decoded job equals its uncoded sum.
@@ -96,8 +97,8 @@ pub enum TaskKind {
 pub struct Task {
     /// Job.
     pub job: usize,
-    /// `(unit, coefficient)` pairs.
-    pub terms: Vec<(usize, f64)>,
+    /// `(unit, coefficient)` pairs (shared between the tasks of equal rows).
+    pub terms: Arc<[(usize, f64)]>,
     /// Load in partitions (`n` partitions per job).
     pub load: f64,
     /// What it is.
@@ -132,7 +133,7 @@ impl Decoded {
     pub fn unit_coefficients(&self, units: usize) -> Vec<f64> {
         let mut c = vec![0f64; units];
         for (_, a, t) in &self.parts {
-            for &(u, b) in &t.terms {
+            for &(u, b) in t.terms.iter() {
                 if let Some(x) = c.get_mut(u) {
                     *x += a * b;
                 }
@@ -327,27 +328,26 @@ fn default_code(n: usize, s: usize, seed: u64) -> Result<GradientCode> {
     }
 }
 
-/// The GC task of `row` over the units `offset + p` (each of size `unit`).
-fn code_task(
-    code: &GradientCode,
-    job: usize,
-    row: usize,
-    group: usize,
-    offset: usize,
-    unit: f64,
-    repeat: bool,
-) -> Task {
-    let coef = code.coefficients(row).unwrap_or_default();
-    let terms: Vec<(usize, f64)> = code
-        .partitions(row)
-        .iter()
-        .zip(coef)
-        .map(|(&p, c)| (offset + p, c))
-        .collect();
+/// The terms of every row of `code` over the units `offset + p`.
+fn code_rows(code: &GradientCode, offset: usize) -> Vec<Arc<[(usize, f64)]>> {
+    (0..code.n())
+        .map(|row| {
+            let coef = code.coefficients(row).unwrap_or_default();
+            code.partitions(row)
+                .iter()
+                .zip(coef)
+                .map(|(&p, c)| (offset + p, c))
+                .collect()
+        })
+        .collect()
+}
+
+/// A coded task from precomputed row terms, each unit of size `unit`.
+fn coded(terms: &Arc<[(usize, f64)]>, job: usize, row: usize, group: usize, unit: f64, repeat: bool) -> Task {
     Task {
         job,
         load: unit * terms.len() as f64,
-        terms,
+        terms: terms.clone(),
         kind: TaskKind::Coded { group, row, repeat },
     }
 }
@@ -357,18 +357,31 @@ fn code_task(
 struct Rows {
     rows: Vec<Option<(Source, Task)>>,
     count: usize,
+    /// Fractional repetition: group size `s + 1`, rows per group, groups covered.
+    fr: Option<(usize, Vec<u32>, usize)>,
 }
 
 impl Rows {
-    fn new(n: usize) -> Rows {
+    fn new(code: &GradientCode) -> Rows {
+        let n = code.n();
+        let fr = (code.scheme() == Scheme::FractionalRepetition)
+            .then(|| (code.load(), vec![0u32; n / code.load()], 0));
         Rows {
             rows: vec![None; n],
             count: 0,
+            fr,
         }
     }
     fn add(&mut self, w: usize, src: Source, t: Task) {
         if self.rows[w].is_none() {
             self.count += 1;
+            if let Some((g, cover, covered)) = &mut self.fr {
+                let k = w / *g;
+                if cover[k] == 0 {
+                    *covered += 1;
+                }
+                cover[k] += 1;
+            }
         }
         self.rows[w] = Some((src, t));
     }
@@ -379,7 +392,10 @@ impl Rows {
     }
     /// Decodable with `code`? Cyclic codes are only tried from `n − s` rows on (the solve is `O(n³)`).
     fn decodable(&self, code: &GradientCode) -> bool {
-        if code.scheme() == Scheme::Cyclic && self.count < code.min_responders() {
+        if let Some((_, cover, covered)) = &self.fr {
+            return *covered == cover.len();
+        }
+        if self.count < code.min_responders() {
             return false;
         }
         code.is_decodable(&self.workers())
@@ -433,7 +449,7 @@ impl Planner for Uncoded {
         for (w, t) in self.st.tasks.iter_mut().enumerate() {
             t.push(Task {
                 job: round,
-                terms: vec![(w, 1.0)],
+                terms: Arc::from(vec![(w, 1.0)]),
                 load: 1.0,
                 kind: TaskKind::Partition,
             });
@@ -489,6 +505,7 @@ impl Planner for Uncoded {
 pub struct Gc {
     st: RoundState,
     code: GradientCode,
+    terms: Vec<Arc<[(usize, f64)]>>,
     units: Vec<f64>,
     rows: Rows,
     cache: Cell<Option<(usize, bool)>>,
@@ -497,11 +514,13 @@ pub struct Gc {
 impl Gc {
     /// GC with `scheme` (`(n, s)`); `seed` fixes the cyclic code's coefficients.
     pub fn new(scheme: Scheme, n: usize, s: usize, seed: u64) -> Result<Gc> {
+        let code = GradientCode::new(scheme, n, s, seed)?;
         Ok(Gc {
             st: RoundState::new(n),
-            code: GradientCode::new(scheme, n, s, seed)?,
+            terms: code_rows(&code, 0),
+            rows: Rows::new(&code),
+            code,
             units: vec![1.0; n],
-            rows: Rows::new(n),
             cache: Cell::new(None),
         })
     }
@@ -526,10 +545,10 @@ impl Planner for Gc {
     }
     fn begin_round(&mut self, round: usize) -> Result<()> {
         self.st.begin(round);
-        self.rows = Rows::new(self.st.n);
+        self.rows = Rows::new(&self.code);
         self.cache.set(None);
         for w in 0..self.st.n {
-            let t = code_task(&self.code, round, w, 0, 0, 1.0, false);
+            let t = coded(&self.terms[w], round, w, 0, 1.0, false);
             self.st.tasks[w].push(t);
         }
         Ok(())
@@ -593,6 +612,7 @@ fn check_bwl(what: &str, n: usize, b: usize, w: usize, lambda: usize) -> Result<
 pub struct SrSgc {
     st: RoundState,
     code: GradientCode,
+    terms: Vec<Arc<[(usize, f64)]>>,
     b: usize,
     w: usize,
     lambda: usize,
@@ -615,9 +635,11 @@ impl SrSgc {
             )));
         }
         let s = Self::s_of(b, w, lambda);
+        let code = default_code(n, s, seed)?;
         Ok(SrSgc {
             st: RoundState::new(n),
-            code: default_code(n, s, seed)?,
+            terms: code_rows(&code, 0),
+            code,
             b,
             w,
             lambda,
@@ -674,7 +696,7 @@ impl Planner for SrSgc {
         self.hist.begin();
         self.cache.set(None);
         let n = self.st.n;
-        self.open.insert(round, Rows::new(n));
+        self.open.insert(round, Rows::new(&self.code));
         let mut repeat = vec![false; n];
         if let Some(j) = self.due() {
             if let Some(rows) = self.open.get(&j) {
@@ -693,7 +715,7 @@ impl Planner for SrSgc {
         for (w, &rep) in repeat.iter().enumerate() {
             let job = if rep { round - self.b } else { round };
             self.repeats += u64::from(rep);
-            let t = code_task(&self.code, job, w, 0, 0, 1.0, rep);
+            let t = coded(&self.terms[w], job, w, 0, 1.0, rep);
             self.st.tasks[w].push(t);
         }
         Ok(())
@@ -787,6 +809,10 @@ struct MJob {
 pub struct MSgc {
     st: RoundState,
     code: GradientCode,
+    /// Row terms per D2 group.
+    terms: Vec<Vec<Arc<[(usize, f64)]>>>,
+    /// Unit of each D1 piece `(worker, piece)`.
+    pieces: Vec<Arc<[(usize, f64)]>>,
     b: usize,
     w: usize,
     lambda: usize,
@@ -811,9 +837,13 @@ impl MSgc {
         let d2_unit = mini / l1;
         let mut units = vec![mini; n * (w - 1)];
         units.extend(std::iter::repeat(d2_unit).take(n * b));
+        let terms = (0..b).map(|g| code_rows(&code, n * (w - 1) + g * n)).collect();
+        let pieces = (0..n * (w - 1)).map(|u| Arc::from(vec![(u, 1.0)])).collect();
         Ok(MSgc {
             st: RoundState::new(n),
             code,
+            terms,
+            pieces,
             b,
             w,
             lambda,
@@ -879,7 +909,7 @@ impl Planner for MSgc {
             MJob {
                 d1: vec![0; n],
                 d1_src: Vec::new(),
-                d2: vec![Rows::new(n); self.b],
+                d2: vec![Rows::new(&self.code); self.b],
             },
         );
         for m in 0..self.slots().min(round + 1) {
@@ -893,14 +923,13 @@ impl Planner for MSgc {
                 let have = job.d1[w];
                 let t = if m >= d1 && have >= d1 {
                     let g = m - d1;
-                    let off = n * d1 + g * n;
-                    code_task(&self.code, j, w, g, off, d2_unit, false)
+                    coded(&self.terms[g][w], j, w, g, d2_unit, false)
                 } else {
                     let repeat = m >= d1;
                     self.repeats += u64::from(repeat);
                     Task {
                         job: j,
-                        terms: vec![(w * d1 + have.min(d1 - 1), 1.0)],
+                        terms: self.pieces[w * d1 + have.min(d1 - 1)].clone(),
                         load: self.mini,
                         kind: TaskKind::Piece {
                             piece: have,

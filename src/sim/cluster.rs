@@ -139,7 +139,13 @@ pub fn simulate_with(
                 for (k, &(t, w)) in order.iter().enumerate() {
                     planner.complete(w);
                     if planner.ready() {
-                        end = Some((t, k + 1));
+                        // Workers finishing at the same instant arrive too.
+                        let mut k = k + 1;
+                        while k < order.len() && order[k].0 <= t {
+                            planner.complete(order[k].1);
+                            k += 1;
+                        }
+                        end = Some((t, k));
                         break;
                     }
                 }
