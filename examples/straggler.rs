@@ -451,7 +451,9 @@ fn run(a: &Args) -> std::result::Result<(), String> {
             ));
         }
         if names.len() > 1 {
-            return Err("under MPI pass one --scenario (uncoded, gc, uncoded-slow or gc-slow)".into());
+            return Err(
+                "under MPI pass one --scenario (uncoded, gc, uncoded-slow or gc-slow)".into(),
+            );
         }
         let comm = ferroccl::init().map_err(|e| e.to_string())?;
         let mode = if name.starts_with("gc") {

@@ -220,7 +220,10 @@ fn run(a: &Args) -> Result<(), String> {
         };
         let mut g = Gc::new(scheme, n, s, a.seed).map_err(e)?;
         let r = simulate_with(&mut g, &trace, &cost, rule).map_err(e)?;
-        if best_gc.as_ref().map_or(true, |b| r.total_time < b.total_time) {
+        if best_gc
+            .as_ref()
+            .map_or(true, |b| r.total_time < b.total_time)
+        {
             best_gc = Some(r);
         }
     }

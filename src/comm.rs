@@ -921,6 +921,45 @@ pub trait CommunicatorExt: Communicator {
 
 impl<C: Communicator + ?Sized> CommunicatorExt for C {}
 
+/// This rank's place in the group it joins by `split`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitPlan {
+    /// The color (group) joined.
+    pub color: u32,
+    /// Rank in the new group (ordered by `(key, old rank)`).
+    pub new_rank: usize,
+    /// Size of the new group.
+    pub size: usize,
+}
+
+/// The collective part of `split` for backends that build groups themselves: all-gather every rank's
+/// `(color, key)` and work out this rank's new rank and group size (`None` when it opted out).
+pub fn plan_split<C: Communicator + ?Sized>(
+    comm: &C,
+    color: Option<u32>,
+    key: i32,
+) -> Result<Option<SplitPlan>> {
+    let n = comm.world_size();
+    let mine = [color.map(i64::from).unwrap_or(-1), key as i64];
+    let mut all = vec![0i64; 2 * n];
+    comm.all_gather(&mine, &mut all)?;
+    let Some(color) = color else { return Ok(None) };
+    let mut members: Vec<(i64, usize)> = (0..n)
+        .filter(|&r| all[2 * r] == color as i64)
+        .map(|r| (all[2 * r + 1], r))
+        .collect();
+    members.sort();
+    let new_rank = members
+        .iter()
+        .position(|&(_, r)| r == comm.rank())
+        .ok_or_else(|| Error::InvalidArgument("internal: not a member of own color".into()))?;
+    Ok(Some(SplitPlan {
+        color,
+        new_rank,
+        size: members.len(),
+    }))
+}
+
 /// Convenience for callers that need an empty receive buffer of a dtype.
 pub fn empty(dtype: DType) -> Empty {
     Empty(dtype)

@@ -16,12 +16,12 @@
 //! with a bad magic, kind or oversize length ends that peer's connection: the peer counts as lost and
 //! collectives waiting on it fail with `PeerLost`.
 
-use crate::comm::{CollectiveOwned, CollectiveRef};
+use crate::comm::{plan_split, CollectiveOwned, CollectiveRef};
 use crate::engine::msg::{Aligned, Msg, Payload, Tag};
 use crate::engine::{Engine, Health, Worker};
 use crate::rendezvous::{StoreClient, StoreServer};
 use crate::work::Work;
-use crate::{Communicator, CommunicatorExt, Config, Error, Result};
+use crate::{Communicator, Config, Error, Result};
 use crossbeam::channel::{unbounded, Receiver, Sender};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
@@ -361,30 +361,19 @@ impl Communicator for TcpComm {
         self.worker.exec_async(c)
     }
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
-        let n = self.size;
-        let mine = [color.map(i64::from).unwrap_or(-1), key as i64];
-        let mut all = vec![0i64; 2 * n];
-        self.all_gather(&mine, &mut all)?;
         let no = self.splits.fetch_add(1, Ordering::Relaxed);
-        let Some(color) = color else { return Ok(None) };
-        let mut members: Vec<(i64, usize)> = (0..n)
-            .filter(|&r| all[2 * r] == color as i64)
-            .map(|r| (all[2 * r + 1], r))
-            .collect();
-        members.sort();
-        let new_rank = members
-            .iter()
-            .position(|&(_, r)| r == self.rank)
-            .ok_or_else(|| Error::InvalidArgument("internal: not a member of own color".into()))?;
+        let Some(plan) = plan_split(self, color, key)? else {
+            return Ok(None);
+        };
         let token = std::env::var("FERROCCL_TOKEN").unwrap_or_default();
         let master = self.store.addr().to_string();
         let c = TcpComm::connect(
             self.store.clone(),
             self._server.clone(),
             &master,
-            &format!("{}/split{no}/c{color}", self.prefix),
-            new_rank,
-            members.len(),
+            &format!("{}/split{no}/c{}", self.prefix, plan.color),
+            plan.new_rank,
+            plan.size,
             &token,
             self.cfg.clone(),
         )?;

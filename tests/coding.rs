@@ -331,7 +331,8 @@ where
             for j in info.decoded {
                 let want = job_truth(j.job, units, d);
                 assert_eq!(
-                    j.gradient, want,
+                    j.gradient,
+                    want,
                     "rank {} job {} decoded in round {}",
                     comm.rank(),
                     j.job,
@@ -357,7 +358,10 @@ fn check_all_jobs(out: &[SeqOut], jobs: usize, delay: usize) {
         // Jobs of the flush rounds may decode early (SR-SGC); the real ones all decode, once each.
         let ids: Vec<usize> = o.jobs.iter().map(|j| j.job).filter(|&j| j < jobs).collect();
         assert_eq!(ids, (0..jobs).collect::<Vec<_>>(), "rank {rank}");
-        assert!(o.jobs.iter().all(|j| j.round <= j.job + delay), "rank {rank}");
+        assert!(
+            o.jobs.iter().all(|j| j.round <= j.job + delay),
+            "rank {rank}"
+        );
     }
     assert_eq!(out[0].left, 0, "stale receives left on the master");
 }
@@ -379,7 +383,11 @@ fn seq_runtime_gc_and_uncoded_with_a_slow_rank() {
         |_, _| None,
     );
     check_all_jobs(&gc, jobs, 0);
-    assert!(gc[0].cut >= jobs - 2, "GC cut off the slow rank: {}", gc[0].cut);
+    assert!(
+        gc[0].cut >= jobs - 2,
+        "GC cut off the slow rank: {}",
+        gc[0].cut
+    );
     assert!(gc[0].discarded > 0, "late results were discarded");
     assert!(gc[5].skipped > 0, "the slow rank skipped rounds");
     let un = run_seq(n, jobs, link(), || Uncoded::new(n).unwrap(), |_, _| None);
@@ -423,7 +431,10 @@ fn seq_runtime_msgc_exact_under_bursts_and_late_messages_never_leak() {
     );
     check_all_jobs(&out, jobs, 3);
     assert!(out[0].cut >= 2, "the bursts were cut off: {}", out[0].cut);
-    assert!(out[0].discarded > 0, "late results were received and discarded");
+    assert!(
+        out[0].discarded > 0,
+        "late results were received and discarded"
+    );
 }
 
 #[test]

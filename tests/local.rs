@@ -358,3 +358,20 @@ fn point_to_point_between_live_ranks_survives_a_lost_rank() {
     seen.sort();
     assert_eq!(seen, vec![(0, vec![1, 7]), (1, vec![0, 7])]);
 }
+
+#[test]
+fn split_after_a_rank_opted_out_of_an_earlier_split() {
+    // rank 0 opts out of the first split, then everyone joins the second: the groups must still meet
+    let out = local::run(4, |c| {
+        let first = c.split((c.rank() != 0).then_some(1), 0)?;
+        let second = c.split(Some(0), c.rank() as i32)?.expect("member");
+        let mut v = [1i32];
+        second.all_reduce(&mut v, ReduceOp::Sum)?;
+        Ok((first.map(|f| f.world_size()), v[0]))
+    })
+    .unwrap();
+    assert_eq!(
+        out,
+        vec![(None, 4), (Some(3), 4), (Some(3), 4), (Some(3), 4)]
+    );
+}

@@ -302,7 +302,12 @@ impl<P: Planner> SequentialRuntime<P> {
         C: Communicator + ?Sized,
         F: FnMut(&Task) -> Result<Vec<f32>>,
     {
-        let (me, n, delay, d) = (comm.rank(), comm.world_size(), self.planner.delay(), self.dim);
+        let (me, n, delay, d) = (
+            comm.rank(),
+            comm.world_size(),
+            self.planner.delay(),
+            self.dim,
+        );
         let mut work = match self.record.take() {
             Some((rr, w)) if rr == r => w,
             Some((rr, w)) => {
@@ -376,7 +381,12 @@ impl<P: Planner> SequentialRuntime<P> {
         C: Communicator + ?Sized,
         F: FnMut(&Task) -> Result<Vec<f32>>,
     {
-        let (me, n, delay, d) = (comm.rank(), comm.world_size(), self.planner.delay(), self.dim);
+        let (me, n, delay, d) = (
+            comm.rank(),
+            comm.world_size(),
+            self.planner.delay(),
+            self.dim,
+        );
         let stale_discarded = self.sweep()?;
         // Post this round's receives.
         let mut expect: Vec<Expect> = Vec::new();
@@ -512,7 +522,10 @@ impl<P: Planner> SequentialRuntime<P> {
         for &w in &completed {
             mask[w] = 1.0;
         }
-        let grads: Vec<f32> = out.iter().flat_map(|j| j.gradient.iter().copied()).collect();
+        let grads: Vec<f32> = out
+            .iter()
+            .flat_map(|j| j.gradient.iter().copied())
+            .collect();
         let live: Vec<usize> = (0..n).filter(|&w| w != me && !self.lost[w]).collect();
         for w in live {
             match comm.isend(mask.clone(), w, record_tag(r, delay)) {

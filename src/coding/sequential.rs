@@ -343,7 +343,14 @@ fn code_rows(code: &GradientCode, offset: usize) -> Vec<Arc<[(usize, f64)]>> {
 }
 
 /// A coded task from precomputed row terms, each unit of size `unit`.
-fn coded(terms: &Arc<[(usize, f64)]>, job: usize, row: usize, group: usize, unit: f64, repeat: bool) -> Task {
+fn coded(
+    terms: &Arc<[(usize, f64)]>,
+    job: usize,
+    row: usize,
+    group: usize,
+    unit: f64,
+    repeat: bool,
+) -> Task {
     Task {
         job,
         load: unit * terms.len() as f64,
@@ -837,8 +844,12 @@ impl MSgc {
         let d2_unit = mini / l1;
         let mut units = vec![mini; n * (w - 1)];
         units.extend(std::iter::repeat(d2_unit).take(n * b));
-        let terms = (0..b).map(|g| code_rows(&code, n * (w - 1) + g * n)).collect();
-        let pieces = (0..n * (w - 1)).map(|u| Arc::from(vec![(u, 1.0)])).collect();
+        let terms = (0..b)
+            .map(|g| code_rows(&code, n * (w - 1) + g * n))
+            .collect();
+        let pieces = (0..n * (w - 1))
+            .map(|u| Arc::from(vec![(u, 1.0)]))
+            .collect();
         Ok(MSgc {
             st: RoundState::new(n),
             code,

@@ -22,10 +22,10 @@
 
 pub mod link;
 
-use crate::comm::{CollectiveOwned, CollectiveRef};
+use crate::comm::{plan_split, CollectiveOwned, CollectiveRef};
 use crate::engine::{Engine, Health, Worker};
 use crate::work::Work;
-use crate::{Communicator, CommunicatorExt, Config, Error, Result};
+use crate::{Communicator, Config, Error, Result};
 use crossbeam::channel::{unbounded, Sender};
 use link::Clock;
 pub use link::{Link, LinkModel, TimeMode};
@@ -168,34 +168,24 @@ impl Communicator for LocalComm {
     }
 
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
-        let n = self.size;
-        let mine = [color.map(i64::from).unwrap_or(-1), key as i64];
-        let mut all = vec![0i64; 2 * n];
-        self.all_gather(&mine, &mut all)?;
-        let Some(color) = color else { return Ok(None) };
-        let mut members: Vec<(i64, usize)> = (0..n)
-            .filter(|&r| all[2 * r] == color as i64)
-            .map(|r| (all[2 * r + 1], r))
-            .collect();
-        members.sort();
-        let new_rank = members
-            .iter()
-            .position(|&(_, r)| r == self.rank)
-            .ok_or_else(|| Error::InvalidArgument("internal: not a member of own color".into()))?;
+        // every rank counts every split, members or not, so the registry keys agree
         let split_no = self.splits.fetch_add(1, Ordering::Relaxed);
+        let Some(plan) = plan_split(self, color, key)? else {
+            return Ok(None);
+        };
         let setup = {
             let mut reg = self.world.splits.lock().unwrap_or_else(|e| e.into_inner());
-            reg.entry((self.id, split_no, color))
+            reg.entry((self.id, split_no, plan.color))
                 .or_insert_with(|| {
                     Arc::new(GroupSetup::new(
                         self.world.next_id.fetch_add(1, Ordering::Relaxed),
-                        members.len(),
+                        plan.size,
                     ))
                 })
                 .clone()
         };
         let c = LocalComm::spawn(
-            new_rank,
+            plan.new_rank,
             &setup,
             self.cfg.clone(),
             &self.opts,

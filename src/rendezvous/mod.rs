@@ -74,9 +74,15 @@ pub const DEFAULT_MASTER_PORT: u16 = 29500;
 ///
 /// | variable              | field         | default                       |
 /// |-----------------------|---------------|-------------------------------|
-/// | `RANK`                | `rank`        | required                      |
-/// | `WORLD_SIZE`          | `world_size`  | required                      |
+/// | `RANK`                | `rank`        | required (or mpirun's, below) |
+/// | `WORLD_SIZE`          | `world_size`  | required (or mpirun's, below) |
 /// | `LOCAL_RANK`          | `local_rank`  | `0`                           |
+///
+/// Without `RANK`/`WORLD_SIZE`, Open MPI's `OMPI_COMM_WORLD_RANK`/`_SIZE`/`_LOCAL_RANK` (or
+/// `PMI_RANK`/`PMI_SIZE`/`MPI_LOCALRANKID`) stand in for them (see [`EnvRendezvous::from_env`]).
+///
+/// | variable              | field         | default                       |
+/// |-----------------------|---------------|-------------------------------|
 /// | `MASTER_ADDR`         | `master_addr` | `127.0.0.1`                   |
 /// | `MASTER_PORT`         | `master_port` | `29500`                       |
 /// | `FERROCCL_TOKEN`      | `token`       | empty (no secret)             |
@@ -120,8 +126,14 @@ where
 impl EnvRendezvous {
     /// Read the launch environment from the process environment variables.
     ///
-    /// Returns `Ok(None)` when `RANK` or `WORLD_SIZE` is unset (the process was not launched as part
-    /// of a multi-process job), and [`Error::Config`] naming the variable when a value cannot be used.
+    /// Returns `Ok(None)` when `RANK` or `WORLD_SIZE` is unset and no MPI launcher's variables stand in
+    /// for them (the process was not launched as part of a multi-process job), and [`Error::Config`]
+    /// naming the variable when a value cannot be used.
+    ///
+    /// Under `mpirun` without torchrun's variables, Open MPI's `OMPI_COMM_WORLD_RANK`,
+    /// `OMPI_COMM_WORLD_SIZE` and `OMPI_COMM_WORLD_LOCAL_RANK` (or PMI's `PMI_RANK`, `PMI_SIZE` and
+    /// `MPI_LOCALRANKID`) are used instead, with `MASTER_ADDR` and `MASTER_PORT` defaulting as below:
+    /// enough for a single-node job, whose rank 0 then hosts the store on 127.0.0.1.
     pub fn from_env() -> Result<Option<EnvRendezvous>> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -129,25 +141,48 @@ impl EnvRendezvous {
     /// Like [`EnvRendezvous::from_env`], but reading variables through `f` (for tests and for
     /// launchers that keep their configuration somewhere other than the environment).
     pub fn from_lookup(f: impl Fn(&str) -> Option<String>) -> Result<Option<EnvRendezvous>> {
-        let (Some(rank_raw), Some(world_raw)) = (f("RANK"), f("WORLD_SIZE")) else {
+        // torchrun-style variables first; else what mpirun (Open MPI, or a PMI launcher such as
+        // MPICH's hydra) sets for every process, so that a binary built without the `mpi` feature
+        // still runs under `mpirun` on one node (the NCCL unique id then travels through the store).
+        let (rank_var, world_var, local_vars): (&str, &str, &[&str]) =
+            match (f("RANK"), f("WORLD_SIZE")) {
+                (Some(_), Some(_)) => ("RANK", "WORLD_SIZE", &["LOCAL_RANK"]),
+                _ if f("OMPI_COMM_WORLD_RANK").is_some() && f("OMPI_COMM_WORLD_SIZE").is_some() => {
+                    (
+                        "OMPI_COMM_WORLD_RANK",
+                        "OMPI_COMM_WORLD_SIZE",
+                        &["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"],
+                    )
+                }
+                _ if f("PMI_RANK").is_some() && f("PMI_SIZE").is_some() => (
+                    "PMI_RANK",
+                    "PMI_SIZE",
+                    &["LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"],
+                ),
+                _ => return Ok(None),
+            };
+        let (Some(rank_raw), Some(world_raw)) = (f(rank_var), f(world_var)) else {
             return Ok(None);
         };
-        let rank: usize = parse_num("RANK", &rank_raw, "a non-negative integer")?;
-        let world_size: usize = parse_num("WORLD_SIZE", &world_raw, "a positive integer")?;
+        let rank: usize = parse_num(rank_var, &rank_raw, "a non-negative integer")?;
+        let world_size: usize = parse_num(world_var, &world_raw, "a positive integer")?;
         if world_size == 0 {
-            return Err(config("WORLD_SIZE", &world_raw, "must be at least 1"));
+            return Err(config(world_var, &world_raw, "must be at least 1"));
         }
         if rank >= world_size {
             return Err(config(
-                "RANK",
+                rank_var,
                 &rank_raw,
-                format!("must be below WORLD_SIZE={world_size} (ranks are 0..{world_size})"),
+                format!("must be below {world_var}={world_size} (ranks are 0..{world_size})"),
             ));
         }
-        let local_rank = match f("LOCAL_RANK") {
-            Some(raw) => parse_num("LOCAL_RANK", &raw, "a non-negative integer")?,
-            None => 0,
-        };
+        let mut local_rank = 0;
+        for var in local_vars {
+            if let Some(raw) = f(var) {
+                local_rank = parse_num(var, &raw, "a non-negative integer")?;
+                break;
+            }
+        }
         let master_addr = match f("MASTER_ADDR") {
             Some(raw) if raw.trim().is_empty() => {
                 return Err(config(
@@ -236,5 +271,65 @@ fn join_host_port(host: &str, port: u16) -> String {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn mpirun_variables_stand_in_for_torchrun_ones() {
+        // Open MPI under mpirun, nothing torchrun-style: defaults for the store.
+        let ompi = [
+            ("OMPI_COMM_WORLD_RANK", "3"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+        ];
+        let e = EnvRendezvous::from_lookup(lookup(&ompi)).unwrap().unwrap();
+        assert_eq!((e.rank, e.world_size, e.local_rank), (3, 4, 1));
+        assert_eq!(e.store_addr(), format!("127.0.0.1:{DEFAULT_MASTER_PORT}"));
+        assert_eq!(e.bind, format!("0.0.0.0:{DEFAULT_MASTER_PORT}"));
+        // MASTER_* still apply; an explicit LOCAL_RANK wins over Open MPI's.
+        let mut v = ompi.to_vec();
+        v.extend([
+            ("MASTER_ADDR", "10.0.0.7"),
+            ("MASTER_PORT", "31000"),
+            ("LOCAL_RANK", "2"),
+        ]);
+        let e = EnvRendezvous::from_lookup(lookup(&v)).unwrap().unwrap();
+        assert_eq!((e.rank, e.local_rank), (3, 2));
+        assert_eq!(e.store_addr(), "10.0.0.7:31000");
+        // torchrun's variables win when both are set.
+        let mut v = ompi.to_vec();
+        v.extend([("RANK", "0"), ("WORLD_SIZE", "2")]);
+        let e = EnvRendezvous::from_lookup(lookup(&v)).unwrap().unwrap();
+        assert_eq!((e.rank, e.world_size, e.local_rank), (0, 2, 0));
+        // PMI (MPICH's hydra and others).
+        let pmi = [
+            ("PMI_RANK", "1"),
+            ("PMI_SIZE", "2"),
+            ("MPI_LOCALRANKID", "1"),
+        ];
+        let e = EnvRendezvous::from_lookup(lookup(&pmi)).unwrap().unwrap();
+        assert_eq!((e.rank, e.world_size, e.local_rank), (1, 2, 1));
+        // Half a set is no launch; bad values name Open MPI's variable.
+        assert_eq!(
+            EnvRendezvous::from_lookup(lookup(&[("OMPI_COMM_WORLD_RANK", "0")])).unwrap(),
+            None
+        );
+        let bad = [("OMPI_COMM_WORLD_RANK", "4"), ("OMPI_COMM_WORLD_SIZE", "4")];
+        match EnvRendezvous::from_lookup(lookup(&bad)) {
+            Err(Error::Config { var, .. }) => assert_eq!(var, "OMPI_COMM_WORLD_RANK"),
+            other => panic!("expected a config error, got {other:?}"),
+        }
     }
 }
