@@ -3,6 +3,8 @@
 //! ```text
 //! cargo bench --bench collectives -- --backend local --world 4 --op all_reduce -b 8 -e 64M -f 2 --check
 //! benches/run_mpi_bench.sh            # MPI backend under mpirun, against rsmpi's own all_reduce
+//! # NCCL on device buffers, one process per GPU (feature cuda; benches/multi_gpu.sh does this):
+//! RANK=r WORLD_SIZE=n LOCAL_RANK=r ... collectives --backend nccl --op all_reduce,all_gather -b 8 -e 1G
 //! ```
 //!
 //! Flags and columns follow nccl-tests (`-b/-e/-f/-n/-w/-d/-o/-r/-c`, out-of-place table `size count
@@ -22,7 +24,19 @@
 //! Backends: `local` (every rank a thread of `ferroccl::local::run_with`), `mpi` (feature `mpi`, under
 //! `mpirun`), `tcp` (with `RANK`/`WORLD_SIZE` set this process is one rank; without them it starts
 //! `--world` copies of itself on 127.0.0.1 and waits for them), `init` (`ferroccl::init()`: whatever
-//! the environment asks for). Only rank 0 prints. Inputs are small integers, so with `--check` every
+//! the environment asks for), `nccl` (feature `cuda`; one process per GPU launched torchrun-style or
+//! by mpirun, the id through the env rendezvous store, device = the local rank; implies `--device`).
+//! `--device` (feature `cuda`) puts the buffers in GPU memory (`CudaSlice<u8>` viewed with the chosen
+//! dtype); for host backends they are staged through pinned memory. Blocking ferroccl calls return
+//! when the operation is complete on the GPU, so host timers measure it; `--check` downloads the
+//! result and compares it on the host. Per-rank figures (times, wrong counts) are combined with
+//! collectives on the benchmarked communicator itself (through device buffers where it needs them).
+//!
+//! `--op dgc_sync` times one Deep Gradient Compression sync of a `--dgc-n`-float gradient at
+//! `--dgc-density` (ResNet-50: 25,557,032 floats, 0.1%) against the dense all-reduce (Avg) of the same
+//! gradient, on the same communicator: on the host, `Dgc::step` vs `all_reduce`; on device buffers,
+//! `DgcKernels::compress` + packing into fixed-k messages (u32 indices, f32 values) + `all_gather` +
+//! the scatter-add kernel vs `all_reduce` of the device gradient. Only rank 0 prints. Inputs are small integers, so with `--check` every
 //! result is compared exactly with a reference computed locally (Avg on floats to within rounding).
 
 use clap::{Parser, ValueEnum};
@@ -44,15 +58,28 @@ const LARGE: usize = 16 << 20;
     about = "ferroccl collectives bench (nccl-tests flags and columns, with a same-run peer)"
 )]
 struct Args {
-    /// Backend: local (threads), mpi (feature `mpi`, under mpirun), tcp, init (ferroccl::init()).
+    /// Backend: local (threads), mpi (feature `mpi`, under mpirun), tcp, init (ferroccl::init()),
+    /// nccl (feature `cuda`, one process per GPU).
     #[arg(long, value_enum, default_value = "local")]
     backend: BackendArg,
     /// Number of ranks (local: threads; tcp: processes started when RANK is unset). Default 4.
     #[arg(long)]
     world: Option<usize>,
-    /// Collective to time, or `all` for each in turn.
-    #[arg(long, value_enum, default_value = "all_reduce")]
-    op: OpArg,
+    /// Collective(s) to time (comma-separated), `all` for each in turn, or `dgc_sync`.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "all_reduce")]
+    op: Vec<OpArg>,
+    /// Buffers in GPU memory (feature `cuda`; implied by `--backend nccl`).
+    #[arg(long)]
+    device: bool,
+    /// `--op dgc_sync`: gradient length in floats (ResNet-50: 25,557,032).
+    #[arg(long, default_value_t = 25_557_032)]
+    dgc_n: usize,
+    /// `--op dgc_sync`: density after warm-up (0.001 = 99.9% sparsity).
+    #[arg(long, default_value_t = 0.001)]
+    dgc_density: f64,
+    /// `--op dgc_sync`: timed syncs of each kind (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    dgc_reps: usize,
     /// Smallest size (suffixes K, M, G: powers of 1024).
     #[arg(short = 'b', long, default_value = "8", value_parser = parse_size)]
     minbytes: usize,
@@ -87,7 +114,8 @@ struct Args {
     /// Draw busbw against size (log2 axis) into FILE.svg, one series per op and peer.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<String>,
-    /// Peer measured in the same run: memcpy (default except mpi), rsmpi (default for mpi), none.
+    /// Peer measured in the same run: memcpy (default for host buffers except mpi), rsmpi (default
+    /// for mpi), none (default for device buffers: their peers, nccl-tests and torch, run separately).
     #[arg(long, value_enum)]
     peer: Option<PeerArg>,
     /// Passed by `cargo bench`; ignored.
@@ -101,6 +129,7 @@ enum BackendArg {
     Mpi,
     Tcp,
     Init,
+    Nccl,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -119,6 +148,8 @@ enum OpArg {
     AllToAll,
     #[value(name = "all")]
     All,
+    #[value(name = "dgc_sync")]
+    DgcSync,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -266,6 +297,10 @@ struct Plan {
     maxbytes: usize,
     stepfactor: usize,
     world_flag: Option<usize>,
+    /// Buffers in GPU memory.
+    device: bool,
+    /// `--op dgc_sync`: (gradient length, density, timed reps).
+    dgc: Option<(usize, f64, usize)>,
 }
 
 /// One row of the table.
@@ -288,6 +323,27 @@ struct OpReport {
     op: Op,
     peer: PeerArg,
     rows: Vec<Row>,
+}
+
+/// Rank 0's results.
+struct Report {
+    ops: Vec<OpReport>,
+    dgc: Option<DgcRow>,
+}
+
+/// `--op dgc_sync`: one DGC sync against the dense all-reduce of the same gradient (max over ranks
+/// of each rank's median).
+#[derive(Debug, Clone)]
+struct DgcRow {
+    n: usize,
+    k: usize,
+    density: f64,
+    reps: usize,
+    message_bytes: usize,
+    dense_ms: f64,
+    dgc_ms: f64,
+    compress_ms: f64,
+    path: &'static str,
 }
 
 /// rsmpi's all-reduce on the benchmarked communicator (the MPI peer).
@@ -327,15 +383,41 @@ fn plan_from(args: &Args) -> AnyResult<Plan> {
     if args.world == Some(0) {
         return Err("--world must be at least 1".into());
     }
-    let ops: Vec<Op> = match args.op {
-        OpArg::AllReduce => vec![Op::AllReduce],
-        OpArg::ReduceScatter => vec![Op::ReduceScatter],
-        OpArg::AllGather => vec![Op::AllGather],
-        OpArg::Broadcast => vec![Op::Broadcast],
-        OpArg::Reduce => vec![Op::Reduce],
-        OpArg::AllToAll => vec![Op::AllToAll],
-        OpArg::All => Op::ALL.to_vec(),
-    };
+    let mut ops: Vec<Op> = Vec::new();
+    let mut dgc = None;
+    for a in &args.op {
+        let more = match a {
+            OpArg::AllReduce => vec![Op::AllReduce],
+            OpArg::ReduceScatter => vec![Op::ReduceScatter],
+            OpArg::AllGather => vec![Op::AllGather],
+            OpArg::Broadcast => vec![Op::Broadcast],
+            OpArg::Reduce => vec![Op::Reduce],
+            OpArg::AllToAll => vec![Op::AllToAll],
+            OpArg::All => Op::ALL.to_vec(),
+            OpArg::DgcSync => {
+                if args.dgc_n == 0 || args.dgc_reps == 0 {
+                    return Err("--dgc-n and --dgc-reps must be at least 1".into());
+                }
+                if !(args.dgc_density > 0.0 && args.dgc_density <= 1.0) {
+                    return Err("--dgc-density must be in (0, 1]".into());
+                }
+                dgc = Some((args.dgc_n, args.dgc_density, args.dgc_reps));
+                vec![]
+            }
+        };
+        for o in more {
+            if !ops.contains(&o) {
+                ops.push(o);
+            }
+        }
+    }
+    let device = args.device || args.backend == BackendArg::Nccl;
+    if device && args.peer == Some(PeerArg::Rsmpi) {
+        return Err("--peer rsmpi times host buffers: leave out --device".into());
+    }
+    if device && !cfg!(feature = "cuda") {
+        return Err("--device and --backend nccl need the `cuda` feature: cargo bench --features cuda --bench collectives".into());
+    }
     let rsmpi_fits =
         args.datatype == DType::F32 && args.redop == ReduceOp::Sum && ops.contains(&Op::AllReduce);
     let peer = match args.peer {
@@ -352,6 +434,7 @@ fn plan_from(args: &Args) -> AnyResult<Plan> {
             PeerArg::Rsmpi
         }
         Some(p) => p,
+        None if device => PeerArg::None,
         None if args.backend == BackendArg::Mpi => {
             if rsmpi_fits {
                 PeerArg::Rsmpi
@@ -376,6 +459,7 @@ fn plan_from(args: &Args) -> AnyResult<Plan> {
             BackendArg::Mpi => "mpi",
             BackendArg::Tcp => "tcp",
             BackendArg::Init => "init",
+            BackendArg::Nccl => "nccl",
         }
         .into(),
         ops,
@@ -391,6 +475,8 @@ fn plan_from(args: &Args) -> AnyResult<Plan> {
         maxbytes: args.maxbytes,
         stepfactor: args.stepfactor,
         world_flag: args.world,
+        device,
+        dgc,
     })
 }
 
@@ -422,20 +508,30 @@ fn real_main(args: Args) -> AnyResult<i32> {
             drop(comm);
             (r?, n)
         }
+        BackendArg::Nccl => {
+            let comm = nccl_comm()?;
+            let n = comm.world_size();
+            let r = run_bench(&*comm, &plan, None);
+            drop(comm);
+            (r?, n)
+        }
         BackendArg::Mpi => run_mpi(&plan)?,
     };
-    let Some(reports) = reports else {
+    let Some(report) = reports else {
         return Ok(0); // not rank 0
     };
     if let Some(path) = &args.json {
-        write_json(path, &plan, world, &reports)?;
+        write_json(path, &plan, world, &report)?;
         println!("# wrote {path}");
     }
     if let Some(path) = &args.plot {
-        write_plot(path, &plan, world, &reports)?;
-        println!("# wrote {path}");
+        if !report.ops.is_empty() {
+            write_plot(path, &plan, world, &report.ops)?;
+            println!("# wrote {path}");
+        }
     }
-    let wrong: u64 = reports
+    let wrong: u64 = report
+        .ops
         .iter()
         .flat_map(|r| &r.rows)
         .filter_map(|r| r.wrong)
@@ -444,7 +540,7 @@ fn real_main(args: Args) -> AnyResult<i32> {
 }
 
 #[cfg(feature = "mpi")]
-fn run_mpi(plan: &Plan) -> AnyResult<(Option<Vec<OpReport>>, usize)> {
+fn run_mpi(plan: &Plan) -> AnyResult<(Option<Report>, usize)> {
     let comm = ferroccl::mpi::MpiComm::world(ferroccl::Config::from_env()?)?;
     let n = comm.world_size();
     let raw = |s: &[f32], r: &mut [f32]| ferroccl::mpi::raw_allreduce_into_f32(&comm, s, r);
@@ -453,8 +549,32 @@ fn run_mpi(plan: &Plan) -> AnyResult<(Option<Vec<OpReport>>, usize)> {
     Ok((r?, n))
 }
 
+/// The NCCL communicator of this process: the id through MPI under mpirun when built with `mpi`,
+/// else through the env rendezvous store (torchrun-style variables, or mpirun's), else world size 1.
+#[cfg(feature = "cuda")]
+fn nccl_comm() -> AnyResult<Box<dyn Communicator>> {
+    #[cfg(feature = "mpi")]
+    if ferroccl::mpi::launched_by_mpirun() {
+        return Ok(ferroccl::init_with(ferroccl::Backend::Nccl)?);
+    }
+    let cfg = ferroccl::Config::from_env()?;
+    if ferroccl::rendezvous::EnvRendezvous::from_env()?.is_some() {
+        Ok(Box::new(ferroccl::nccl::NcclComm::from_env(cfg)?))
+    } else {
+        Ok(Box::new(ferroccl::nccl::NcclComm::single(0, cfg)?))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_comm() -> AnyResult<Box<dyn Communicator>> {
+    Err(
+        "--backend nccl needs the `cuda` feature: cargo bench --features cuda --bench collectives"
+            .into(),
+    )
+}
+
 #[cfg(not(feature = "mpi"))]
-fn run_mpi(_plan: &Plan) -> AnyResult<(Option<Vec<OpReport>>, usize)> {
+fn run_mpi(_plan: &Plan) -> AnyResult<(Option<Report>, usize)> {
     Err("--backend mpi needs the `mpi` feature: cargo bench --features mpi --bench collectives --no-run, \
          then run the binary under mpirun (benches/run_mpi_bench.sh does both)"
         .into())
@@ -520,8 +640,9 @@ fn run_bench(
     comm: &dyn Communicator,
     plan: &Plan,
     raw: Option<RawAllReduce<'_>>,
-) -> ferroccl::Result<Option<Vec<OpReport>>> {
+) -> ferroccl::Result<Option<Report>> {
     let (rank, n) = (comm.rank(), comm.world_size());
+    let dev = open_device(plan)?;
     if plan.root >= n && plan.ops.iter().any(|o| o.rooted()) {
         return Err(ferroccl::Error::InvalidArgument(format!(
             "--root {} is not a rank of this world of {n}",
@@ -550,7 +671,7 @@ fn run_bench(
         }
         let mut rows = Vec::new();
         for &bytes in &plan.sizes {
-            let row = measure(comm, plan, op, bytes, peer, raw)?;
+            let row = measure(comm, plan, op, bytes, peer, raw, &dev)?;
             if lead {
                 print_row(plan, op, peer, &row);
             }
@@ -561,7 +682,17 @@ fn run_bench(
         }
         reports.push(OpReport { op, peer, rows });
     }
-    Ok(lead.then_some(reports))
+    let dgc = match plan.dgc {
+        Some(_) => {
+            let row = measure_dgc(comm, plan, &dev)?;
+            if lead {
+                print_dgc(comm, plan, &row);
+            }
+            Some(row)
+        }
+        None => None,
+    };
+    Ok(lead.then_some(Report { ops: reports, dgc }))
 }
 
 fn hostname() -> String {
@@ -784,7 +915,413 @@ fn print_summary(plan: &Plan, op: Op, peer: PeerArg, rows: &[Row]) {
     }
 }
 
+/// This rank's CUDA stream when the buffers live on the GPU (`--device`, `--backend nccl`).
+#[cfg(feature = "cuda")]
+type Dev = Option<std::sync::Arc<cudarc::driver::CudaStream>>;
+/// Without the `cuda` feature there is never a device.
+#[cfg(not(feature = "cuda"))]
+type Dev = Option<std::convert::Infallible>;
+
+#[cfg(feature = "cuda")]
+fn cu<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> ferroccl::Error {
+    move |e| ferroccl::Error::Cuda(format!("collectives bench: {what}: {e:?}"))
+}
+
+/// The GPU of this rank: its local rank (torchrun's `LOCAL_RANK`, or mpirun's), 0 for in-process
+/// ranks (which share it).
+#[cfg(feature = "cuda")]
+fn open_device(plan: &Plan) -> ferroccl::Result<Dev> {
+    if !plan.device {
+        return Ok(None);
+    }
+    ferroccl::device::probe(&[ferroccl::device::Lib::Cuda])?;
+    let count = ferroccl::device::device_count().max(1);
+    let local = if plan.backend == "local" {
+        0
+    } else {
+        match ferroccl::rendezvous::EnvRendezvous::from_env()? {
+            Some(e) => e.local_rank,
+            None => [
+                "OMPI_COMM_WORLD_LOCAL_RANK",
+                "MPI_LOCALRANKID",
+                "SLURM_LOCALID",
+            ]
+            .iter()
+            .find_map(|v| std::env::var(v).ok()?.parse().ok())
+            .unwrap_or(0),
+        }
+    };
+    let ctx = cudarc::driver::CudaContext::new(local % count).map_err(cu("opening the GPU"))?;
+    Ok(Some(ctx.new_stream().map_err(cu("creating a stream"))?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_device(_plan: &Plan) -> ferroccl::Result<Dev> {
+    Ok(None)
+}
+
+/// All-reduce a few host numbers across ranks on the benchmarked communicator, through a device
+/// buffer when it takes device memory only (NCCL).
+fn reduce_f64(
+    comm: &dyn Communicator,
+    dev: &Dev,
+    v: &mut [f64],
+    op: ReduceOp,
+) -> ferroccl::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let (Some(s), true) = (dev, comm.supports_device()) {
+        let mut d = s.clone_htod(&*v).map_err(cu("upload"))?;
+        comm.all_reduce(&mut d, op)?;
+        s.memcpy_dtoh(&d, v).map_err(cu("download"))?;
+        return s.synchronize().map_err(cu("synchronize"));
+    }
+    let _ = dev;
+    comm.all_reduce(v, op)
+}
+
+/// A benchmark buffer: host memory, or `bytes` of device memory viewed with the chosen dtype.
+enum Store {
+    Host(Storage),
+    #[cfg(feature = "cuda")]
+    Dev(DevStore),
+}
+
+#[cfg(feature = "cuda")]
+struct DevStore {
+    mem: cudarc::driver::CudaSlice<u8>,
+    bytes: usize,
+    ptr: u64,
+}
+
+impl Store {
+    fn new(bytes: usize, dev: &Dev) -> ferroccl::Result<Store> {
+        match dev {
+            None => Ok(Store::Host(Storage::new(bytes))),
+            #[cfg(feature = "cuda")]
+            Some(s) => {
+                use cudarc::driver::DevicePtr;
+                // at least one byte, so that every view has a real address
+                let mem = s
+                    .alloc_zeros::<u8>(bytes.max(1))
+                    .map_err(cu("cudaMalloc"))?;
+                let ptr = {
+                    let (p, _sync) = mem.device_ptr(s);
+                    p
+                };
+                Ok(Store::Dev(DevStore { mem, bytes, ptr }))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Some(never) => match *never {},
+        }
+    }
+
+    fn view(&self, dtype: DType) -> Buf<'_> {
+        match self {
+            Store::Host(h) => Buf::host(dtype, h.bytes()),
+            #[cfg(feature = "cuda")]
+            Store::Dev(d) => Buf {
+                dtype,
+                len: d.bytes / dtype.size(),
+                mem: ferroccl::buffer::Mem::Device(ferroccl::buffer::DevPtr {
+                    ptr: d.ptr,
+                    bytes: d.bytes,
+                    stream: d.mem.stream(),
+                }),
+            },
+        }
+    }
+
+    fn view_mut(&mut self, dtype: DType) -> BufMut<'_> {
+        match self {
+            Store::Host(h) => BufMut::host(dtype, h.bytes_mut()),
+            #[cfg(feature = "cuda")]
+            Store::Dev(d) => BufMut {
+                dtype,
+                len: d.bytes / dtype.size(),
+                mem: ferroccl::buffer::MemMut::Device(ferroccl::buffer::DevPtr {
+                    ptr: d.ptr,
+                    bytes: d.bytes,
+                    stream: d.mem.stream(),
+                }),
+            },
+        }
+    }
+
+    /// Set the contents with `f` (on the host; uploaded for device memory).
+    fn write(&mut self, f: impl FnOnce(&mut [u8])) -> ferroccl::Result<()> {
+        match self {
+            Store::Host(h) => {
+                f(h.bytes_mut());
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Store::Dev(d) => {
+                let mut h = Storage::new(d.bytes);
+                f(h.bytes_mut());
+                if d.bytes > 0 {
+                    let s = d.mem.stream().clone();
+                    s.memcpy_htod(h.bytes(), &mut d.mem.slice_mut(..d.bytes))
+                        .map_err(cu("upload"))?;
+                    s.synchronize().map_err(cu("synchronize"))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The contents on the host (downloaded for device memory).
+    fn read(&self) -> ferroccl::Result<std::borrow::Cow<'_, Storage>> {
+        match self {
+            Store::Host(h) => Ok(std::borrow::Cow::Borrowed(h)),
+            #[cfg(feature = "cuda")]
+            Store::Dev(d) => {
+                let mut h = Storage::new(d.bytes);
+                if d.bytes > 0 {
+                    let s = d.mem.stream();
+                    s.memcpy_dtoh(&d.mem.slice(..d.bytes), h.bytes_mut())
+                        .map_err(cu("download"))?;
+                    s.synchronize().map_err(cu("synchronize"))?;
+                }
+                Ok(std::borrow::Cow::Owned(h))
+            }
+        }
+    }
+}
+
+/// A ResNet-like gradient: heavy-tailed values, different on every rank.
+fn dgc_grad(n: usize, rank: usize) -> Vec<f32> {
+    let mut st = (rank as u64 + 1) << 32;
+    (0..n)
+        .map(|_| {
+            st = ferroccl::dgc::select::mix64(st);
+            let a = (st >> 40) as f32 / (1u64 << 24) as f32;
+            let sign = if st & 1 == 0 { 1.0 } else { -1.0 };
+            sign * a * a * a * 1e-2
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+/// `--op dgc_sync`: one warm-up and `reps` timed syncs of each kind; every sync starts from the
+/// same gradient and after a barrier.
+fn measure_dgc(comm: &dyn Communicator, plan: &Plan, dev: &Dev) -> ferroccl::Result<DgcRow> {
+    let Some((n, density, reps)) = plan.dgc else {
+        return Err(ferroccl::Error::InvalidArgument(
+            "internal: no dgc plan".into(),
+        ));
+    };
+    let rank = comm.rank();
+    let k = ((n as f64 * density).ceil() as usize).clamp(1, n);
+    let base = dgc_grad(n, rank);
+    let (mut dense_t, mut dgc_t, mut comp_t) = (Vec::new(), Vec::new(), Vec::new());
+    let path;
+    let message_bytes;
+    match dev {
+        None => {
+            use ferroccl::dgc::{Dgc, DgcConfig};
+            path = "host: Dgc::step (CPU compression, fixed-k u32/f32 all_gather) vs all_reduce";
+            let cfg = DgcConfig::default()
+                .final_density(density)
+                .warmup_enabled(false);
+            let mut dgc = Dgc::new(n, cfg)?;
+            let mut g = base.clone();
+            let mut msg = 0;
+            for rep in 0..=reps {
+                g.copy_from_slice(&base);
+                comm.barrier()?;
+                let t0 = Instant::now();
+                comm.all_reduce(&mut g, ReduceOp::Avg)?;
+                let dense = t0.elapsed().as_secs_f64();
+                g.copy_from_slice(&base);
+                comm.barrier()?;
+                let t0 = Instant::now();
+                let st = dgc.step(comm, &mut g, 1e3)?;
+                let sync = t0.elapsed().as_secs_f64();
+                msg = st.message_bytes;
+                if rep > 0 {
+                    dense_t.push(dense);
+                    dgc_t.push(sync);
+                    comp_t.push(f64::NAN);
+                }
+            }
+            message_bytes = msg;
+        }
+        #[cfg(feature = "cuda")]
+        Some(stream) => {
+            path = "device: DgcKernels::compress + fixed-k pack (u32/f32) + all_gather + scatter-add kernel vs all_reduce";
+            message_bytes = 4 + 8 * k;
+            dgc_device(
+                comm,
+                stream,
+                &base,
+                k,
+                reps,
+                (&mut dense_t, &mut dgc_t, &mut comp_t),
+            )?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        Some(never) => match *never {},
+    }
+    let comp = median(comp_t);
+    let mut t = [
+        median(dense_t),
+        median(dgc_t),
+        if comp.is_nan() { 0.0 } else { comp },
+    ];
+    reduce_f64(comm, dev, &mut t, ReduceOp::Max)?;
+    Ok(DgcRow {
+        n,
+        k,
+        density,
+        reps,
+        message_bytes,
+        dense_ms: t[0] * 1e3,
+        dgc_ms: t[1] * 1e3,
+        compress_ms: if comp.is_nan() { f64::NAN } else { t[2] * 1e3 },
+        path,
+    })
+}
+
+/// The device DGC sync. Message layout as `wire` fixed-k and the scatter-add kernel expect:
+/// `[u32 header][k u32 indices, PAD_INDEX-padded][k f32 values]`.
+#[cfg(feature = "cuda")]
+fn dgc_device(
+    comm: &dyn Communicator,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    base: &[f32],
+    k: usize,
+    reps: usize,
+    out: (&mut Vec<f64>, &mut Vec<f64>, &mut Vec<f64>),
+) -> ferroccl::Result<()> {
+    use ferroccl::dgc::gpu::DgcKernels;
+    use ferroccl::dgc::select::{self, SelectParams, Update};
+    let (dense_t, dgc_t, comp_t) = out;
+    let (n, world) = (base.len(), comm.world_size());
+    let kern = DgcKernels::new(stream.context().ordinal())?;
+    let ks = kern.stream().clone();
+    let g = kern.upload(base)?;
+    let mut dense = kern.upload(base)?;
+    let mut u = ks.alloc_zeros::<f32>(n).map_err(cu("alloc"))?;
+    let mut v = ks.alloc_zeros::<f32>(n).map_err(cu("alloc"))?;
+    let sample = ((n as f64) * 0.01).ceil().max(1.0) as usize;
+    let mut c = kern.candidates(k, ((k as f64) * 1.3).ceil() as usize, sample)?;
+    let msg_len = 4 + 8 * k;
+    let mut msg = ks.alloc_zeros::<u8>(msg_len).map_err(cu("alloc"))?;
+    let mut gathered = ks.alloc_zeros::<u8>(msg_len * world).map_err(cu("alloc"))?;
+    let mut update = ks.alloc_zeros::<f32>(n).map_err(cu("alloc"))?;
+    let mut err = ks.alloc_zeros::<u32>(1).map_err(cu("alloc"))?;
+    let pad = vec![0xFFu8; 4 * k];
+    for rep in 0..=reps {
+        // dense: all-reduce (Avg) of the whole gradient
+        ks.memcpy_dtod(&g, &mut dense).map_err(cu("copy"))?;
+        ks.synchronize().map_err(cu("synchronize"))?;
+        comm.barrier()?;
+        let t0 = Instant::now();
+        comm.all_reduce(&mut dense, ReduceOp::Avg)?;
+        let dense_s = t0.elapsed().as_secs_f64();
+
+        // DGC: clip norm, compress, pack, all_gather, scatter-add
+        comm.barrier()?;
+        let t0 = Instant::now();
+        ks.memset_zeros(&mut c.sumsq).map_err(cu("memset"))?;
+        kern.launch_sum_squares(&g, &mut c.sumsq)?;
+        let sumsq = kern.download(&c.sumsq)?.first().copied().unwrap_or(0.0);
+        let up = Update {
+            scale: select::clip_scale(sumsq, 10.0, world),
+            momentum: 0.9,
+            momentum_correction: true,
+        };
+        let p = SelectParams {
+            k,
+            sample: Some(sample),
+            seed: 7,
+            step: rep as u64,
+            upper: 1.3,
+            lower: 0.8,
+            max_adapt: 8,
+        };
+        let (sel, _thr) = kern.compress(&g, &mut u, &mut v, up, &p, true, &mut c)?;
+        let sel = sel.min(k);
+        ks.synchronize().map_err(cu("synchronize"))?;
+        let comp_s = t0.elapsed().as_secs_f64();
+        if sel > 0 {
+            let mut iv = msg.slice_mut(4..4 + 4 * sel);
+            // SAFETY: 4·sel bytes viewed as sel u32 (indices); 4-byte aligned offset.
+            let mut iv = unsafe { iv.transmute_mut::<u32>(sel) }
+                .ok_or_else(|| ferroccl::Error::InvalidArgument("internal: index view".into()))?;
+            ks.memcpy_dtod(&c.sel_idx.slice(..sel), &mut iv)
+                .map_err(cu("pack indices"))?;
+            let mut vv = msg.slice_mut(4 + 4 * k..4 + 4 * k + 4 * sel);
+            // SAFETY: 4·sel bytes viewed as sel f32 (values); 4-byte aligned offset.
+            let mut vv = unsafe { vv.transmute_mut::<f32>(sel) }
+                .ok_or_else(|| ferroccl::Error::InvalidArgument("internal: value view".into()))?;
+            ks.memcpy_dtod(&c.sel_val.slice(..sel), &mut vv)
+                .map_err(cu("pack values"))?;
+        }
+        if sel < k {
+            ks.memcpy_htod(
+                &pad[..4 * (k - sel)],
+                &mut msg.slice_mut(4 + 4 * sel..4 + 4 * k),
+            )
+            .map_err(cu("pad"))?;
+        }
+        comm.all_gather(&msg, &mut gathered)?;
+        ks.memset_zeros(&mut update).map_err(cu("memset"))?;
+        kern.launch_scatter_add_fixed(&gathered, world, k, false, &mut update, &mut err)?;
+        ks.synchronize().map_err(cu("synchronize"))?;
+        let sync_s = t0.elapsed().as_secs_f64();
+        if rep > 0 {
+            dense_t.push(dense_s);
+            dgc_t.push(sync_s);
+            comp_t.push(comp_s);
+        }
+    }
+    let e = kern.download(&err)?;
+    if e.first().copied().unwrap_or(0) != 0 {
+        return Err(ferroccl::Error::InvalidArgument(format!(
+            "dgc scatter-add reported {} bad indices",
+            e[0]
+        )));
+    }
+    Ok(())
+}
+
+fn print_dgc(comm: &dyn Communicator, plan: &Plan, d: &DgcRow) {
+    let speedup = d.dense_ms / d.dgc_ms;
+    println!("#");
+    println!(
+        "# dgc_sync: {} floats ({:.1} MiB), density {} (k {} per rank, message {} B), world {}, backend {}{}",
+        d.n,
+        4.0 * d.n as f64 / (1 << 20) as f64,
+        d.density,
+        d.k,
+        d.message_bytes,
+        comm.world_size(),
+        plan.backend,
+        if plan.device { ", device buffers" } else { "" }
+    );
+    println!("# path: {}", d.path);
+    println!(
+        "# dense all_reduce(avg): {:.3} ms | DGC sync: {:.3} ms (compression {:.3} ms) | median of {} each, max over ranks",
+        d.dense_ms, d.dgc_ms, d.compress_ms, d.reps
+    );
+    println!(
+        "# DGC speedup per sync: {} -- target >= 20: {}",
+        fmt_g(speedup),
+        if speedup >= 20.0 { "met" } else { "not met" }
+    );
+}
+
 /// A host buffer aligned for every dtype.
+#[derive(Clone)]
 struct Storage {
     words: Vec<u64>,
     bytes: usize,
@@ -905,12 +1442,12 @@ fn exec(
     comm: &dyn Communicator,
     plan: &Plan,
     op: Op,
-    send: &Storage,
-    recv: &mut Storage,
+    send: &Store,
+    recv: &mut Store,
 ) -> ferroccl::Result<()> {
     let (dtype, redop, root) = (plan.dtype, plan.redop, plan.root);
-    let s = Buf::host(dtype, send.bytes());
-    let r = BufMut::host(dtype, recv.bytes_mut());
+    let s = send.view(dtype);
+    let r = recv.view_mut(dtype);
     let c = match op {
         Op::AllReduce => Collective::AllReduce {
             send: Some(s),
@@ -941,8 +1478,8 @@ fn time_ferroccl(
     plan: &Plan,
     op: Op,
     k: usize,
-    send: &Storage,
-    recv: &mut Storage,
+    send: &Store,
+    recv: &mut Store,
 ) -> ferroccl::Result<f64> {
     comm.barrier()?;
     let t0 = Instant::now();
@@ -957,10 +1494,16 @@ fn time_raw(
     comm: &dyn Communicator,
     raw: RawAllReduce<'_>,
     k: usize,
-    send: &Storage,
-    recv: &mut Storage,
+    send: &Store,
+    recv: &mut Store,
 ) -> ferroccl::Result<f64> {
     comm.barrier()?;
+    #[allow(irrefutable_let_patterns)] // without the `cuda` feature every Store is Host
+    let (Store::Host(send), Store::Host(recv)) = (send, recv) else {
+        return Err(ferroccl::Error::Unsupported(
+            "the rsmpi peer times host buffers only".into(),
+        ));
+    };
     let s: &[f32] = bytemuck::cast_slice(send.bytes());
     let r: &mut [f32] = bytemuck::cast_slice_mut(recv.bytes_mut());
     let t0 = Instant::now();
@@ -995,18 +1538,19 @@ fn check_once(
     plan: &Plan,
     op: Op,
     lay: &Layout,
-    send: &Storage,
-    recv: &mut Storage,
+    send: &Store,
+    recv: &mut Store,
 ) -> ferroccl::Result<u64> {
     let (rank, n) = (comm.rank(), comm.world_size());
     let (dtype, redop, root) = (plan.dtype, plan.redop, plan.root);
     if !(op == Op::Broadcast && rank == root) {
-        recv.bytes_mut().fill(0xFF); // poison: NaN for floats, -1 / 255 for integers
+        recv.write(|b| b.fill(0xFF))?; // poison: NaN for floats, -1 / 255 for integers
     }
     exec(comm, plan, op, send, recv)?;
     let c = lay.count;
     let tol = tolerance(redop, dtype);
-    let out = recv.bytes();
+    let host = recv.read()?;
+    let out = host.bytes();
     Ok(match op {
         Op::AllReduce => count_wrong(dtype, out, tol, |i| {
             reduce_ref(redop, dtype, n, |q| input(redop, q, i))
@@ -1032,17 +1576,21 @@ fn measure(
     bytes: usize,
     peer: PeerArg,
     raw: Option<RawAllReduce<'_>>,
+    dev: &Dev,
 ) -> ferroccl::Result<Row> {
     let (rank, n) = (comm.rank(), comm.world_size());
     let elt = plan.dtype.size();
     let lay = op.layout(bytes, elt, n);
-    let mut send = Storage::new(lay.send * elt);
-    let mut recv = Storage::new(lay.recv * elt);
-    fill(plan.dtype, send.bytes_mut(), |i| input(plan.redop, rank, i));
-    recv.bytes_mut().fill(0xFF);
-    if op == Op::Broadcast && rank == plan.root {
-        fill(plan.dtype, recv.bytes_mut(), |i| input(plan.redop, rank, i));
-    }
+    let mut send = Store::new(lay.send * elt, dev)?;
+    let mut recv = Store::new(lay.recv * elt, dev)?;
+    send.write(|b| fill(plan.dtype, b, |i| input(plan.redop, rank, i)))?;
+    let root_fill = op == Op::Broadcast && rank == plan.root;
+    recv.write(|b| {
+        b.fill(0xFF);
+        if root_fill {
+            fill(plan.dtype, b, |i| input(plan.redop, rank, i));
+        }
+    })?;
     let raw = if peer == PeerArg::Rsmpi { raw } else { None };
 
     for _ in 0..plan.warmup {
@@ -1075,11 +1623,11 @@ fn measure(
     for t in &mut times {
         *t /= plan.iters as f64;
     }
-    comm.all_reduce(&mut times, ReduceOp::Max)?;
+    reduce_f64(comm, dev, &mut times, ReduceOp::Max)?;
 
     let wrong = if plan.check {
-        let mut w = [check_once(comm, plan, op, &lay, &send, &mut recv)? as i64];
-        comm.all_reduce(&mut w, ReduceOp::Sum)?;
+        let mut w = [check_once(comm, plan, op, &lay, &send, &mut recv)? as f64];
+        reduce_f64(comm, dev, &mut w, ReduceOp::Sum)?;
         Some(w[0] as u64)
     } else {
         None
@@ -1113,9 +1661,9 @@ fn measure(
     })
 }
 
-fn write_json(path: &str, plan: &Plan, world: usize, reports: &[OpReport]) -> AnyResult<()> {
+fn write_json(path: &str, plan: &Plan, world: usize, report: &Report) -> AnyResult<()> {
     let mut rows = Vec::new();
-    for rep in reports {
+    for rep in &report.ops {
         for r in &rep.rows {
             rows.push(json!({
                 "op": rep.op.name(),
@@ -1146,9 +1694,23 @@ fn write_json(path: &str, plan: &Plan, world: usize, reports: &[OpReport]) -> An
         "warmup": plan.warmup,
         "check": plan.check,
         "peer": plan.peer.name(),
+        "device": plan.device,
         "host": hostname(),
         "nproc": nproc(),
         "rows": rows,
+        "dgc_sync": report.dgc.as_ref().map(|d| json!({
+            "n": d.n,
+            "k": d.k,
+            "density": d.density,
+            "reps": d.reps,
+            "message_bytes": d.message_bytes,
+            "dense_bytes": 4 * d.n,
+            "dense_allreduce_ms": d.dense_ms,
+            "dgc_sync_ms": d.dgc_ms,
+            "dgc_compress_ms": d.compress_ms,
+            "speedup": d.dense_ms / d.dgc_ms,
+            "path": d.path,
+        })),
     });
     std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
         .map_err(|e| format!("writing {path}: {e}"))?;

@@ -6,10 +6,12 @@
 //! ```
 //!
 //! For each size: a device copy's bandwidth (measured here, `memcpy_dtod`, read + write), the HBM
-//! floor of the compression step (bytes it must move — read g twice (norm + fused pass), read and
-//! write u and v: 24 bytes per element — ÷ that bandwidth), ferroccl's whole compression step
-//! (`DgcKernels::compress`: clip norm, sample, threshold, fused pass, top k of the candidates,
-//! masking; host wall time with the count read-backs included) and the fused pass alone (CUDA
+//! floor of the compression step (bytes it must move — read g twice (finiteness check + norm, then
+//! the fused pass), read and write u and v: 24 bytes per element; the sample, the candidates and the
+//! masking move well under 1% of that — ÷ that bandwidth), ferroccl's whole compression step
+//! (`DgcKernels::compress_step`: check + norm, sample, multi-block threshold select, fused pass, count
+//! read-back, top k of the candidates, masking; host wall time with the read-back included), a
+//! per-stage breakdown (CUDA events, printed to stderr and in the JSON) and the fused pass alone (CUDA
 //! events), against `python3 benches/torch_dgc.py` on the same GPU (torch.topk(|g|, k) and
 //! threshold + nonzero). Targets: ≤ 0.33× torch.topk and ≤ 1.5× the HBM floor. Prints a table and
 //! one `RESULT {json}` line; exits non-zero when a target is missed.
@@ -21,7 +23,7 @@
 #[cfg(feature = "cuda")]
 mod bench {
     use cudarc::driver::sys::CUevent_flags;
-    use ferroccl::dgc::gpu::DgcKernels;
+    use ferroccl::dgc::gpu::{DgcKernels, StageTimes};
     use ferroccl::dgc::select::{self, SelectParams, Update};
     use std::process::Command;
     use std::time::Instant;
@@ -86,21 +88,21 @@ mod bench {
             let floor = 24.0 * n as f64 / copy_bw;
 
             let s = ((n as f64) * 0.01).ceil() as usize;
-            let mut c = kern.candidates(k, (k as f64 * 1.3) as usize, s)?;
+            let mut ws = kern.workspace(k, (k as f64 * 1.3) as usize, s)?;
             let mut whole = Vec::new();
             let mut fused = Vec::new();
+            let mut stages: Vec<Vec<(&'static str, f64)>> = Vec::new();
             let mut sel = 0;
-            for step in 0..(reps + 3) as u64 {
-                stream.synchronize()?;
-                let t0 = Instant::now();
-                stream.memset_zeros(&mut c.sumsq)?;
-                kern.launch_sum_squares(&g, &mut c.sumsq)?;
-                let sumsq = kern.download(&c.sumsq)?[0];
-                let up = Update {
-                    scale: select::clip_scale(sumsq, 1e3, 4),
-                    momentum: 0.9,
-                    momentum_correction: true,
-                };
+            let mut first = 0;
+            let mut adapt = 0;
+            let up = Update {
+                scale: 1.0,
+                momentum: 0.9,
+                momentum_correction: true,
+            };
+            // Clipping on, with a bound the gradient exceeds (so the scale is applied).
+            let limit = Some(1e3 / 2.0);
+            for step in 0..(2 * reps + 6) as u64 {
                 let p = SelectParams {
                     k,
                     sample: Some(s),
@@ -110,31 +112,83 @@ mod bench {
                     lower: 0.8,
                     max_adapt: 8,
                 };
-                let (got, _thr) = kern.compress(&g, &mut u, &mut v, up, &p, true, &mut c)?;
+                // Odd steps: per-stage CUDA events (they add a little host overhead).
+                let profile = step % 2 == 1;
+                let mut prof = StageTimes::default();
                 stream.synchronize()?;
-                if step >= 3 {
-                    whole.push(t0.elapsed().as_secs_f64());
+                let t0 = Instant::now();
+                let (c, got) = kern.compress_step(
+                    &g,
+                    &mut u,
+                    &mut v,
+                    up,
+                    limit,
+                    &p,
+                    true,
+                    &mut ws,
+                    profile.then_some(&mut prof),
+                )?;
+                stream.synchronize()?;
+                let dt = t0.elapsed().as_secs_f64();
+                if step >= 6 {
+                    if profile {
+                        stages.push(prof.durations()?);
+                    } else {
+                        whole.push(dt);
+                    }
                 }
                 sel = got;
-                // The fused pass alone.
+                first = c.first_count;
+                adapt = adapt.max(c.adaptations);
+                // The fused pass alone (threshold +inf: no candidates).
                 let (a, b) = (ev()?, ev()?);
-                stream.memset_zeros(&mut c.count)?;
+                stream.memset_zeros(&mut ws.ctl)?;
                 a.record(&stream)?;
                 kern.launch_fused(
                     &g,
                     &mut u,
                     &mut v,
                     up,
+                    false,
                     f32::INFINITY,
-                    &mut c.idx,
-                    &mut c.val,
-                    &mut c.count,
+                    None,
+                    false,
+                    &mut ws,
                 )?;
                 b.record(&stream)?;
-                if step >= 3 {
+                if step >= 6 {
                     fused.push(f64::from(a.elapsed_ms(&b)?) * 1e-3);
                 }
             }
+            // Median per stage.
+            let names: Vec<&'static str> = stages
+                .first()
+                .map(|s| s.iter().map(|x| x.0).collect())
+                .unwrap_or_default();
+            let breakdown: Vec<(&'static str, f64)> = names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    let xs: Vec<f64> = stages
+                        .iter()
+                        .filter_map(|s| s.get(i).map(|x| x.1))
+                        .collect();
+                    (*name, median(xs))
+                })
+                .collect();
+            let check_ms = breakdown
+                .iter()
+                .find(|x| x.0 == "check + norm")
+                .map_or(0.0, |x| x.1);
+            eprintln!(
+                "n = {n}: stages (ms, median of {} profiled runs): {}; candidates {first}, selected {sel}, max adaptations {adapt}",
+                stages.len(),
+                breakdown
+                    .iter()
+                    .map(|(s, t)| format!("{s} {t:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             let (whole, fused) = (median(whole), median(fused));
 
             let torch = Command::new("python3")
@@ -174,6 +228,9 @@ mod bench {
                 "n": n, "k": k, "selected": sel, "copy_gbps": copy_bw / 1e9, "hbm_floor_ms": floor * 1e3,
                 "compress_ms": whole * 1e3, "fused_pass_ms": fused * 1e3, "torch": t,
                 "vs_topk": vs_topk, "vs_floor": vs_floor, "fused_vs_floor_20B": fused / (20.0 * n as f64 / copy_bw),
+                "stages_ms": breakdown.iter().map(|(s, t)| serde_json::json!({"stage": s, "ms": t})).collect::<Vec<_>>(),
+                "first_count": first, "max_adaptations": adapt,
+                "without_check_pass_ms": whole * 1e3 - check_ms,
             }));
         }
         println!(

@@ -3,13 +3,31 @@
 // is never fused (__fmul_rn/__fadd_rn), so u, v and the candidate *sets* are bit-identical to the twin's.
 // Only the order of compacted candidates differs (warp-aggregated atomics); the host sorts them.
 //
-//   dgc_sum_squares  sum of g^2 in f64 (local clipping)                       twin: sum_squares
+//   dgc_check_norm   finiteness check + sum of g^2 (f64) + clip scale, in one read of g
+//                                                          twins: first_non_finite, sum_squares, clip_scale
 //   dgc_sample       |v'| at hashed sample indices, v' the would-be accumulator twin: sample_magnitudes
-//   dgc_kth_largest  one-block radix select of the r-th largest of a sample    twin: kth_largest
+//   dgc_radix_round  one of three rounds of a multi-block radix select (11+11+10 bits) of the rank-th
+//                    largest magnitude                                         twin: kth_largest
 //   dgc_fused        clip-scale + momentum + accumulate + threshold + compact  twin: fused_update_select
 //   dgc_select       threshold + compact only (threshold correction)           twin: select_above
+//   dgc_filter       keep candidates >= the k-th largest (top k of candidates) twin: finish_selection
 //   dgc_mask         remove sent values from v, zero u (momentum masking)      twin: mask_sent
-//   dgc_scatter_add_fixed  decode gathered fixed-k messages, dense += v        twin: wire::decode_average
+//   dgc_decode_sorted  rank-ordered sum of gathered sorted messages / world    twin: wire::decode_average
+//   dgc_scatter_add_fixed  decode gathered fixed-k messages, dense += v (atomics, unordered)
+//
+// Control words (u32 ctl[CTL_LEN], one buffer so that one read-back returns them all):
+#define CTL_COUNT 0   // candidates counted by dgc_fused / dgc_select
+#define CTL_THR 1     // radix-select result on the sample (float bits): the estimated threshold
+#define CTL_SCALE 2   // clip scale (float bits), written by dgc_check_norm
+#define CTL_BAD 3     // 0xFFFFFFFF - (first non-finite index), 0: none (atomicMax = first index)
+#define CTL_OVF 4     // 1: the squared norm overflowed
+#define CTL_SEL 5     // pairs kept by dgc_filter
+#define CTL_DONE 6    // radix-round ticket (last block finishes the round)
+#define CTL_PREFIX 7  // radix select: bits fixed so far
+#define CTL_WANT 8    // radix select: rank still wanted among the matching values
+#define CTL_KTH 9     // radix-select result on the candidates (float bits)
+#define CTL_NDONE 10  // norm ticket
+#define RADIX_BINS 2048u
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
@@ -69,13 +87,52 @@ __device__ __forceinline__ void warp_compact(bool pred, u32 i, float v, u32 cap,
     }
 }
 
-extern "C" __global__ void dgc_sum_squares(const float* __restrict__ g, u64 n, double* out) {
+__device__ __forceinline__ bool state_is_bad(const u32* ctl) {
+    return (ctl[CTL_BAD] | ctl[CTL_OVF]) != 0u;
+}
+
+// The speculative top k (dgc_compress on the device without waiting for the count) runs only when the
+// fused pass's count needs no threshold correction: min_ok <= count <= cap (or the threshold is 0),
+// the same test as the host's.
+__device__ __forceinline__ bool in_band(const u32* ctl, u32 min_ok, u32 cap) {
+    const u32 c = ctl[CTL_COUNT];
+    return !state_is_bad(ctl) && c <= cap && (c >= min_ok || __uint_as_float(ctl[CTL_THR]) == 0.0f);
+}
+
+__device__ __forceinline__ void check_one(float x, u64 i, double* acc, u64* bad) {
+    const double d = (double)x;
+    *acc += d * d;
+    if (!isfinite(x) && i < *bad) {
+        *bad = i;
+    }
+}
+
+// One read of g: the first non-finite index (CTL_BAD), sum of squares in f64 (*sumsq, zeroed by the
+// caller), and, by the last block to finish, the clip scale min(1, limit / sqrt(sumsq)) (CTL_SCALE;
+// 1 when limit <= 0, i.e. no clipping) and the overflow flag (CTL_OVF).
+extern "C" __global__ void dgc_check_norm(const float* __restrict__ g, u64 n, double limit, double* sumsq,
+                                          u32* ctl) {
     __shared__ double part[32];
     double acc = 0.0;
+    u64 bad = ~0ULL;
+    const u64 nvec = n / 4u;
     const u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const double x = (double)g[i];
-        acc += x * x;
+    const float4* g4 = reinterpret_cast<const float4*>(g);
+    for (u64 q = (u64)blockIdx.x * blockDim.x + threadIdx.x; q < nvec; q += stride) {
+        const float4 x = g4[q];
+        check_one(x.x, 4u * q, &acc, &bad);
+        check_one(x.y, 4u * q + 1u, &acc, &bad);
+        check_one(x.z, 4u * q + 2u, &acc, &bad);
+        check_one(x.w, 4u * q + 3u, &acc, &bad);
+    }
+    if (blockIdx.x == 0u && threadIdx.x < 4u) {
+        const u64 i = nvec * 4u + threadIdx.x;
+        if (i < n) {
+            check_one(g[i], i, &acc, &bad);
+        }
+    }
+    if (bad != ~0ULL) {
+        atomicMax(ctl + CTL_BAD, 0xFFFFFFFFu - (u32)bad);
     }
     for (int o = 16; o > 0; o >>= 1) {
         acc += __shfl_down_sync(FULL_MASK, acc, o);
@@ -90,69 +147,158 @@ extern "C" __global__ void dgc_sum_squares(const float* __restrict__ g, u64 n, d
             acc += __shfl_down_sync(FULL_MASK, acc, o);
         }
         if (threadIdx.x == 0u) {
-            atomicAdd(out, acc);
+            atomicAdd(sumsq, acc);
+            __threadfence();
+            const u32 ticket = atomicAdd(ctl + CTL_NDONE, 1u);
+            if (ticket == gridDim.x - 1u) {
+                const double total = atomicAdd(sumsq, 0.0);
+                float scale = 1.0f;
+                if (!isfinite(total)) {
+                    ctl[CTL_OVF] = limit > 0.0 ? 1u : 0u;
+                } else if (limit > 0.0) {
+                    const double norm = sqrt(total);
+                    if (norm > limit && norm > 0.0) {
+                        scale = (float)(limit / norm);
+                    }
+                }
+                ctl[CTL_SCALE] = __float_as_uint(scale);
+                ctl[CTL_NDONE] = 0u;
+            }
         }
     }
 }
 
+__device__ __forceinline__ float load_scale(float scale, int scale_from_ctl, const u32* ctl) {
+    return scale_from_ctl ? __uint_as_float(ctl[CTL_SCALE]) : scale;
+}
+
+// exact = 1: every element in order (s = n), for Selection::ExactTopK.
 extern "C" __global__ void dgc_sample(const float* __restrict__ g, const float* __restrict__ u,
-                                      const float* __restrict__ v, u64 n, float scale, float m, int mc,
-                                      u64 seed, u64 step, u64 s, float* out) {
+                                      const float* __restrict__ v, u64 n, float scale, int scale_from_ctl,
+                                      float m, int mc, u64 seed, u64 step, u64 s, int exact,
+                                      float* out, const u32* ctl) {
+    const float sc = load_scale(scale, scale_from_ctl, ctl);
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < s; j += stride) {
-        const u64 i = sample_index(seed, step, j, n);
+        const u64 i = exact ? j : sample_index(seed, step, j, n);
         float u2;
-        out[j] = fabsf(dgc_apply(g[i], u[i], v[i], scale, m, mc, &u2));
+        out[j] = fabsf(dgc_apply(g[i], u[i], v[i], sc, m, mc, &u2));
     }
 }
 
-// The rank-th largest magnitude (1-based, rank <= s) of xs[0..s), by a 4-pass 8-bit radix select on
-// the float bits (for non-negative floats the bit patterns order like the values). One block.
-extern "C" __global__ void dgc_kth_largest(const float* __restrict__ xs, u32 s, u32 rank, float* out) {
-    __shared__ u32 hist[256];
-    __shared__ u32 prefix_s, want_s;
-    if (threadIdx.x == 0u) {
-        prefix_s = 0u;
-        want_s = rank;
-    }
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (u32 b = threadIdx.x; b < 256u; b += blockDim.x) {
-            hist[b] = 0u;
+// Round `round` (0, 1, 2) of the radix select of the rank-th largest magnitude (1-based, 1 <= rank <= s)
+// of xs[0..s): 11, 11 and 10 bits of the float pattern (for non-negative floats the bit patterns
+// order like the values). Every block histograms the values that match the prefix fixed so far into
+// shared memory and adds it to ghist (RADIX_BINS words, zero on entry); the last block to finish
+// picks the bin, updates CTL_PREFIX/CTL_WANT, zeroes ghist, and after round 2 writes the result to
+// ctl[out_slot]. Three launches, no host synchronisation.
+// spec = 1: speculative top k of the candidates: s = min(CTL_COUNT, s), and nothing happens unless the
+// count is in the band (min_ok, band_cap) and above rank.
+extern "C" __global__ void dgc_radix_round(const float* __restrict__ xs, u32 s, u32 rank, int round,
+                                           u32* ctl, u32* ghist, int out_slot, int spec, u32 min_ok,
+                                           u32 band_cap) {
+    __shared__ u32 hist[RADIX_BINS];
+    __shared__ u32 last_s;
+    if (spec) {
+        if (!in_band(ctl, min_ok, band_cap) || ctl[CTL_COUNT] <= rank) {
+            return;
         }
-        __syncthreads();
-        const u32 prefix = prefix_s;
-        const u32 hi_mask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
-        for (u32 j = threadIdx.x; j < s; j += blockDim.x) {
-            const u32 bits = __float_as_uint(fabsf(xs[j]));
-            if ((bits & hi_mask) == (prefix & hi_mask)) {
-                atomicAdd(&hist[(bits >> shift) & 0xFFu], 1u);
+        s = min(s, ctl[CTL_COUNT]);
+    }
+    const int shift = round == 0 ? 21 : (round == 1 ? 10 : 0);
+    const u32 nbins = round == 2 ? 1024u : 2048u;
+    const u32 hi_mask = round == 0 ? 0u : (0xFFFFFFFFu << (shift + (round == 1 ? 11 : 10)));
+    const u32 prefix = round == 0 ? 0u : ctl[CTL_PREFIX];
+    for (u32 b = threadIdx.x; b < nbins; b += blockDim.x) {
+        hist[b] = 0u;
+    }
+    __syncthreads();
+    const u32 stride = gridDim.x * blockDim.x;
+    for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < s; j += stride) {
+        const u32 bits = __float_as_uint(fabsf(xs[j]));
+        if (((bits ^ prefix) & hi_mask) == 0u) {
+            atomicAdd(&hist[(bits >> shift) & (nbins - 1u)], 1u);
+        }
+    }
+    __syncthreads();
+    for (u32 b = threadIdx.x; b < nbins; b += blockDim.x) {
+        const u32 h = hist[b];
+        if (h != 0u) {
+            atomicAdd(ghist + b, h);
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0u) {
+        last_s = atomicAdd(ctl + CTL_DONE, 1u) == gridDim.x - 1u ? 1u : 0u;
+    }
+    __syncthreads();
+    if (last_s == 0u) {
+        return;
+    }
+    // Last block: gather the global histogram (and clear it for the next round / call).
+    __threadfence();
+    for (u32 b = threadIdx.x; b < nbins; b += blockDim.x) {
+        hist[b] = atomicExch(ghist + b, 0u);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32u) {
+        const u32 lane = threadIdx.x;
+        const u32 per = nbins / 32u;
+        u32 want = round == 0 ? rank : ctl[CTL_WANT];
+        u32 mine = 0u;
+        for (u32 b = 0; b < per; ++b) {
+            mine += hist[lane * per + b];
+        }
+        // suffix[lane] = sum over lanes >= lane.
+        u32 suffix = mine;
+        for (int o = 1; o < 32; o <<= 1) {
+            const u32 t = __shfl_down_sync(FULL_MASK, suffix, o);
+            if (lane + (u32)o < 32u) {
+                suffix += t;
             }
         }
-        __syncthreads();
-        if (threadIdx.x == 0u) {
-            u32 want = want_s;
-            int b = 255;
-            for (; b > 0; --b) {
-                if (hist[b] >= want) {
+        const u32 ok = __ballot_sync(FULL_MASK, suffix >= want);
+        const u32 top = ok == 0u ? 0u : 31u - (u32)__clz(ok);
+        const u32 above = __shfl_sync(FULL_MASK, suffix - mine, top);
+        if (lane == top) {
+            u32 w = ok == 0u ? want : want - above;
+            u32 bin = lane * per;
+            for (int b = (int)per - 1; b >= 0; --b) {
+                const u32 h = hist[lane * per + (u32)b];
+                if (h >= w) {
+                    bin = lane * per + (u32)b;
                     break;
                 }
-                want -= hist[b];
+                w -= h;
             }
-            prefix_s = prefix | ((u32)b << shift);
-            want_s = want;
+            const u32 p = prefix | (bin << shift);
+            ctl[CTL_PREFIX] = p;
+            ctl[CTL_WANT] = w;
+            if (round == 2) {
+                ctl[out_slot] = p;
+            }
+            ctl[CTL_DONE] = 0u;
         }
-        __syncthreads();
-    }
-    if (threadIdx.x == 0u) {
-        *out = __uint_as_float(prefix_s);
     }
 }
 
+
 // The fused pass. Vectorised (float4) over the first n4 = n/4*4 elements, scalar tail. Grid-stride
-// loops whose bounds are warp-uniform, so every lane reaches the ballots.
+// loops whose bounds are warp-uniform, so every lane reaches the ballots. With `guard`, does nothing
+// when dgc_check_norm flagged a non-finite gradient (so the state is untouched without a host sync).
+// The scale comes from CTL_SCALE when scale_from_ctl, the threshold from ctl[thr_slot] when
+// thr_slot >= 0; the count goes to CTL_COUNT.
 extern "C" __global__ void dgc_fused(const float* __restrict__ g, float* __restrict__ u,
-                                     float* __restrict__ v, u64 n, float scale, float m, int mc, float thr,
-                                     u32 cap, u32* out_idx, float* out_val, u32* count) {
+                                     float* __restrict__ v, u64 n, float scale, int scale_from_ctl, float m,
+                                     int mc, float thr_in, int thr_slot, int guard, u32 cap, u32* out_idx,
+                                     float* out_val, u32* ctl) {
+    if (guard && state_is_bad(ctl)) {
+        return;
+    }
+    const float sc = load_scale(scale, scale_from_ctl, ctl);
+    const float thr = thr_slot >= 0 ? __uint_as_float(ctl[thr_slot]) : thr_in;
+    u32* count = ctl + CTL_COUNT;
     const u64 nvec = n / 4u;
     const u64 stride = (u64)gridDim.x * blockDim.x;
     const float4* g4 = reinterpret_cast<const float4*>(g);
@@ -166,10 +312,10 @@ extern "C" __global__ void dgc_fused(const float* __restrict__ g, float* __restr
             gv = g4[q];
             uv = u4[q];
             vv = v4[q];
-            vv.x = dgc_apply(gv.x, uv.x, vv.x, scale, m, mc, &uv.x);
-            vv.y = dgc_apply(gv.y, uv.y, vv.y, scale, m, mc, &uv.y);
-            vv.z = dgc_apply(gv.z, uv.z, vv.z, scale, m, mc, &uv.z);
-            vv.w = dgc_apply(gv.w, uv.w, vv.w, scale, m, mc, &uv.w);
+            vv.x = dgc_apply(gv.x, uv.x, vv.x, sc, m, mc, &uv.x);
+            vv.y = dgc_apply(gv.y, uv.y, vv.y, sc, m, mc, &uv.y);
+            vv.z = dgc_apply(gv.z, uv.z, vv.z, sc, m, mc, &uv.z);
+            vv.w = dgc_apply(gv.w, uv.w, vv.w, sc, m, mc, &uv.w);
             if (mc) {
                 u4[q] = uv;
             }
@@ -194,7 +340,7 @@ extern "C" __global__ void dgc_fused(const float* __restrict__ g, float* __restr
         float vv = 0.0f;
         if (active) {
             float u2;
-            vv = dgc_apply(g[i], u[i], v[i], scale, m, mc, &u2);
+            vv = dgc_apply(g[i], u[i], v[i], sc, m, mc, &u2);
             u[i] = u2;
             v[i] = vv;
         }
@@ -202,18 +348,27 @@ extern "C" __global__ void dgc_fused(const float* __restrict__ g, float* __restr
     }
 }
 
+// Threshold + compaction only (read-only on v); the count goes to CTL_COUNT.
 extern "C" __global__ void dgc_select(const float* __restrict__ v, u64 n, float thr, u32 cap,
-                                      u32* out_idx, float* out_val, u32* count) {
+                                      u32* out_idx, float* out_val, u32* ctl) {
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 base = (u64)blockIdx.x * blockDim.x; base < n; base += stride) {
         const u64 i = base + threadIdx.x;
         const float x = i < n ? v[i] : 0.0f;
-        warp_compact(i < n && dgc_passes(x, thr), (u32)i, x, cap, out_idx, out_val, count);
+        warp_compact(i < n && dgc_passes(x, thr), (u32)i, x, cap, out_idx, out_val, ctl + CTL_COUNT);
     }
 }
 
+// spec = 1: cnt = min(CTL_SEL, cnt), and nothing happens unless the count is in the band.
 extern "C" __global__ void dgc_mask(float* u, float* v, const u32* __restrict__ idx,
-                                    const float* __restrict__ sent, u32 cnt, int mask_momentum) {
+                                    const float* __restrict__ sent, u32 cnt, int mask_momentum, int spec,
+                                    u32 min_ok, u32 band_cap, const u32* ctl) {
+    if (spec) {
+        if (!in_band(ctl, min_ok, band_cap)) {
+            return;
+        }
+        cnt = min(cnt, ctl[CTL_SEL]);
+    }
     const u32 stride = gridDim.x * blockDim.x;
     for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < cnt; j += stride) {
         const u32 i = idx[j];
@@ -223,6 +378,75 @@ extern "C" __global__ void dgc_mask(float* u, float* v, const u32* __restrict__ 
         if (mask_momentum) {
             u[i] = 0.0f;
         }
+    }
+}
+
+// Keep the candidates whose magnitude is >= ctl[CTL_KTH] (the top k of the candidate list, CTL_KTH
+// being the k-th largest candidate magnitude), at most cap of them; the count goes to CTL_SEL.
+// spec = 1: cnt = min(CTL_COUNT, cnt), and nothing happens unless the count is in the band.
+extern "C" __global__ void dgc_filter(const u32* __restrict__ idx_in, const float* __restrict__ val_in,
+                                      u32 cnt, u32 cap, u32* idx_out, float* val_out, u32* ctl, int spec,
+                                      u32 min_ok, u32 band_cap) {
+    if (spec) {
+        if (!in_band(ctl, min_ok, band_cap)) {
+            return;
+        }
+        cnt = min(cnt, ctl[CTL_COUNT]);
+    }
+    const float thr = __uint_as_float(ctl[CTL_KTH]);
+    const u32 stride = gridDim.x * blockDim.x;
+    for (u32 base = blockIdx.x * blockDim.x; base < cnt; base += stride) {
+        const u32 j = base + threadIdx.x;
+        const float x = j < cnt ? val_in[j] : 0.0f;
+        warp_compact(j < cnt && dgc_passes(x, thr), j < cnt ? idx_in[j] : 0u, x, cap, idx_out, val_out,
+                     ctl + CTL_SEL);
+    }
+}
+
+__device__ __forceinline__ int find_sorted(const u32* __restrict__ xs, u32 len, u32 key) {
+    u32 lo = 0u, hi = len;
+    while (lo < hi) {
+        const u32 mid = (lo + hi) >> 1;
+        if (xs[mid] < key) {
+            lo = mid + 1u;
+        } else {
+            hi = mid;
+        }
+    }
+    return (lo < len && xs[lo] == key) ? (int)lo : -1;
+}
+
+// Decode of `world` gathered messages, each `stride` (index, value) pairs with strictly ascending
+// indices, padded with PAD_INDEX. For every index, the thread of its first occurrence (lowest rank)
+// sums the values of every rank in rank order starting from 0.0f and stores sum / world (when world
+// > 1) into dense, which the caller zeroed: bit-identical to the host's rank-ordered scatter-add and
+// division (wire::decode_average). Indices >= n are skipped (the host validated them).
+extern "C" __global__ void dgc_decode_sorted(const u32* __restrict__ idx, const float* __restrict__ val,
+                                             u32 world, u32 stride, float* dense, u64 n) {
+    const u64 total = (u64)world * stride;
+    const u64 step = (u64)gridDim.x * blockDim.x;
+    const float w = (float)world;
+    for (u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
+        const u32 r = (u32)(t / stride);
+        const u32 i = idx[t];
+        if (i == PAD_INDEX || (u64)i >= n) {
+            continue;
+        }
+        bool first = true;
+        for (u32 q = 0; q < r && first; ++q) {
+            first = find_sorted(idx + (u64)q * stride, stride, i) < 0;
+        }
+        if (!first) {
+            continue;
+        }
+        float sum = __fadd_rn(0.0f, val[t]);
+        for (u32 q = r + 1u; q < world; ++q) {
+            const int p = find_sorted(idx + (u64)q * stride, stride, i);
+            if (p >= 0) {
+                sum = __fadd_rn(sum, val[(u64)q * stride + (u32)p]);
+            }
+        }
+        dense[i] = world > 1u ? __fdiv_rn(sum, w) : sum;
     }
 }
 
@@ -254,19 +478,5 @@ extern "C" __global__ void dgc_scatter_add_fixed(const unsigned char* __restrict
         } else if (atomicCAS(err, 0u, 4u) == 0u) {
             err[1] = i;
         }
-    }
-}
-
-// Keep the candidates whose magnitude is >= thr (the top k of the candidate list, thr being the k-th
-// largest candidate magnitude), at most cap of them.
-extern "C" __global__ void dgc_filter(const u32* __restrict__ idx_in, const float* __restrict__ val_in,
-                                      u32 cnt, float thr, u32 cap, u32* idx_out, float* val_out,
-                                      u32* count) {
-    const u32 stride = gridDim.x * blockDim.x;
-    for (u32 base = blockIdx.x * blockDim.x; base < cnt; base += stride) {
-        const u32 j = base + threadIdx.x;
-        const float x = j < cnt ? val_in[j] : 0.0f;
-        warp_compact(j < cnt && dgc_passes(x, thr), j < cnt ? idx_in[j] : 0u, x, cap, idx_out, val_out,
-                     count);
     }
 }

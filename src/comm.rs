@@ -531,6 +531,15 @@ pub trait Communicator: Send + Sync {
         false
     }
 
+    /// Checked mode's exchange: all-gather each rank's call signature (`mine`, 5 words) into `all`.
+    /// Backends whose collectives need device memory override this.
+    fn exchange_signatures(&self, mine: &[i64], all: &mut [i64]) -> Result<()> {
+        self.exec(Collective::AllGather {
+            send: mine.buf(),
+            recv: all.buf_mut(),
+        })
+    }
+
     /// Bytes this rank has sent so far (payload, all operations).
     fn bytes_sent(&self) -> u64 {
         0
@@ -612,10 +621,7 @@ fn check_signatures<C: Communicator + ?Sized>(comm: &C, c: &CollectiveRef<'_>) -
     let mut all = vec![0u64; 5 * comm.world_size()];
     let mine_i: Vec<i64> = mine.iter().map(|&x| x as i64).collect();
     let mut all_i: Vec<i64> = vec![0; all.len()];
-    comm.exec(Collective::AllGather {
-        send: mine_i.buf(),
-        recv: all_i.buf_mut(),
-    })?;
+    comm.exchange_signatures(&mine_i, &mut all_i)?;
     for (a, b) in all.iter_mut().zip(&all_i) {
         *a = *b as u64;
     }

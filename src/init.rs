@@ -132,7 +132,7 @@ pub fn init_with(b: Backend) -> Result<Box<dyn Communicator>> {
                 if crate::mpi::launched_by_mpirun() {
                     return Ok(Box::new(crate::nccl::NcclComm::from_mpi(cfg)?));
                 }
-                if std::env::var_os("RANK").is_some() {
+                if EnvRendezvous::from_env()?.is_some() {
                     Ok(Box::new(crate::nccl::NcclComm::from_env(cfg)?))
                 } else {
                     Ok(Box::new(crate::nccl::NcclComm::single(0, cfg)?))

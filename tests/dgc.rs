@@ -465,10 +465,162 @@ fn gpu_kernels_match_cpu_twins() {
         assert!(cu == gu && cv == gv, "u/v bit-identical, n={n}");
         select::finish_selection(&mut gi, &mut gx, usize::MAX);
         assert_eq!((ci, cx), (gi, gx));
-        // Sum of squares (f64, different order: tolerance).
+        // Sum of squares (f64, different order: tolerance), the clip scale from it, finiteness.
         let a = select::sum_squares(&g);
-        let b = k.sum_squares(&g).unwrap();
+        let (b, scale, bad) = k.check_norm(&g, 0.01).unwrap();
         assert!(((a - b) / a).abs() < 1e-12);
+        assert_eq!(bad, None);
+        assert_eq!(scale, select::clip_scale(b, 0.01, 1));
+        let mut gbad = g.clone();
+        gbad[n - 1] = f32::INFINITY;
+        gbad[n / 2] = f32::NAN;
+        assert_eq!(k.check_norm(&gbad, 0.0).unwrap().2, Some(n / 2));
+        // The multi-block radix select at several ranks, with ties.
+        let mut ties = g.clone();
+        for x in ties.iter_mut().step_by(3) {
+            *x = 0.25;
+        }
+        for rank in [1, 2, n / 3 + 1, n] {
+            let got = k.kth_largest(&ties, rank).unwrap();
+            let mut abs: Vec<f32> = ties.iter().map(|x| x.abs()).collect();
+            assert_eq!(
+                got,
+                select::kth_largest(&mut abs, rank),
+                "rank {rank} of {n}"
+            );
+        }
+    }
+}
+
+/// The whole device compression (`compress_step`: speculative top k and masking in the common case,
+/// the correction path otherwise) against `select::compress` + `mask_sent` on the host.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_compress_step_matches_host() {
+    use ferroccl::dgc::gpu::DgcKernels;
+    let kern = DgcKernels::new(0).unwrap();
+    let n = 1 << 20;
+    // lower = 0.999 forces corrections on most steps; 0.8 is the paper's band.
+    for (step, lower) in [(0u64, 0.8), (1, 0.8), (2, 0.999), (3, 0.8)] {
+        let g = random_grad(n, 40 + step);
+        let (u0, v0) = (random_grad(n, 50 + step), random_grad(n, 60 + step));
+        let up = select::Update {
+            scale: 0.5,
+            momentum: 0.9,
+            momentum_correction: true,
+        };
+        let p = select::SelectParams {
+            k: 1000,
+            sample: Some(n / 100),
+            seed: 3,
+            step,
+            upper: 1.3,
+            lower,
+            max_adapt: 8,
+        };
+        let (mut cu, mut cv) = (u0.clone(), v0.clone());
+        let sel = select::compress(&g, &mut cu, &mut cv, up, &p).unwrap();
+        select::mask_sent(&mut cu, &mut cv, &sel.idx, &sel.val, true);
+        let gd = kern.upload(&g).unwrap();
+        let (mut gu, mut gv) = (kern.upload(&u0).unwrap(), kern.upload(&v0).unwrap());
+        let mut ws = kern.workspace(p.k, 1300, n / 100).unwrap();
+        let (c, got) = kern
+            .compress_step(&gd, &mut gu, &mut gv, up, None, &p, true, &mut ws, None)
+            .unwrap();
+        let mut i = kern.download(&ws.sel_idx).unwrap();
+        let mut x = kern.download(&ws.sel_val).unwrap();
+        i.truncate(got);
+        x.truncate(got);
+        select::finish_selection(&mut i, &mut x, usize::MAX);
+        let ctx = format!("step {step}, lower {lower}, {c:?}");
+        assert_eq!((&i, &x), (&sel.idx, &sel.val), "{ctx}");
+        assert_eq!(c.threshold, sel.threshold, "{ctx}");
+        assert!(kern.download(&gu).unwrap() == cu, "u, {ctx}");
+        assert!(kern.download(&gv).unwrap() == cv, "v, {ctx}");
+    }
+}
+
+/// The device step (`DeviceDgc`, gradient and state on the GPU) against the host step (`Dgc`) on
+/// 2–4 in-process ranks sharing one GPU, over several steps through the warm-up, for several
+/// configurations. While every step's clip scale is the same on both (the device sums `g²` in
+/// another order, so the scale can differ in its last bit), updates, `u`, `v` and the statistics
+/// must be bit-identical; after a differing scale, within 1e-5 relative. Also: a checkpoint taken on
+/// the device and resumed mid-run, and a non-finite gradient under both policies.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a GPU"]
+fn device_step_matches_host_step() {
+    use ferroccl::dgc::gpu::{DeviceDgc, DgcKernels};
+    use std::sync::Arc;
+    let n = 100_003;
+    let cfgs = [
+        DgcConfig::default().clip_norm(1.0),
+        DgcConfig::default().compact().clip_norm(1.0),
+        DgcConfig::default().non_finite(NonFinite::SkipStep),
+        plain(0.01).momentum_correction(true).momentum_masking(true),
+    ];
+    for (ci, cfg) in cfgs.iter().enumerate() {
+        for world in [2usize, 3, 4] {
+            let skip = cfg.non_finite == NonFinite::SkipStep;
+            ferroccl::local::run(world, |comm| {
+                let kern = Arc::new(DgcKernels::new(0)?);
+                let mut host = Dgc::new(n, cfg.clone())?;
+                let mut dev = DeviceDgc::new(kern.clone(), n, cfg.clone())?;
+                let mut exact = true;
+                for step in 0..7u64 {
+                    let epoch = step as f64;
+                    let mut g = random_grad(n, 1000 * ci as u64 + 10 * step + comm.rank() as u64);
+                    if skip && step == 3 && comm.rank() == world - 1 {
+                        g[17] = f32::NAN;
+                    }
+                    if step == 4 {
+                        // Checkpoint on the device, resume from it.
+                        let st = dev.state()?;
+                        assert_eq!(st, host.state().clone(), "checkpoint before step {step}");
+                        dev = DeviceDgc::from_state(kern.clone(), st)?;
+                    }
+                    let mut dg = kern.upload(&g)?;
+                    let hs = host.step(comm, &mut g, epoch)?;
+                    let ds = dev.step(comm, &mut dg, epoch)?;
+                    let du = kern.download(&dg)?;
+                    exact &= hs.clip_scale == ds.clip_scale;
+                    let ctx = format!("cfg {ci}, world {world}, step {step}, rank {}", comm.rank());
+                    assert_eq!(hs.skipped, ds.skipped, "{ctx}");
+                    assert_eq!(hs.skipped, skip && step == 3, "{ctx}");
+                    let dst = dev.state()?;
+                    if exact {
+                        assert_eq!(hs, ds, "stats, {ctx}");
+                        assert!(
+                            g.iter().zip(&du).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "update, {ctx}"
+                        );
+                        assert_eq!(&dst, host.state(), "state, {ctx}");
+                    } else {
+                        assert_eq!((hs.k, hs.message_bytes), (ds.k, ds.message_bytes), "{ctx}");
+                        let close = |a: &[f32], b: &[f32]| {
+                            let m = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+                            a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * m)
+                        };
+                        assert!(close(&g, &du), "update, {ctx}");
+                        assert!(close(&host.state().v, &dst.v), "v, {ctx}");
+                        assert!(close(&host.state().u, &dst.u), "u, {ctx}");
+                    }
+                }
+                // Error policy: a bad gradient is an error naming the index; the state is unchanged.
+                if !skip {
+                    let before = dev.state()?;
+                    let mut g = random_grad(n, 99);
+                    g[12345] = f32::INFINITY;
+                    let mut dg = kern.upload(&g)?;
+                    let e = dev.step(comm, &mut dg, 9.0).unwrap_err().to_string();
+                    assert!(e.contains("12345"), "{e}");
+                    assert_eq!(dev.state()?, before);
+                }
+                Ok(())
+            })
+            .unwrap();
+        }
     }
 }
 

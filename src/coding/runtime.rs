@@ -90,6 +90,9 @@ pub struct CodedAllReduce {
     ahead: Option<(u64, Work<Vec<f32>>)>,
     discarded_total: u64,
     skipped: u64,
+    /// Sends in flight (non-blocking: a blocking send of a large message waits for the receiver's
+    /// matching receive under MPI, which can deadlock against the aggregator's own sends).
+    sends: Vec<Work<Vec<f32>>>,
 }
 
 impl CodedAllReduce {
@@ -104,7 +107,38 @@ impl CodedAllReduce {
             ahead: None,
             discarded_total: 0,
             skipped: 0,
+            sends: Vec::new(),
         }
+    }
+
+    /// Start a send and keep its handle (polled later, never dropped while pending).
+    fn isend<C: Communicator + ?Sized>(
+        &mut self,
+        comm: &C,
+        buf: Vec<f32>,
+        peer: usize,
+        tag: u32,
+    ) -> Result<()> {
+        let w = comm.isend(buf, peer, tag)?;
+        self.sends.push(w);
+        Ok(())
+    }
+
+    /// Poll sends in flight; one to a lost peer is dropped from the list once it failed.
+    fn reap_sends(&mut self) -> Result<()> {
+        let mut keep = Vec::with_capacity(self.sends.len());
+        for mut w in self.sends.drain(..) {
+            if w.is_done() {
+                match w.wait() {
+                    Ok(_) | Err(Error::PeerLost { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            } else {
+                keep.push(w);
+            }
+        }
+        self.sends = keep;
+        Ok(())
     }
 
     /// The code.
@@ -127,12 +161,13 @@ impl CodedAllReduce {
         self.skipped
     }
 
-    /// Late messages of earlier rounds not yet received (posted or owed).
+    /// Late messages of earlier rounds not yet received (posted or owed), plus sends not yet completed.
     pub fn pending_stale(&self) -> usize {
         self.lanes
             .iter()
             .map(|l| usize::from(l.outstanding.is_some()) + l.owed.len())
-            .sum()
+            .sum::<usize>()
+            + self.sends.len()
     }
 
     /// Workers this rank saw fail ([`Error::PeerLost`]): permanent stragglers.
@@ -180,6 +215,7 @@ impl CodedAllReduce {
 
     /// Poll stale receives: discard what arrived, post the next owed receive, mark failed workers lost.
     fn sweep<C: Communicator + ?Sized>(&mut self, comm: &C) -> Result<usize> {
+        self.reap_sends()?;
         let mut discarded = 0;
         for (w, lane) in self.lanes.iter_mut().enumerate() {
             loop {
@@ -245,7 +281,7 @@ impl CodedAllReduce {
             return Ok(None);
         };
         let result = work.wait()?;
-        comm.send(&vec![0f32; d][..], agg, coded_tag(t))?;
+        self.isend(comm, vec![0f32; d], agg, coded_tag(t))?;
         self.round += 1;
         self.skipped += 1;
         out.copy_from_slice(&result[..d]);
@@ -275,7 +311,7 @@ impl CodedAllReduce {
         let agg = self.aggregator_of(t);
         let stale_discarded = self.sweep(comm)?;
         if rank != agg {
-            comm.send(coded, agg, coded_tag(t))?;
+            self.isend(comm, coded.to_vec(), agg, coded_tag(t))?;
             let result = match self.ahead.take() {
                 Some((r, w)) if r == t => w.wait()?,
                 other => {
@@ -411,7 +447,7 @@ impl CodedAllReduce {
             if w == rank || self.lanes[w].lost {
                 continue;
             }
-            match comm.send(&result[..], w, result_tag(t)) {
+            match self.isend(comm, result.clone(), w, result_tag(t)) {
                 Ok(()) => {}
                 Err(Error::PeerLost { .. }) => {
                     // The worker died: a permanent straggler from now on.

@@ -63,6 +63,8 @@
 //!
 //! The compression step is split into kernels (`cuda/dgc.cu`), each with its CPU twin in [`select`]
 //! and the same semantics; see that module for the mapping. The host path here runs the twins.
+//! With the feature `cuda`, [`gpu::DeviceDgc`] is the same step for a gradient in device memory
+//! (`CudaSlice<f32>`, state on the device, any communicator); see [`gpu`].
 
 #[cfg(feature = "cuda")]
 pub mod gpu;
@@ -457,13 +459,8 @@ impl Dgc {
                     "dgc: non-finite gradient ({what}); the residuals were not changed"
                 ))),
                 NonFinite::SkipStep => {
-                    self.msg.clear();
                     let k = self.k_at(epoch);
-                    let head = SKIP_FLAG;
-                    self.msg.extend_from_slice(&head.to_le_bytes());
-                    if cfg.exchange == Exchange::FixedK {
-                        self.msg.resize(wire::fixed_len(k, cfg.values), 0);
-                    }
+                    skip_message(cfg, k, &mut self.msg);
                     stats.skipped = true;
                     Ok(false)
                 }
@@ -589,26 +586,7 @@ impl Dgc {
         let backup = (cfg.non_finite == NonFinite::SkipStep)
             .then(|| (self.st.u.clone(), self.st.v.clone(), self.st.step));
         self.compress(grad, world, epoch, &mut stats)?;
-        let mlen = self.msg.len();
-
-        let mut lens = vec![0i64; world];
-        let max_len = match cfg.exchange {
-            Exchange::FixedK => mlen,
-            Exchange::CountsThenGather => {
-                comm.all_gather(&[mlen as i64], &mut lens)?;
-                lens.iter().copied().max().unwrap_or(0).max(0) as usize
-            }
-        };
-        self.msg.resize(max_len, 0);
-        self.gathered.resize(max_len * world, 0);
-        comm.all_gather(&self.msg, &mut self.gathered)?;
-        self.msg.truncate(mlen);
-
-        let any_skip = self.gathered.chunks(max_len.max(1)).any(|m| {
-            m.get(..4)
-                .and_then(|h| h.try_into().ok())
-                .is_some_and(|h: [u8; 4]| u32::from_le_bytes(h) & SKIP_FLAG != 0)
-        });
+        let (max_len, any_skip) = exchange(comm, &cfg, &mut self.msg, &mut self.gathered)?;
         if any_skip {
             if let Some((u, v, step)) = backup {
                 self.st.u = u;
@@ -629,3 +607,42 @@ impl Dgc {
 }
 
 const PAD: u32 = wire::PAD_INDEX;
+
+/// This rank's message for a skipped step: the skip flag, padded to the fixed length if needed.
+pub(crate) fn skip_message(cfg: &DgcConfig, k: usize, msg: &mut Vec<u8>) {
+    msg.clear();
+    msg.extend_from_slice(&SKIP_FLAG.to_le_bytes());
+    if cfg.exchange == Exchange::FixedK {
+        msg.resize(wire::fixed_len(k, cfg.values), 0);
+    }
+}
+
+/// All-gather every rank's message (`msg`, restored to its length afterwards) into `gathered`
+/// (`world` slots of the returned length). Returns `(slot length, some rank skipped)`.
+pub(crate) fn exchange<C: Communicator + ?Sized>(
+    comm: &C,
+    cfg: &DgcConfig,
+    msg: &mut Vec<u8>,
+    gathered: &mut Vec<u8>,
+) -> Result<(usize, bool)> {
+    let world = comm.world_size();
+    let mlen = msg.len();
+    let mut lens = vec![0i64; world];
+    let max_len = match cfg.exchange {
+        Exchange::FixedK => mlen,
+        Exchange::CountsThenGather => {
+            comm.all_gather(&[mlen as i64], &mut lens)?;
+            lens.iter().copied().max().unwrap_or(0).max(0) as usize
+        }
+    };
+    msg.resize(max_len, 0);
+    gathered.resize(max_len * world, 0);
+    comm.all_gather(&*msg, gathered)?;
+    msg.truncate(mlen);
+    let any_skip = gathered.chunks(max_len.max(1)).any(|m| {
+        m.get(..4)
+            .and_then(|h| h.try_into().ok())
+            .is_some_and(|h: [u8; 4]| u32::from_le_bytes(h) & SKIP_FLAG != 0)
+    });
+    Ok((max_len, any_skip))
+}

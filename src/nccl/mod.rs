@@ -577,7 +577,8 @@ impl EventWait {
     }
 
     fn wait(&self, timeout: Duration, during: &'static str) -> Result<()> {
-        let end = Instant::now() + timeout;
+        let start = Instant::now();
+        let end = start + timeout;
         loop {
             if let Some(r) = self.poll_once() {
                 return r;
@@ -590,7 +591,12 @@ impl EventWait {
                     waiting_for: None,
                 });
             }
-            std::thread::sleep(Duration::from_micros(20));
+            // spin first: small collectives finish in microseconds and a sleep would dominate them
+            if start.elapsed() < Duration::from_micros(200) {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
         }
     }
 }
@@ -708,6 +714,24 @@ impl Communicator for NcclComm {
     }
     fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
+    }
+    fn exchange_signatures(&self, mine: &[i64], all: &mut [i64]) -> Result<()> {
+        // NCCL only moves device memory: round-trip the few words through the communicator's stream
+        let s = &self.stream;
+        let send = s
+            .clone_htod(mine)
+            .map_err(|e| drv("uploading the call signature", e))?;
+        let mut recv = s
+            .alloc_zeros::<i64>(all.len())
+            .map_err(|e| drv("allocating the signature buffer", e))?;
+        self.exec(Collective::AllGather {
+            send: crate::Buffer::buf(&send),
+            recv: crate::BufferMut::buf_mut(&mut recv),
+        })?;
+        s.memcpy_dtoh(&recv, all)
+            .map_err(|e| drv("downloading the signatures", e))?;
+        s.synchronize()
+            .map_err(|e| drv("synchronising the signature exchange", e))
     }
 }
 
