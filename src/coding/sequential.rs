@@ -57,6 +57,9 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+/// Shared `(unit, coefficient)` terms of a task.
+pub type Terms = Arc<[(usize, f64)]>;
+
 /// The synthetic gradient of `(job, unit)`: a deterministic value in `[-1, 1)`, used to check that
 /// every decoded job equals its uncoded sum.
 pub fn synthetic(seed: u64, job: usize, unit: usize) -> f64 {
@@ -98,7 +101,7 @@ pub struct Task {
     /// Job.
     pub job: usize,
     /// `(unit, coefficient)` pairs (shared between the tasks of equal rows).
-    pub terms: Arc<[(usize, f64)]>,
+    pub terms: Terms,
     /// Load in partitions (`n` partitions per job).
     pub load: f64,
     /// What it is.
@@ -329,7 +332,7 @@ fn default_code(n: usize, s: usize, seed: u64) -> Result<GradientCode> {
 }
 
 /// The terms of every row of `code` over the units `offset + p`.
-fn code_rows(code: &GradientCode, offset: usize) -> Vec<Arc<[(usize, f64)]>> {
+fn code_rows(code: &GradientCode, offset: usize) -> Vec<Terms> {
     (0..code.n())
         .map(|row| {
             let coef = code.coefficients(row).unwrap_or_default();
@@ -344,7 +347,7 @@ fn code_rows(code: &GradientCode, offset: usize) -> Vec<Arc<[(usize, f64)]>> {
 
 /// A coded task from precomputed row terms, each unit of size `unit`.
 fn coded(
-    terms: &Arc<[(usize, f64)]>,
+    terms: &Terms,
     job: usize,
     row: usize,
     group: usize,
@@ -512,7 +515,7 @@ impl Planner for Uncoded {
 pub struct Gc {
     st: RoundState,
     code: GradientCode,
-    terms: Vec<Arc<[(usize, f64)]>>,
+    terms: Vec<Terms>,
     units: Vec<f64>,
     rows: Rows,
     cache: Cell<Option<(usize, bool)>>,
@@ -619,7 +622,7 @@ fn check_bwl(what: &str, n: usize, b: usize, w: usize, lambda: usize) -> Result<
 pub struct SrSgc {
     st: RoundState,
     code: GradientCode,
-    terms: Vec<Arc<[(usize, f64)]>>,
+    terms: Vec<Terms>,
     b: usize,
     w: usize,
     lambda: usize,
@@ -817,9 +820,9 @@ pub struct MSgc {
     st: RoundState,
     code: GradientCode,
     /// Row terms per D2 group.
-    terms: Vec<Vec<Arc<[(usize, f64)]>>>,
+    terms: Vec<Vec<Terms>>,
     /// Unit of each D1 piece `(worker, piece)`.
-    pieces: Vec<Arc<[(usize, f64)]>>,
+    pieces: Vec<Terms>,
     b: usize,
     w: usize,
     lambda: usize,
