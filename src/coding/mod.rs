@@ -38,9 +38,12 @@
 //! assert!(sums.iter().all(|s| (s - 10.0).abs() < 1e-4));
 //! ```
 //!
-//! The sequential schemes are planners ([`sequential::Planner`]): per round they say what each worker
-//! computes and, from the set of workers that finished, which jobs are complete; the virtual-time
-//! simulator ([`crate::sim`]) runs them against uncoded training and GC on the same straggler trace.
+//! The sequential schemes are planners ([`sequential::Planner`], `(n, B, W, λ)` as in the paper): per
+//! round they say what each worker computes and, from the set of workers that finished, which jobs
+//! decode and how ([`sequential::Decoded`]). The virtual-time simulator ([`crate::sim`]) runs them
+//! against uncoded training and GC on the same straggler trace; [`SequentialRuntime`]
+//! ([`pipeline`]) runs them over a real communicator (per-`(job, round)` tags, `isend`/`irecv`, the
+//! scheme's waiting rule, exact decoding by round `t + T`, late results discarded).
 
 pub mod code;
 pub mod pipeline;

@@ -346,14 +346,7 @@ fn code_rows(code: &GradientCode, offset: usize) -> Vec<Terms> {
 }
 
 /// A coded task from precomputed row terms, each unit of size `unit`.
-fn coded(
-    terms: &Terms,
-    job: usize,
-    row: usize,
-    group: usize,
-    unit: f64,
-    repeat: bool,
-) -> Task {
+fn coded(terms: &Terms, job: usize, row: usize, group: usize, unit: f64, repeat: bool) -> Task {
     Task {
         job,
         load: unit * terms.len() as f64,
