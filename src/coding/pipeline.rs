@@ -7,7 +7,7 @@
 //! Round `r`:
 //! - every rank plans the round on its replica and computes its tasks ([`Planner::tasks`]) through the
 //!   caller's closure (one gradient vector of length `dim` per task);
-//! - a worker sends its results with `isend`, one message per job, tagged by `(job, round)`
+//! - a worker sends its results with `isend` (a plain, eager send in-process), one message per job, tagged by `(job, round)`
 //!   ([`result_tag`]), the job's tasks concatenated in task order;
 //! - the master posts one `irecv` per `(worker, job)` of the round, polls them, reports every worker
 //!   whose messages all arrived to its planner ([`Planner::complete`]) and ends the round as soon as
@@ -214,6 +214,23 @@ impl<P: Planner> SequentialRuntime<P> {
         out
     }
 
+    /// Send without waiting for the receiver: `isend` (handle kept, polled later), or a plain send on
+    /// the in-process backend, whose sends are eager copies anyway.
+    fn send_nb<C: Communicator + ?Sized>(
+        &mut self,
+        comm: &C,
+        buf: Vec<f32>,
+        peer: usize,
+        tag: u32,
+    ) -> Result<()> {
+        if comm.backend() == "local" {
+            return comm.send(&buf[..], peer, tag);
+        }
+        let w = comm.isend(buf, peer, tag)?;
+        self.sends.push(w);
+        Ok(())
+    }
+
     /// Poll sends in flight; a failed send to the master is an error, to a worker marks it lost.
     fn reap_sends(&mut self) -> Result<()> {
         let mut keep = Vec::with_capacity(self.sends.len());
@@ -323,12 +340,12 @@ impl<P: Planner> SequentialRuntime<P> {
         if behind {
             // The round ended without us: meet the master's receives with placeholders.
             for (job, slots) in &groups {
-                let w = comm.isend(
+                self.send_nb(
+                    comm,
                     vec![0f32; d * slots.len()],
                     self.master,
                     result_tag(*job, r, delay),
                 )?;
-                self.sends.push(w);
             }
             self.skipped += 1;
         } else {
@@ -338,8 +355,7 @@ impl<P: Planner> SequentialRuntime<P> {
                 for &s in slots {
                     buf.extend_from_slice(&results[s]);
                 }
-                let w = comm.isend(buf, self.master, result_tag(*job, r, delay))?;
-                self.sends.push(w);
+                self.send_nb(comm, buf, self.master, result_tag(*job, r, delay))?;
             }
         }
         let mask = work.wait()?;
@@ -528,8 +544,8 @@ impl<P: Planner> SequentialRuntime<P> {
             .collect();
         let live: Vec<usize> = (0..n).filter(|&w| w != me && !self.lost[w]).collect();
         for w in live {
-            match comm.isend(mask.clone(), w, record_tag(r, delay)) {
-                Ok(x) => self.sends.push(x),
+            match self.send_nb(comm, mask.clone(), w, record_tag(r, delay)) {
+                Ok(()) => {}
                 Err(Error::PeerLost { .. }) => {
                     self.lost[w] = true;
                     continue;
@@ -537,8 +553,8 @@ impl<P: Planner> SequentialRuntime<P> {
                 Err(e) => return Err(e),
             }
             if !grads.is_empty() {
-                match comm.isend(grads.clone(), w, grad_tag(r, delay)) {
-                    Ok(x) => self.sends.push(x),
+                match self.send_nb(comm, grads.clone(), w, grad_tag(r, delay)) {
+                    Ok(()) => {}
                     Err(Error::PeerLost { .. }) => self.lost[w] = true,
                     Err(e) => return Err(e),
                 }

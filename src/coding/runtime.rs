@@ -119,6 +119,11 @@ impl CodedAllReduce {
         peer: usize,
         tag: u32,
     ) -> Result<()> {
+        if comm.backend() == "local" {
+            // In-process sends are eager copies: they never wait for the receiver, and the blocking
+            // call is cheaper than a handle.
+            return comm.send(&buf[..], peer, tag);
+        }
         let w = comm.isend(buf, peer, tag)?;
         self.sends.push(w);
         Ok(())
@@ -215,6 +220,18 @@ impl CodedAllReduce {
 
     /// Poll stale receives: discard what arrived, post the next owed receive, mark failed workers lost.
     fn sweep<C: Communicator + ?Sized>(&mut self, comm: &C) -> Result<usize> {
+        self.advance(comm, None, &mut Vec::new())
+    }
+
+    /// Poll stale receives: discard what arrived, post the next owed receive, mark failed workers
+    /// lost. A receive owed for `current` (the round in progress) goes to `pending` instead, so a
+    /// worker whose late message of an earlier round just arrived can still count in this round.
+    fn advance<C: Communicator + ?Sized>(
+        &mut self,
+        comm: &C,
+        current: Option<u64>,
+        pending: &mut Vec<(usize, Work<Vec<f32>>)>,
+    ) -> Result<usize> {
         self.reap_sends()?;
         let mut discarded = 0;
         for (w, lane) in self.lanes.iter_mut().enumerate() {
@@ -239,7 +256,12 @@ impl CodedAllReduce {
                 }
                 match lane.owed.pop_front() {
                     Some((r, len)) if !lane.lost => {
-                        lane.outstanding = Some((r, comm.irecv(vec![0f32; len], w, coded_tag(r))?));
+                        let work = comm.irecv(vec![0f32; len], w, coded_tag(r))?;
+                        if Some(r) == current {
+                            pending.push((w, work));
+                            break;
+                        }
+                        lane.outstanding = Some((r, work));
                     }
                     _ => break,
                 }
@@ -367,7 +389,11 @@ impl CodedAllReduce {
         let mut last_lost = None;
         let mut failure = None;
         let mut check_now = true;
+        let mut late_discarded = 0;
         loop {
+            let before = pending.len();
+            late_discarded += self.advance(comm, Some(t), &mut pending)?;
+            check_now |= pending.len() != before;
             let mut i = 0;
             while i < pending.len() {
                 if pending[i].1.is_done() {
@@ -402,7 +428,11 @@ impl CodedAllReduce {
                     break;
                 }
             }
-            if pending.is_empty() {
+            let owed_now = self
+                .lanes
+                .iter()
+                .any(|l| !l.lost && l.owed.iter().any(|&(r, _)| r == t));
+            if pending.is_empty() && !owed_now {
                 break;
             }
             if Instant::now() >= deadline {
@@ -462,7 +492,7 @@ impl CodedAllReduce {
             round: t,
             aggregator: agg,
             responders,
-            stale_discarded,
+            stale_discarded: stale_discarded + late_discarded,
             lost: self.lost(),
             elapsed: t0.elapsed(),
         })
