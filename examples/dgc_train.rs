@@ -23,14 +23,16 @@ use ferroccl::prelude::*;
 use ferroccl::Backend;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use plotters::prelude::*;
-use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use std::process::ExitCode;
 use std::time::Instant;
 
-const INPUT: usize = 64;
-const HIDDEN: usize = 1536;
-const CLASSES: usize = 10;
-const N_PARAMS: usize = HIDDEN * INPUT + HIDDEN + CLASSES * HIDDEN + CLASSES;
+#[path = "common/mlp.rs"]
+mod mlp;
+use mlp::{Data, Mlp};
+
+/// The network: 64 → 1536 (ReLU) → 10, flat parameter layout W1, b1, W2, b2.
+const MLP: Mlp = Mlp { hidden: 1536 };
 
 /// Dense vs DGC training of an MLP on the digits data set.
 #[derive(Parser, Debug, Clone)]
@@ -76,124 +78,6 @@ struct Args {
     min_ratio: f64,
 }
 
-struct Data {
-    x: Vec<f32>,
-    y: Vec<usize>,
-    train: Vec<usize>,
-    test: Vec<usize>,
-}
-
-impl Data {
-    fn load(seed: u64) -> Data {
-        let d = smartcore::dataset::digits::load_dataset();
-        let mut idx: Vec<usize> = (0..d.num_samples).collect();
-        idx.shuffle(&mut StdRng::seed_from_u64(seed));
-        let test = idx.split_off(d.num_samples * 4 / 5);
-        Data {
-            x: d.data.iter().map(|v| v / 16.0).collect(),
-            y: d.target.iter().map(|&t| t as usize).collect(),
-            train: idx,
-            test,
-        }
-    }
-    fn sample(&self, i: usize) -> (&[f32], usize) {
-        (&self.x[i * INPUT..(i + 1) * INPUT], self.y[i])
-    }
-}
-
-/// Flat parameter layout: W1 (HIDDEN×INPUT), b1, W2 (CLASSES×HIDDEN), b2.
-const W1: usize = 0;
-const B1: usize = W1 + HIDDEN * INPUT;
-const W2: usize = B1 + HIDDEN;
-const B2: usize = W2 + CLASSES * HIDDEN;
-
-fn init_params(seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut p = vec![0.0; N_PARAMS];
-    let a1 = (6.0 / INPUT as f32).sqrt();
-    let a2 = (6.0 / (HIDDEN + CLASSES) as f32).sqrt();
-    p[W1..B1]
-        .iter_mut()
-        .for_each(|w| *w = rng.gen_range(-a1..a1));
-    p[W2..B2]
-        .iter_mut()
-        .for_each(|w| *w = rng.gen_range(-a2..a2));
-    p
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn forward(p: &[f32], x: &[f32], h: &mut [f32]) -> [f32; CLASSES] {
-    for ((hj, w), b) in h.iter_mut().zip(p[W1..B1].chunks(INPUT)).zip(&p[B1..W2]) {
-        *hj = (b + dot(w, x)).max(0.0);
-    }
-    let mut z = [0f32; CLASSES];
-    for ((zk, w), b) in z.iter_mut().zip(p[W2..B2].chunks(HIDDEN)).zip(&p[B2..]) {
-        *zk = b + dot(w, h);
-    }
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    z.iter_mut().for_each(|v| *v = (*v - max).exp());
-    let sum: f32 = z.iter().sum();
-    z.iter_mut().for_each(|v| *v /= sum);
-    z
-}
-
-/// Mean cross-entropy over `batch`; its gradient overwrites `g`.
-fn loss_and_grad(p: &[f32], data: &Data, batch: &[usize], g: &mut [f32]) -> f32 {
-    g.fill(0.0);
-    let scale = 1.0 / batch.len() as f32;
-    let mut loss = 0.0;
-    let mut h = vec![0f32; HIDDEN];
-    let mut dh = vec![0f32; HIDDEN];
-    for &i in batch {
-        let (x, y) = data.sample(i);
-        let mut dz = forward(p, x, &mut h);
-        loss -= dz[y].max(1e-30).ln();
-        dz[y] -= 1.0;
-        dh.fill(0.0);
-        for (k, &d) in dz.iter().enumerate() {
-            let d = d * scale;
-            g[B2 + k] += d;
-            let row = W2 + k * HIDDEN..W2 + (k + 1) * HIDDEN;
-            for (((gw, w), hj), dhj) in g[row.clone()].iter_mut().zip(&p[row]).zip(&h).zip(&mut dh)
-            {
-                *gw += d * hj;
-                *dhj += d * w;
-            }
-        }
-        for (j, (&hj, &d)) in h.iter().zip(&dh).enumerate() {
-            if hj > 0.0 {
-                g[B1 + j] += d;
-                for (gw, xi) in g[W1 + j * INPUT..W1 + (j + 1) * INPUT].iter_mut().zip(x) {
-                    *gw += d * xi;
-                }
-            }
-        }
-    }
-    loss * scale
-}
-
-fn evaluate<C: Communicator + ?Sized>(comm: &C, p: &[f32], data: &Data) -> Result<f64> {
-    let mut counts = [0f64; 2];
-    let mut h = vec![0f32; HIDDEN];
-    for &i in data
-        .test
-        .iter()
-        .skip(comm.rank())
-        .step_by(comm.world_size())
-    {
-        let (x, y) = data.sample(i);
-        let prob = forward(p, x, &mut h);
-        let guess = (0..CLASSES).fold(0, |b, k| if prob[k] > prob[b] { k } else { b });
-        counts[0] += f64::from(u8::from(guess == y));
-        counts[1] += 1.0;
-    }
-    comm.all_reduce(&mut counts, ReduceOp::Sum)?;
-    Ok(counts[0] / counts[1])
-}
-
 /// One training variant.
 #[derive(Clone)]
 struct Variant {
@@ -229,11 +113,15 @@ fn train<C: Communicator + ?Sized>(
     let (rank, world) = (comm.rank(), comm.world_size());
     let global = args.batch * world;
     let steps = data.train.len() / global;
-    let mut params = init_params(args.seed);
+    let mut params = MLP.init_params(args.seed);
     comm.broadcast(&mut params, 0)?;
-    let mut grad = vec![0f32; N_PARAMS];
-    let mut mom = vec![0f32; N_PARAMS];
-    let mut dgc = v.dgc.clone().map(|c| Dgc::new(N_PARAMS, c)).transpose()?;
+    let mut grad = MLP.zeros();
+    let mut mom = MLP.zeros();
+    let mut dgc = v
+        .dgc
+        .clone()
+        .map(|c| Dgc::new(MLP.n_params(), c))
+        .transpose()?;
     let plain_sgd = v
         .dgc
         .as_ref()
@@ -254,7 +142,7 @@ fn train<C: Communicator + ?Sized>(
         let mut loss_sum = 0.0;
         for step in 0..steps {
             let shard = &order[step * global + rank * args.batch..][..args.batch];
-            loss_sum += f64::from(loss_and_grad(&params, data, shard, &mut grad));
+            loss_sum += f64::from(MLP.loss_and_grad(&params, data, shard, &mut grad));
             let before = comm.bytes_sent();
             let ep = epoch as f64 + step as f64 / steps as f64;
             let r = match dgc.as_mut() {
@@ -289,7 +177,7 @@ fn train<C: Communicator + ?Sized>(
         let mut l = [loss_sum / steps as f64];
         comm.all_reduce(&mut l, ReduceOp::Avg)?;
         losses.push(l[0]);
-        acc = evaluate(comm, &params, data)?;
+        acc = MLP.evaluate(comm, &params, data)?;
         bar.set_message(format!("{:<22} loss {:.4} acc {:.4}", v.name, l[0], acc));
         bar.inc(1);
     }
@@ -456,8 +344,11 @@ fn run(args: &Args) -> std::result::Result<(), String> {
         (outs, comm.world_size(), comm.backend())
     };
     println!(
-        "{N_PARAMS} parameters, {world} ranks ({backend}), {} epochs, batch {} per rank, final density {}",
-        args.epochs, args.batch, args.density
+        "{} parameters, {world} ranks ({backend}), {} epochs, batch {} per rank, final density {}",
+        MLP.n_params(),
+        args.epochs,
+        args.batch,
+        args.density
     );
     println!(
         "| variant | test acc. | Δ vs dense (points) | final loss | compression (after warm-up) | compression (all steps) | bytes sent/step (rank 0, after warm-up) |"
@@ -483,7 +374,7 @@ fn run(args: &Args) -> std::result::Result<(), String> {
     let result = serde_json::json!({
         "world": world,
         "backend": backend,
-        "params": N_PARAMS,
+        "params": MLP.n_params(),
         "epochs": args.epochs,
         "final_density": args.density,
         "dense_accuracy": dense_acc,

@@ -33,13 +33,16 @@ use ferroccl::bucket::Bucketer;
 use ferroccl::prelude::*;
 use ferroccl::Backend;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use std::process::ExitCode;
 use std::time::Instant;
 
-const INPUT: usize = 64;
-const HIDDEN: usize = 64;
-const CLASSES: usize = 10;
+#[path = "common/mlp.rs"]
+mod mlp;
+use mlp::{checksum, Data, Mlp};
+
+/// The network: 64 → 64 (ReLU) → 10.
+const MLP: Mlp = Mlp { hidden: 64 };
 
 /// Data-parallel MLP training on the digits dataset.
 #[derive(Parser, Debug)]
@@ -70,148 +73,11 @@ struct Args {
     min_accuracy: f64,
 }
 
-/// The digits dataset, features scaled to [0, 1], with a fixed 80/20 split.
-struct Data {
-    x: Vec<f32>,
-    y: Vec<usize>,
-    train: Vec<usize>,
-    test: Vec<usize>,
-}
-
-impl Data {
-    fn load(seed: u64) -> Data {
-        let d = smartcore::dataset::digits::load_dataset();
-        assert_eq!(d.num_features, INPUT, "digits has 8x8 images");
-        let mut idx: Vec<usize> = (0..d.num_samples).collect();
-        idx.shuffle(&mut StdRng::seed_from_u64(seed));
-        let test = idx.split_off(d.num_samples * 4 / 5);
-        Data {
-            x: d.data.iter().map(|v| v / 16.0).collect(),
-            y: d.target.iter().map(|&t| t as usize).collect(),
-            train: idx,
-            test,
-        }
-    }
-
-    fn sample(&self, i: usize) -> (&[f32], usize) {
-        (&self.x[i * INPUT..(i + 1) * INPUT], self.y[i])
-    }
-}
-
-/// Parameters (and gradients) in layer order: W1 (HIDDEN×INPUT), b1, W2 (CLASSES×HIDDEN), b2.
-type Tensors = Vec<Vec<f32>>;
-
-fn zeros() -> Tensors {
-    vec![
-        vec![0.0; HIDDEN * INPUT],
-        vec![0.0; HIDDEN],
-        vec![0.0; CLASSES * HIDDEN],
-        vec![0.0; CLASSES],
-    ]
-}
-
-/// He-uniform weights for the ReLU layer, Glorot-uniform for the output layer, zero biases.
-fn init_params(seed: u64) -> Tensors {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut p = zeros();
-    let a1 = (6.0 / INPUT as f32).sqrt();
-    let a2 = (6.0 / (HIDDEN + CLASSES) as f32).sqrt();
-    p[0].iter_mut().for_each(|w| *w = rng.gen_range(-a1..a1));
-    p[2].iter_mut().for_each(|w| *w = rng.gen_range(-a2..a2));
-    p
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// One sample through the network: hidden activations and class probabilities.
-fn forward(p: &Tensors, x: &[f32]) -> ([f32; HIDDEN], [f32; CLASSES]) {
-    let mut h = [0f32; HIDDEN];
-    for ((hj, w), b) in h.iter_mut().zip(p[0].chunks(INPUT)).zip(&p[1]) {
-        *hj = (b + dot(w, x)).max(0.0);
-    }
-    let mut z = [0f32; CLASSES];
-    for ((zk, w), b) in z.iter_mut().zip(p[2].chunks(HIDDEN)).zip(&p[3]) {
-        *zk = b + dot(w, &h);
-    }
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    z.iter_mut().for_each(|v| *v = (*v - max).exp());
-    let sum: f32 = z.iter().sum();
-    z.iter_mut().for_each(|v| *v /= sum);
-    (h, z)
-}
-
-/// Mean cross-entropy over `batch`; its gradient overwrites `g`.
-fn loss_and_grad(p: &Tensors, data: &Data, batch: &[usize], g: &mut Tensors) -> f32 {
-    g.iter_mut().for_each(|t| t.fill(0.0));
-    let scale = 1.0 / batch.len() as f32;
-    let mut loss = 0.0;
-    for &i in batch {
-        let (x, y) = data.sample(i);
-        let (h, mut dz) = forward(p, x);
-        loss -= dz[y].max(1e-30).ln();
-        dz[y] -= 1.0; // d loss / d logits = softmax - one_hot
-        let mut dh = [0f32; HIDDEN];
-        for (k, &d) in dz.iter().enumerate() {
-            let d = d * scale;
-            g[3][k] += d;
-            let rows = k * HIDDEN..(k + 1) * HIDDEN;
-            for (((gw, w), hj), dhj) in g[2][rows.clone()]
-                .iter_mut()
-                .zip(&p[2][rows])
-                .zip(&h)
-                .zip(&mut dh)
-            {
-                *gw += d * hj;
-                *dhj += d * w;
-            }
-        }
-        for (j, (&hj, &d)) in h.iter().zip(&dh).enumerate() {
-            if hj > 0.0 {
-                g[1][j] += d;
-                for (gw, xi) in g[0][j * INPUT..(j + 1) * INPUT].iter_mut().zip(x) {
-                    *gw += d * xi;
-                }
-            }
-        }
-    }
-    loss * scale
-}
-
-/// Test accuracy: each rank scores every world-th test sample, the counts are summed across ranks.
-fn evaluate<C: Communicator + ?Sized>(comm: &C, p: &Tensors, data: &Data) -> Result<f64> {
-    let mut counts = [0f64; 2]; // correct, seen
-    for &i in data
-        .test
-        .iter()
-        .skip(comm.rank())
-        .step_by(comm.world_size())
-    {
-        let (x, y) = data.sample(i);
-        let (_, prob) = forward(p, x);
-        let guess = (0..CLASSES).fold(0, |best, k| if prob[k] > prob[best] { k } else { best });
-        counts[0] += f64::from(u8::from(guess == y));
-        counts[1] += 1.0;
-    }
-    comm.all_reduce(&mut counts, ReduceOp::Sum)?;
-    Ok(counts[0] / counts[1])
-}
-
-/// FNV-1a over the bits of every parameter: equal on two ranks iff their parameters are identical.
-fn checksum(p: &Tensors) -> i64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for w in p.iter().flatten() {
-        h = (h ^ u64::from(w.to_bits())).wrapping_mul(0x0100_0000_01b3);
-    }
-    h as i64
-}
-
 /// What each rank returns.
 struct Outcome {
     rank: usize,
     world: usize,
-    params: Tensors,
+    params: Vec<f32>,
     final_loss: f64,
     test_accuracy: f64,
     replicas_identical: bool,
@@ -240,12 +106,12 @@ fn train<C: Communicator + ?Sized>(
 
     // Identical replicas: rank 0 initialises, everyone receives its parameters.
     let mut params = if rank == 0 {
-        init_params(args.seed)
+        MLP.init_params(args.seed)
     } else {
-        zeros()
+        MLP.zeros()
     };
-    for t in &mut params {
-        comm.broadcast(t, 0)?;
+    for t in MLP.tensors() {
+        comm.broadcast(&mut params[t], 0)?;
     }
 
     let show = verbose && rank == 0;
@@ -259,7 +125,8 @@ fn train<C: Communicator + ?Sized>(
         ProgressBar::hidden()
     };
 
-    let mut grads = zeros();
+    let mut grads = MLP.zeros();
+    let tensors = MLP.tensors();
     let (mut final_loss, mut test_accuracy, mut buckets_per_step) = (f64::NAN, 0.0, 0);
     for epoch in 1..=args.epochs {
         // The same shuffle on every rank; rank r takes the r-th shard of each global batch.
@@ -270,28 +137,29 @@ fn train<C: Communicator + ?Sized>(
         let mut loss_sum = 0.0;
         for step in 0..steps {
             let shard = &order[step * global + rank * batch..][..batch];
-            loss_sum += f64::from(loss_and_grad(&params, data, shard, &mut grads));
+            loss_sum += f64::from(MLP.loss_and_grad(&params, data, shard, &mut grads));
 
             // Average the gradients across ranks. A real backward pass would push each tensor as soon
             // as it is computed, last layer first, so the first buckets travel while later ones are
             // still being computed; here the gradient is computed whole, then pushed in that order.
             let mut bucketer = Bucketer::new(comm, args.bucket_bytes, ReduceOp::Avg);
-            for (id, g) in grads.iter().enumerate().rev() {
-                bucketer.push(id, g)?;
+            for (id, t) in tensors.iter().enumerate().rev() {
+                bucketer.push(id, &grads[t.clone()])?;
             }
-            bucketer.finish(|id, avg| grads[id].copy_from_slice(avg))?;
+            bucketer.finish(|id, avg| grads[tensors[id].clone()].copy_from_slice(avg))?;
             buckets_per_step = bucketer.launched().0;
 
             // The same update from the same gradient on every rank.
-            for (p, g) in params.iter_mut().zip(&grads) {
-                p.iter_mut().zip(g).for_each(|(w, d)| *w -= args.lr * d);
-            }
+            params
+                .iter_mut()
+                .zip(&grads)
+                .for_each(|(w, d)| *w -= args.lr * d);
         }
 
         let mut loss = [loss_sum / steps as f64];
         comm.all_reduce(&mut loss, ReduceOp::Avg)?;
         final_loss = loss[0];
-        test_accuracy = evaluate(comm, &params, data)?;
+        test_accuracy = MLP.evaluate(comm, &params, data)?;
         if show {
             bar.suspend(|| {
                 println!("epoch {epoch:>3}  train loss {final_loss:.4}  test accuracy {test_accuracy:.4}")
@@ -356,12 +224,7 @@ fn run(args: &Args) -> std::result::Result<(), String> {
         })
         .map_err(|e| e.to_string())?;
         let (mut max_diff, mut max_abs) = (0f32, 0f32);
-        for (a, b) in out
-            .params
-            .iter()
-            .flatten()
-            .zip(serial[0].params.iter().flatten())
-        {
+        for (a, b) in out.params.iter().zip(&serial[0].params) {
             max_diff = max_diff.max((a - b).abs());
             max_abs = max_abs.max(b.abs());
         }
@@ -413,40 +276,6 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("quickstart: {e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The hand-written backward pass against central differences of the loss.
-    #[test]
-    fn gradient_matches_finite_differences() {
-        let data = Data::load(1);
-        let batch = &data.train[..8];
-        let mut p = init_params(3);
-        p[1].iter_mut()
-            .enumerate()
-            .for_each(|(i, b)| *b = 0.05 * (i % 5) as f32);
-        let mut g = zeros();
-        loss_and_grad(&p, &data, batch, &mut g);
-        let mut scratch = zeros();
-        for (t, i) in [(0, 5), (0, 700), (1, 3), (2, 17), (2, 600), (3, 4)] {
-            let eps = 1e-2;
-            let w = p[t][i];
-            p[t][i] = w + eps;
-            let up = loss_and_grad(&p, &data, batch, &mut scratch);
-            p[t][i] = w - eps;
-            let down = loss_and_grad(&p, &data, batch, &mut scratch);
-            p[t][i] = w;
-            let numeric = (up - down) / (2.0 * eps);
-            assert!(
-                (numeric - g[t][i]).abs() < 2e-3,
-                "tensor {t}[{i}]: {numeric} vs {}",
-                g[t][i]
-            );
         }
     }
 }

@@ -28,7 +28,7 @@ use ferroccl::local::{Link, LinkModel, Options, TimeMode};
 use ferroccl::prelude::*;
 use ferroccl::{Backend, Config};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -78,135 +78,12 @@ struct Args {
     timeout_s: f64,
 }
 
-const INPUT: usize = 64;
-const HIDDEN: usize = 64;
-const CLASSES: usize = 10;
+#[path = "common/mlp.rs"]
+mod mlp;
+use mlp::{Data, Mlp};
 
-/// The digits dataset, features scaled to [0, 1], with a fixed 80/20 split.
-struct Data {
-    x: Vec<f32>,
-    y: Vec<usize>,
-    train: Vec<usize>,
-    test: Vec<usize>,
-}
-
-impl Data {
-    fn load(seed: u64) -> Data {
-        let d = smartcore::dataset::digits::load_dataset();
-        assert_eq!(d.num_features, INPUT, "digits has 8x8 images");
-        let mut idx: Vec<usize> = (0..d.num_samples).collect();
-        idx.shuffle(&mut StdRng::seed_from_u64(seed));
-        let test = idx.split_off(d.num_samples * 4 / 5);
-        Data {
-            x: d.data.iter().map(|v| v / 16.0).collect(),
-            y: d.target.iter().map(|&t| t as usize).collect(),
-            train: idx,
-            test,
-        }
-    }
-
-    fn sample(&self, i: usize) -> (&[f32], usize) {
-        (&self.x[i * INPUT..(i + 1) * INPUT], self.y[i])
-    }
-}
-
-/// Parameters (and gradients) in layer order: W1 (HIDDEN×INPUT), b1, W2 (CLASSES×HIDDEN), b2.
-type Tensors = Vec<Vec<f32>>;
-
-fn zeros() -> Tensors {
-    vec![
-        vec![0.0; HIDDEN * INPUT],
-        vec![0.0; HIDDEN],
-        vec![0.0; CLASSES * HIDDEN],
-        vec![0.0; CLASSES],
-    ]
-}
-
-/// He-uniform weights for the ReLU layer, Glorot-uniform for the output layer, zero biases.
-fn init_params(seed: u64) -> Tensors {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut p = zeros();
-    let a1 = (6.0 / INPUT as f32).sqrt();
-    let a2 = (6.0 / (HIDDEN + CLASSES) as f32).sqrt();
-    p[0].iter_mut().for_each(|w| *w = rng.gen_range(-a1..a1));
-    p[2].iter_mut().for_each(|w| *w = rng.gen_range(-a2..a2));
-    p
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// One sample through the network: hidden activations and class probabilities.
-fn forward(p: &Tensors, x: &[f32]) -> ([f32; HIDDEN], [f32; CLASSES]) {
-    let mut h = [0f32; HIDDEN];
-    for ((hj, w), b) in h.iter_mut().zip(p[0].chunks(INPUT)).zip(&p[1]) {
-        *hj = (b + dot(w, x)).max(0.0);
-    }
-    let mut z = [0f32; CLASSES];
-    for ((zk, w), b) in z.iter_mut().zip(p[2].chunks(HIDDEN)).zip(&p[3]) {
-        *zk = b + dot(w, &h);
-    }
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    z.iter_mut().for_each(|v| *v = (*v - max).exp());
-    let sum: f32 = z.iter().sum();
-    z.iter_mut().for_each(|v| *v /= sum);
-    (h, z)
-}
-
-/// Mean cross-entropy over `batch`; its gradient overwrites `g`.
-fn loss_and_grad(p: &Tensors, data: &Data, batch: &[usize], g: &mut Tensors) -> f32 {
-    g.iter_mut().for_each(|t| t.fill(0.0));
-    let scale = 1.0 / batch.len() as f32;
-    let mut loss = 0.0;
-    for &i in batch {
-        let (x, y) = data.sample(i);
-        let (h, mut dz) = forward(p, x);
-        loss -= dz[y].max(1e-30).ln();
-        dz[y] -= 1.0; // d loss / d logits = softmax - one_hot
-        let mut dh = [0f32; HIDDEN];
-        for (k, &d) in dz.iter().enumerate() {
-            let d = d * scale;
-            g[3][k] += d;
-            let rows = k * HIDDEN..(k + 1) * HIDDEN;
-            for (((gw, w), hj), dhj) in g[2][rows.clone()]
-                .iter_mut()
-                .zip(&p[2][rows])
-                .zip(&h)
-                .zip(&mut dh)
-            {
-                *gw += d * hj;
-                *dhj += d * w;
-            }
-        }
-        for (j, (&hj, &d)) in h.iter().zip(&dh).enumerate() {
-            if hj > 0.0 {
-                g[1][j] += d;
-                for (gw, xi) in g[0][j * INPUT..(j + 1) * INPUT].iter_mut().zip(x) {
-                    *gw += d * xi;
-                }
-            }
-        }
-    }
-    loss * scale
-}
-
-fn flatten(g: &Tensors) -> Vec<f32> {
-    g.iter().flatten().copied().collect()
-}
-
-fn accuracy(p: &Tensors, data: &Data) -> f64 {
-    let ok = data
-        .test
-        .iter()
-        .filter(|&&i| {
-            let (x, y) = data.sample(i);
-            let (_, prob) = forward(p, x);
-            (0..CLASSES).fold(0, |b, k| if prob[k] > prob[b] { k } else { b }) == y
-        })
-        .count();
-    ok as f64 / data.test.len() as f64
-}
+/// The network: 64 → 64 (ReLU) → 10.
+const MLP: Mlp = Mlp { hidden: 64 };
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Mode {
@@ -244,10 +121,9 @@ fn train<C: Communicator + ?Sized>(
     let steps = data.train.len() / global;
     let code = Arc::new(GradientCode::cyclic(n, a.s, a.seed)?);
     let mut agg = CodedAllReduce::new(code.clone(), Aggregator::Fixed(0));
-    let mut params = init_params(a.seed); // same seed on every rank: identical replicas
-    let mut grads = zeros();
-    let dim: usize = grads.iter().map(Vec::len).sum();
-    let mut sum = vec![0f32; dim];
+    let mut params = MLP.init_params(a.seed); // same seed on every rank: identical replicas
+    let mut grads = MLP.zeros();
+    let mut sum = MLP.zeros();
     let show = rank == 0;
     let bar = if show {
         ProgressBar::with_draw_target(
@@ -304,8 +180,8 @@ fn train<C: Communicator + ?Sized>(
         }
         let mut parts = Vec::with_capacity(mine.len());
         for &p in &mine {
-            loss_and_grad(&params, data, part(step_no, p), &mut grads);
-            parts.push(flatten(&grads));
+            MLP.loss_and_grad(&params, data, part(step_no, p), &mut grads);
+            parts.push(grads.clone());
         }
         match mode {
             Mode::Uncoded => {
@@ -340,7 +216,7 @@ fn train<C: Communicator + ?Sized>(
         seconds,
         steps: total,
         test_accuracy: if rank == 0 {
-            accuracy(&params, data)
+            MLP.accuracy(&params, data)
         } else {
             0.0
         },
@@ -350,14 +226,8 @@ fn train<C: Communicator + ?Sized>(
     })
 }
 
-fn apply(p: &mut Tensors, sum: &[f32], scale: f32) {
-    let mut k = 0;
-    for t in p.iter_mut() {
-        for w in t.iter_mut() {
-            *w -= scale * sum[k];
-            k += 1;
-        }
-    }
+fn apply(p: &mut [f32], sum: &[f32], scale: f32) {
+    p.iter_mut().zip(sum).for_each(|(w, s)| *w -= scale * s);
 }
 
 fn scenario(a: &Args, name: &str, data: &Data) -> Report {
