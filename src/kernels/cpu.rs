@@ -1,5 +1,12 @@
 //! The CPU twin of every kernel: plain, obviously-correct Rust over `Vec<T>`. It is the reference the
 //! CUDA kernels are tested against.
+//!
+//! 16-bit floats are always computed in f32 and rounded once per stored value: an accumulating
+//! `scatter_rows` stores `from_f32(d + w * s)` (`w * s` and the sum in f32). CUDA's native 16-bit
+//! atomic add (bf16 on sm_90+, f16 on sm_70+) instead rounds `w * s` to the 16-bit type before adding
+//! it, so weighted 16-bit accumulation agrees with this twin only within the tolerance given in the
+//! [parent module](super); unweighted accumulation without duplicate indices and every
+//! non-accumulating path agree bit for bit.
 
 use super::{
     bad_index, check_gather, check_same_len, check_scatter, check_scatter_add, FloatElem,
@@ -85,6 +92,8 @@ impl Kernels for CpuKernels {
                             None => s.to_f32(),
                         };
                         *o = if acc {
+                            // One rounding to T per add (CUDA's native 16-bit atomics round `v` to
+                            // T first: see the module docs).
                             T::from_f32(o.to_f32() + v)
                         } else {
                             T::from_f32(v)

@@ -869,15 +869,18 @@ impl Kernels for CudaKernels {
             // destination rows are bounds-checked on the device against n_dst.
             unsafe { b.launch(cfg) }.map_err(cu_err("launching scatter_rows"))?;
         } else {
-            // Elements per unit: f32 x4 when 16-byte units fit; 16-bit x4 / x2 when 8- / 4-byte
-            // units fit.
+            // Elements per unit: f32 x4 when 16-byte units fit; 16-bit x8 / x4 / x2 when 16- / 8- /
+            // 4-byte units fit (accumulation: one native packed atomic per unit where the
+            // architecture has it, see cuda/unpack.cu).
             let ub = unit_bytes(row_bytes, &ptrs);
             let (name, per_unit) = match T::KIND {
                 FloatKind::F32 if ub == 16 => ("scatter_rows_f32_v4", 4),
                 FloatKind::F32 => ("scatter_rows_f32_v1", 1),
+                FloatKind::BF16 if ub == 16 => ("scatter_rows_bf16_v8", 8),
                 FloatKind::BF16 if ub >= 8 => ("scatter_rows_bf16_v4", 4),
                 FloatKind::BF16 if ub >= 4 => ("scatter_rows_bf16_v2", 2),
                 FloatKind::BF16 => ("scatter_rows_bf16_v1", 1),
+                FloatKind::F16 if ub == 16 => ("scatter_rows_f16_v8", 8),
                 FloatKind::F16 if ub >= 8 => ("scatter_rows_f16_v4", 4),
                 FloatKind::F16 if ub >= 4 => ("scatter_rows_f16_v2", 2),
                 FloatKind::F16 => ("scatter_rows_f16_v1", 1),

@@ -58,10 +58,21 @@
 //!   is fixed. The exceptions, where only a tolerance holds, are accumulations into the same element
 //!   from several places: [`Kernels::scatter_rows`] with `accumulate` and duplicate indices, and
 //!   [`Kernels::scatter_add`] with duplicate indices (CUDA uses atomics in unspecified order; the CPU
-//!   adds in index order). NaN payloads produced by arithmetic may differ (the GPU produces the
-//!   canonical NaN); casts and copies preserve them exactly as the `half` crate does.
+//!   adds in index order); and weighted 16-bit accumulation (below). NaN payloads produced by
+//!   arithmetic may differ (the GPU produces the canonical NaN); casts and copies preserve them
+//!   exactly as the `half` crate does.
 //! * 16-bit float types ([`half::bf16`], [`half::f16`]) are computed in f32 and rounded once per
-//!   stored value, round to nearest even (like `half`'s `from_f32`).
+//!   stored value, round to nearest even (like `half`'s `from_f32`) — on the CPU twin always. On CUDA,
+//!   [`Kernels::scatter_rows`] with `accumulate` uses the GPU's native 16-bit atomic add where the
+//!   architecture has it (bf16: sm_90 and newer; f16: sm_70 and newer; elsewhere a compare-and-swap
+//!   loop that rounds once, like the CPU twin). Its addend is a 16-bit value, so with weights the
+//!   product `w * s` is first rounded to the 16-bit type (round to nearest even) and the hardware then
+//!   rounds the sum: two roundings per contribution instead of one. Each element then lies within
+//!   `2 · (adds + 1) · u · (|d| + Σ|w·s|) + u · Σ|w·s|` of the CPU twin's result, with or without
+//!   duplicate indices (`u` = 2⁻⁸ for bf16, 2⁻¹¹ for f16: the unit roundoff, half an ulp relative;
+//!   `adds` = contributions to that element; plus half the smallest subnormal per rounding near
+//!   zero). Without weights the addend is the source value itself and, without duplicates, the
+//!   result is bit-identical. Non-accumulating scatters are always bit-identical.
 
 use crate::dtype::Element;
 use crate::{Error, Result};
@@ -120,7 +131,8 @@ pub enum FloatKind {
 }
 
 /// A float element type that [`Kernels::scatter_rows`] can weight and accumulate: f32, bf16, f16
-/// (the 16-bit types are computed in f32 and rounded once).
+/// (the 16-bit types are computed in f32 and rounded once per stored value; see the
+/// [module docs](self) for CUDA's native 16-bit atomic accumulation).
 pub trait FloatElem: KernelElem + Element {
     /// The format, as a runtime tag.
     const KIND: FloatKind;
@@ -205,7 +217,9 @@ pub trait Kernels {
     /// Scatter rows ("unpack" / MoE "combine"): for every `r < idx.len()`,
     /// `dst[idx[r], :] = w[r] * src[r, :]`, or `+=` when `accumulate`. Without weights the factor is
     /// omitted (not multiplied by 1), so an overwriting scatter without weights is an exact copy.
-    /// 16-bit types compute in f32 and round once per stored value.
+    /// 16-bit types compute in f32 and round once per stored value, except weighted accumulation on
+    /// CUDA GPUs with native 16-bit atomics, which also rounds each product `w * s` to the 16-bit type
+    /// before adding it (see the [module docs](self) for the tolerance).
     ///
     /// Needs `src.len() == idx.len() * row_len`, `dst.len() % row_len == 0`,
     /// `weights.len() == idx.len()` and every `idx[r] < dst.len() / row_len`.
