@@ -10,7 +10,7 @@
 //! 3. Rank i dials every rank j < i and accepts every j > i. The first bytes on each socket are a hello
 //!    carrying the shared token and the dialer's rank; a wrong token or rank closes that socket.
 //! 4. Per peer, a writer thread drains a channel of messages and a reader thread feeds the rank's inbox,
-//!    so the same [`crate::engine`] runs the collectives as in-process.
+//!    so the same engine (`src/engine`) runs the collectives as in-process.
 //!
 //! Frames: `[magic "FCC1"][kind u8][seq u64][step/tag u32][len u64][payload]`, little-endian. A frame
 //! with a bad magic, kind or oversize length ends that peer's connection: the peer counts as lost and

@@ -23,7 +23,7 @@
 //!
 //! then reads the control words back — the only synchronisation in the common case. Only when the
 //! count is outside the band (`> upper·k` or `< lower·k`) does it correct the threshold with
-//! read-only `dgc_select` passes, exactly as [`select::compress`](super::select::compress) does.
+//! read-only `dgc_select` passes, exactly as [`select::compress`] does.
 //! [`DgcKernels::compress_step`] adds the top k of the candidates (radix select among the candidates +
 //! `dgc_filter`) and the masking, all on the device.
 //!
