@@ -27,6 +27,35 @@
 
 use crate::{Communicator, CommunicatorExt, Element, Error, ReduceOp, Result, Work};
 
+/// What a [`Bucketer`] does with a full bucket — PyTorch DDP's "communication hook". The default,
+/// [`AllReduceHook`], all-reduces it; [`crate::dgc::DgcHook`] compresses it with Deep Gradient
+/// Compression instead. `bucket` numbers the buckets of a step in launch order (the same on every
+/// rank, so per-bucket state such as DGC residuals stays aligned across steps).
+pub trait BucketHook<T: Element> {
+    /// Start communicating one bucket; the result must have the bucket's length.
+    fn launch<C: Communicator + ?Sized>(
+        &mut self,
+        comm: &C,
+        bucket: usize,
+        data: Vec<T>,
+    ) -> Result<Work<Vec<T>>>;
+}
+
+/// The default hook: a non-blocking all-reduce of the bucket with `op`.
+#[derive(Debug, Clone, Copy)]
+pub struct AllReduceHook(pub ReduceOp);
+
+impl<T: Element> BucketHook<T> for AllReduceHook {
+    fn launch<C: Communicator + ?Sized>(
+        &mut self,
+        comm: &C,
+        _bucket: usize,
+        data: Vec<T>,
+    ) -> Result<Work<Vec<T>>> {
+        comm.iall_reduce(data, self.0)
+    }
+}
+
 /// DDP's default bucket size.
 pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
 
@@ -43,11 +72,12 @@ struct InFlight<T: Element> {
     slots: Vec<Slot>,
 }
 
-/// Fuses tensors into buckets and all-reduces each bucket as soon as it is full.
-pub struct Bucketer<'c, T: Element, C: Communicator + ?Sized> {
+/// Fuses tensors into buckets and hands each bucket to its hook (all-reduce by default) as soon as it
+/// is full.
+pub struct Bucketer<'c, T: Element, C: Communicator + ?Sized, H: BucketHook<T> = AllReduceHook> {
     comm: &'c C,
     cap: usize,
-    op: ReduceOp,
+    hook: H,
     open: Vec<T>,
     slots: Vec<Slot>,
     flights: Vec<InFlight<T>>,
@@ -58,22 +88,29 @@ pub struct Bucketer<'c, T: Element, C: Communicator + ?Sized> {
 impl<'c, T: Element, C: Communicator + ?Sized> Bucketer<'c, T, C> {
     /// A bucketer with buckets of `bucket_bytes` (at least one element) reducing with `op`.
     pub fn new(comm: &'c C, bucket_bytes: usize, op: ReduceOp) -> Self {
+        Bucketer::with_hook(comm, bucket_bytes, AllReduceHook(op))
+    }
+
+    /// [`DEFAULT_BUCKET_BYTES`] buckets.
+    pub fn with_default_size(comm: &'c C, op: ReduceOp) -> Self {
+        Self::new(comm, DEFAULT_BUCKET_BYTES, op)
+    }
+}
+
+impl<'c, T: Element, C: Communicator + ?Sized, H: BucketHook<T>> Bucketer<'c, T, C, H> {
+    /// A bucketer whose full buckets go to `hook` (e.g. [`crate::dgc::DgcHook`]).
+    pub fn with_hook(comm: &'c C, bucket_bytes: usize, hook: H) -> Self {
         let cap = (bucket_bytes / std::mem::size_of::<T>()).max(1);
         Bucketer {
             comm,
             cap,
-            op,
+            hook,
             open: Vec::with_capacity(cap.min(1 << 24)),
             slots: Vec::new(),
             flights: Vec::new(),
             bytes_launched: 0,
             buckets_launched: 0,
         }
-    }
-
-    /// [`DEFAULT_BUCKET_BYTES`] buckets.
-    pub fn with_default_size(comm: &'c C, op: ReduceOp) -> Self {
-        Self::new(comm, DEFAULT_BUCKET_BYTES, op)
     }
 
     /// Add a tensor (copied). A tensor larger than a bucket gets a bucket of its own.
@@ -111,7 +148,9 @@ impl<'c, T: Element, C: Communicator + ?Sized> Bucketer<'c, T, C> {
         let bucket = std::mem::replace(&mut self.open, Vec::with_capacity(self.cap.min(1 << 24)));
         self.bytes_launched += bucket.len() * std::mem::size_of::<T>();
         self.buckets_launched += 1;
-        let work = self.comm.iall_reduce(bucket, self.op)?;
+        let work = self
+            .hook
+            .launch(self.comm, self.buckets_launched - 1, bucket)?;
         self.flights.push(InFlight {
             work,
             slots: std::mem::take(&mut self.slots),
@@ -134,5 +173,21 @@ impl<'c, T: Element, C: Communicator + ?Sized> Bucketer<'c, T, C> {
     /// (buckets, bytes) launched so far.
     pub fn launched(&self) -> (usize, usize) {
         (self.buckets_launched, self.bytes_launched)
+    }
+
+    /// The hook (e.g. to read DGC statistics or advance its epoch between steps).
+    pub fn hook_mut(&mut self) -> &mut H {
+        &mut self.hook
+    }
+
+    /// Give the hook back (to reuse its state in the next step's bucketer).
+    pub fn into_hook(self) -> H {
+        self.hook
+    }
+
+    /// Start a new step: bucket numbering restarts at 0 (call after [`Bucketer::finish`]).
+    pub fn next_step(&mut self) {
+        self.buckets_launched = 0;
+        self.bytes_launched = 0;
     }
 }

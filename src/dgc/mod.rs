@@ -68,6 +68,8 @@
 
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod hook;
+pub use hook::DgcHook;
 pub mod select;
 pub mod wire;
 
