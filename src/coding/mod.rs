@@ -48,6 +48,7 @@
 pub mod code;
 pub mod pipeline;
 pub mod runtime;
+mod sends;
 pub mod sequential;
 
 pub use code::{GradientCode, Scheme};

@@ -35,6 +35,7 @@
 //! To decode the last jobs, run `T` = [`Planner::delay`] extra rounds; their new jobs can be computed
 //! as zeros.
 
+use super::sends::Sends;
 use super::sequential::{Decoded, Planner, Source, Task};
 use crate::work::Work;
 use crate::{Communicator, CommunicatorExt, Error, Result};
@@ -121,7 +122,7 @@ pub struct SequentialRuntime<P: Planner> {
     /// Master: results of open jobs.
     store: BTreeMap<usize, HashMap<Source, Vec<f32>>>,
     /// Sends in flight.
-    sends: Vec<Work<Vec<f32>>>,
+    sends: Sends,
     /// Worker: the posted receive of a round's record.
     record: Option<(usize, Work<Vec<f32>>)>,
     discarded: u64,
@@ -141,7 +142,7 @@ impl<P: Planner> SequentialRuntime<P> {
             lost: vec![false; n],
             stale: Vec::new(),
             store: BTreeMap::new(),
-            sends: Vec::new(),
+            sends: Sends::default(),
             record: None,
             discarded: 0,
             skipped: 0,
@@ -214,40 +215,6 @@ impl<P: Planner> SequentialRuntime<P> {
         out
     }
 
-    /// Send without waiting for the receiver: `isend` (handle kept, polled later), or a plain send on
-    /// the in-process backend, whose sends are eager copies anyway.
-    fn send_nb<C: Communicator + ?Sized>(
-        &mut self,
-        comm: &C,
-        buf: Vec<f32>,
-        peer: usize,
-        tag: u32,
-    ) -> Result<()> {
-        if comm.backend() == "local" {
-            return comm.send(&buf[..], peer, tag);
-        }
-        let w = comm.isend(buf, peer, tag)?;
-        self.sends.push(w);
-        Ok(())
-    }
-
-    /// Poll sends in flight; a failed send to the master is an error, to a worker marks it lost.
-    fn reap_sends(&mut self) -> Result<()> {
-        let mut keep = Vec::with_capacity(self.sends.len());
-        for mut w in self.sends.drain(..) {
-            if w.is_done() {
-                match w.wait() {
-                    Ok(_) | Err(Error::PeerLost { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-            } else {
-                keep.push(w);
-            }
-        }
-        self.sends = keep;
-        Ok(())
-    }
-
     /// Master: discard late results that arrived.
     fn sweep(&mut self) -> Result<usize> {
         let mut n = 0;
@@ -281,7 +248,7 @@ impl<P: Planner> SequentialRuntime<P> {
         let r = self.round;
         self.round += 1;
         self.planner.begin_round(r)?;
-        self.reap_sends()?;
+        self.sends.reap()?;
         if comm.rank() == self.master {
             self.master_round(comm, r, t0, &mut compute)
         } else {
@@ -340,7 +307,7 @@ impl<P: Planner> SequentialRuntime<P> {
         if behind {
             // The round ended without us: meet the master's receives with placeholders.
             for (job, slots) in &groups {
-                self.send_nb(
+                self.sends.send(
                     comm,
                     vec![0f32; d * slots.len()],
                     self.master,
@@ -355,7 +322,8 @@ impl<P: Planner> SequentialRuntime<P> {
                 for &s in slots {
                     buf.extend_from_slice(&results[s]);
                 }
-                self.send_nb(comm, buf, self.master, result_tag(*job, r, delay))?;
+                self.sends
+                    .send(comm, buf, self.master, result_tag(*job, r, delay))?;
             }
         }
         let mask = work.wait()?;
@@ -544,7 +512,7 @@ impl<P: Planner> SequentialRuntime<P> {
             .collect();
         let live: Vec<usize> = (0..n).filter(|&w| w != me && !self.lost[w]).collect();
         for w in live {
-            match self.send_nb(comm, mask.clone(), w, record_tag(r, delay)) {
+            match self.sends.send(comm, mask.clone(), w, record_tag(r, delay)) {
                 Ok(()) => {}
                 Err(Error::PeerLost { .. }) => {
                     self.lost[w] = true;
@@ -553,7 +521,7 @@ impl<P: Planner> SequentialRuntime<P> {
                 Err(e) => return Err(e),
             }
             if !grads.is_empty() {
-                match self.send_nb(comm, grads.clone(), w, grad_tag(r, delay)) {
+                match self.sends.send(comm, grads.clone(), w, grad_tag(r, delay)) {
                     Ok(()) => {}
                     Err(Error::PeerLost { .. }) => self.lost[w] = true,
                     Err(e) => return Err(e),
@@ -595,7 +563,7 @@ impl<P: Planner> SequentialRuntime<P> {
         let end = Instant::now() + limit;
         loop {
             self.sweep()?;
-            self.reap_sends()?;
+            self.sends.reap()?;
             let left = self.stale.len() + self.sends.len();
             if left == 0 || Instant::now() >= end {
                 return Ok(left);

@@ -22,6 +22,7 @@
 //! loss (collectives fail with `PeerLost`), and a rank that hangs (stops sending).
 
 use super::code::GradientCode;
+use super::sends::Sends;
 use crate::work::Work;
 use crate::{Communicator, CommunicatorExt, Error, Result};
 use std::sync::Arc;
@@ -92,7 +93,7 @@ pub struct CodedAllReduce {
     skipped: u64,
     /// Sends in flight (non-blocking: a blocking send of a large message waits for the receiver's
     /// matching receive under MPI, which can deadlock against the aggregator's own sends).
-    sends: Vec<Work<Vec<f32>>>,
+    sends: Sends,
 }
 
 impl CodedAllReduce {
@@ -107,43 +108,8 @@ impl CodedAllReduce {
             ahead: None,
             discarded_total: 0,
             skipped: 0,
-            sends: Vec::new(),
+            sends: Sends::default(),
         }
-    }
-
-    /// Start a send and keep its handle (polled later, never dropped while pending).
-    fn isend<C: Communicator + ?Sized>(
-        &mut self,
-        comm: &C,
-        buf: Vec<f32>,
-        peer: usize,
-        tag: u32,
-    ) -> Result<()> {
-        if comm.backend() == "local" {
-            // In-process sends are eager copies: they never wait for the receiver, and the blocking
-            // call is cheaper than a handle.
-            return comm.send(&buf[..], peer, tag);
-        }
-        let w = comm.isend(buf, peer, tag)?;
-        self.sends.push(w);
-        Ok(())
-    }
-
-    /// Poll sends in flight; one to a lost peer is dropped from the list once it failed.
-    fn reap_sends(&mut self) -> Result<()> {
-        let mut keep = Vec::with_capacity(self.sends.len());
-        for mut w in self.sends.drain(..) {
-            if w.is_done() {
-                match w.wait() {
-                    Ok(_) | Err(Error::PeerLost { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-            } else {
-                keep.push(w);
-            }
-        }
-        self.sends = keep;
-        Ok(())
     }
 
     /// The code.
@@ -232,7 +198,7 @@ impl CodedAllReduce {
         current: Option<u64>,
         pending: &mut Vec<(usize, Work<Vec<f32>>)>,
     ) -> Result<usize> {
-        self.reap_sends()?;
+        self.sends.reap()?;
         let mut discarded = 0;
         for (w, lane) in self.lanes.iter_mut().enumerate() {
             loop {
@@ -303,7 +269,7 @@ impl CodedAllReduce {
             return Ok(None);
         };
         let result = work.wait()?;
-        self.isend(comm, vec![0f32; d], agg, coded_tag(t))?;
+        self.sends.send(comm, vec![0f32; d], agg, coded_tag(t))?;
         self.round += 1;
         self.skipped += 1;
         out.copy_from_slice(&result[..d]);
@@ -333,7 +299,7 @@ impl CodedAllReduce {
         let agg = self.aggregator_of(t);
         let stale_discarded = self.sweep(comm)?;
         if rank != agg {
-            self.isend(comm, coded.to_vec(), agg, coded_tag(t))?;
+            self.sends.send(comm, coded.to_vec(), agg, coded_tag(t))?;
             let result = match self.ahead.take() {
                 Some((r, w)) if r == t => w.wait()?,
                 other => {
@@ -477,7 +443,7 @@ impl CodedAllReduce {
             if w == rank || self.lanes[w].lost {
                 continue;
             }
-            match self.isend(comm, result.clone(), w, result_tag(t)) {
+            match self.sends.send(comm, result.clone(), w, result_tag(t)) {
                 Ok(()) => {}
                 Err(Error::PeerLost { .. }) => {
                     // The worker died: a permanent straggler from now on.
