@@ -22,8 +22,10 @@ fn every_collective_every_dtype_world_1_to_8() {
 }
 
 #[test]
-fn large_messages_take_the_ring_path() {
-    // 300k f32 = 1.2 MB per rank: ring reduce-scatter + all-gather with loans; also the copy-only path.
+fn large_messages_take_the_two_shot_and_ring_paths() {
+    // 300k f32 = 1.2 MB per rank: two-shot all-reduce over read-write loans (world 7 writes 8.4 MB in
+    // total, past the non-temporal-store threshold), ring reduce-scatter / all-gather with loans; and
+    // the copy-only transport, where all_reduce takes the ring.
     for copy_only in [false, true] {
         let opts = Options {
             copy_only,

@@ -12,6 +12,7 @@
 
 pub(crate) mod algo;
 pub(crate) mod msg;
+pub(crate) mod twoshot;
 
 use crate::buffer::BufMut;
 use crate::comm::CollectiveOwned;
@@ -106,6 +107,12 @@ impl Raw {
     }
     pub fn len(self) -> usize {
         self.len
+    }
+    /// Address of byte `a` (for read-write loans); `a` must be within the buffer.
+    pub fn ptr_at(self, a: usize) -> *mut u8 {
+        assert!(a <= self.len, "internal: offset {a} out of {}", self.len);
+        // SAFETY: in bounds (asserted).
+        unsafe { self.ptr.add(a) }
     }
     /// Bytes `[a, b)`. Callers never hold a read and a write of overlapping ranges at once.
     pub fn get<'x>(self, a: usize, b: usize) -> &'x [u8] {
@@ -234,6 +241,26 @@ impl Engine {
         }
         let (l, g): (Lend, LendGuard) = msg::lend(bytes, dst);
         self.post(dst, tag, Payload::Lent(l))?;
+        Ok(Some(g))
+    }
+
+    /// Lend `src` for reading and `dst` (same length) for writing to `dst_rank`; only where loans are
+    /// allowed (the caller checks [`Engine::lend_ok`]). Keep the guard until
+    /// [`Engine::wait_guard`] succeeded: the peer may write `dst` until then.
+    pub fn send_lend_rw(
+        &mut self,
+        dst_rank: usize,
+        tag: Tag,
+        src: &[u8],
+        dst: *mut u8,
+    ) -> Result<Option<LendGuard>> {
+        if !self.lend_ok || dst_rank == self.rank {
+            return Err(Error::InvalidArgument(
+                "internal: read-write loans need an in-process transport".into(),
+            ));
+        }
+        let (l, g) = msg::lend_rw(src, dst, dst_rank);
+        self.post(dst_rank, tag, Payload::Lent(l))?;
         Ok(Some(g))
     }
 

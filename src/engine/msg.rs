@@ -23,6 +23,8 @@ pub(crate) enum Tag {
 
 struct LendSlot {
     mem: Mutex<Option<(usize, usize)>>,
+    /// Address of a writable region of the same length, for read-write loans; 0 for read-only ones.
+    out: usize,
     ack: Sender<()>,
 }
 
@@ -43,9 +45,22 @@ pub(crate) struct LendGuard {
 /// Safety contract (upheld by the engine): the memory stays valid and unmodified until the returned
 /// guard has either received its acknowledgement ([`LendGuard::wait`]) or been dropped.
 pub(crate) fn lend(bytes: &[u8], peer: usize) -> (Lend, LendGuard) {
+    lend_slot(bytes, 0, peer)
+}
+
+/// Lend `src` for reading and `dst` (same length; it may be `src` itself) for writing.
+///
+/// Safety contract: as [`lend`], and the lender does not touch `dst` either until the guard was
+/// acknowledged or dropped; `dst` must be valid for `src.len()` bytes of writes.
+pub(crate) fn lend_rw(src: &[u8], dst: *mut u8, peer: usize) -> (Lend, LendGuard) {
+    lend_slot(src, dst as usize, peer)
+}
+
+fn lend_slot(bytes: &[u8], out: usize, peer: usize) -> (Lend, LendGuard) {
     let (tx, rx) = bounded(1);
     let slot = Arc::new(LendSlot {
         mem: Mutex::new(Some((bytes.as_ptr() as usize, bytes.len()))),
+        out,
         ack: tx,
     });
     (
@@ -77,6 +92,59 @@ impl Lend {
         let g = self.0.mem.lock().unwrap_or_else(|e| e.into_inner());
         g.map(|(_, l)| l).unwrap_or(0)
     }
+}
+
+/// One side of [`with_loans_rw`]: where to read and where to write `len` bytes.
+#[derive(Clone, Copy)]
+pub(crate) struct RwRegion {
+    pub src: *const u8,
+    pub dst: *mut u8,
+    pub len: usize,
+}
+
+/// Hold several read-write loans at once (every lock for the whole call), run `f` on their regions,
+/// then acknowledge them all. A revoked or read-only loan is an error naming its sender.
+///
+/// `f` may read `src` and write `dst` of each region; they may alias (an in-place lender), so `f`
+/// must not keep a read view and a write view of one region alive at the same time.
+pub(crate) fn with_loans_rw<R>(
+    loans: &[(usize, &Payload)],
+    f: impl FnOnce(&[RwRegion]) -> R,
+) -> Result<R> {
+    let mut locks = Vec::with_capacity(loans.len());
+    let mut regions = Vec::with_capacity(loans.len());
+    for &(src, p) in loans {
+        let lost = Error::PeerLost {
+            rank: src,
+            during: "reading a message (the sender gave up)",
+        };
+        let Payload::Lent(l) = p else {
+            return Err(lost);
+        };
+        let g = l.0.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((ptr, len)) = *g else {
+            return Err(lost);
+        };
+        if l.0.out == 0 {
+            return Err(Error::InvalidArgument(
+                "internal: a read-only loan was used for writing".into(),
+            ));
+        }
+        regions.push(RwRegion {
+            src: ptr as *const u8,
+            dst: l.0.out as *mut u8,
+            len,
+        });
+        locks.push(g);
+    }
+    let r = f(&regions);
+    drop(locks);
+    for &(_, p) in loans {
+        if let Payload::Lent(l) = p {
+            let _ = l.0.ack.try_send(());
+        }
+    }
+    Ok(r)
 }
 
 impl LendGuard {
