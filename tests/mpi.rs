@@ -107,8 +107,13 @@ mod imp {
 
     /// The reduction of every rank's input, computed locally.
     fn reference<T: TE>(len: usize, op: ReduceOp) -> Result<Vec<T>> {
+        reference_of::<T>(WORLD, len, op)
+    }
+
+    /// The reduction of the inputs of ranks `0..n`, computed locally.
+    fn reference_of<T: TE>(n: usize, len: usize, op: ReduceOp) -> Result<Vec<T>> {
         let mut acc = input::<T>(0, len, op);
-        for r in 1..WORLD {
+        for r in 1..n {
             let x = input::<T>(r, len, op);
             reduce_into(
                 T::DTYPE,
@@ -117,8 +122,29 @@ mod imp {
                 bytemuck::cast_slice(&x),
             )?;
         }
-        finish_avg(T::DTYPE, op, bytemuck::cast_slice_mut(&mut acc), WORLD)?;
+        finish_avg(T::DTYPE, op, bytemuck::cast_slice_mut(&mut acc), n)?;
         Ok(acc)
+    }
+
+    /// All-reduce on a communicator of `sub.world_size()` ranks (a non-power of two exercises the
+    /// fold of the point-to-point small-message paths): lengths for recursive doubling (≤ 2 KiB),
+    /// halving/doubling (≤ 64 KiB) and `MPI_Iallreduce` above, in place and out of place.
+    fn all_reduce_on<T: TE>(sub: &dyn Communicator) -> R {
+        let (me, n) = (sub.rank(), sub.world_size());
+        for len in [1usize, 5, 300, 3001, 9000, 40_000] {
+            for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Avg] {
+                let want = reference_of::<T>(n, len, op)?;
+                let mut v = input::<T>(me, len, op);
+                sub.all_reduce(&mut v, op)?;
+                let what = format!("{n} ranks: all_reduce {} {} len {len}", T::DTYPE, op.name());
+                same(&v, &want, &what)?;
+                let send = input::<T>(me, len, op);
+                let mut recv = vec![T::of(0); len];
+                sub.all_reduce_into(&send, &mut recv, op)?;
+                same(&recv, &want, &format!("{what} out of place"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Value of element `k` of the block that rank `src` sends to rank `dst` (all-to-all tests).
@@ -484,6 +510,9 @@ mod imp {
             let mut x = [1u8];
             sub.all_reduce(&mut x, ReduceOp::Sum)?;
             ensure!(x[0] == 3, "sum over 3 ranks = {}", x[0]);
+            all_reduce_on::<f32>(sub.as_ref())?;
+            all_reduce_on::<f16>(sub.as_ref())?;
+            all_reduce_on::<i64>(sub.as_ref())?;
         }
         Ok(())
     }

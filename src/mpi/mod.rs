@@ -12,7 +12,7 @@
 //! // mpirun -np 4 target/release/examples/allreduce
 //! let comm = MpiComm::world(ferroccl::Config::from_env()?)?; // MPI_Init_thread + MPI_Comm_dup(WORLD)
 //! let mut grads = vec![comm.rank() as f32; 1024];
-//! comm.all_reduce(&mut grads, ReduceOp::Avg)?;                // MPI_Iallreduce + MPI_Test polling
+//! comm.all_reduce(&mut grads, ReduceOp::Avg)?;                // ≤ 64 KiB: MPI_Isend/Irecv steps
 //! let work = comm.iall_reduce(grads, ReduceOp::Sum)?;          // non-blocking: MPI_Iallreduce
 //! let grads = work.wait()?;                                    // MPI_Test until done
 //! drop(comm);                                                  // last handle: MPI_Finalize
@@ -26,7 +26,7 @@
 //!
 //! | ferroccl | MPI |
 //! |---|---|
-//! | `all_reduce` | `MPI_Iallreduce` (`MPI_IN_PLACE` when in place) |
+//! | `all_reduce` | `MPI_Iallreduce` (`MPI_IN_PLACE` when in place); blocking calls of ≤ 64 KiB: recursive doubling / Rabenseifner over `MPI_Isend`/`MPI_Irecv` on a private duplicate communicator (see `small.rs`: libnbc's per-call schedule doubled tiny all-reduces) |
 //! | `reduce_scatter` | `MPI_Ireduce_scatter_block` |
 //! | `all_gather` | `MPI_Iallgather` |
 //! | `broadcast` | `MPI_Ibcast` |
@@ -100,6 +100,7 @@
 
 mod flight;
 mod session;
+mod small;
 
 use crate::comm::{CollectiveOwned, CollectiveRef};
 use crate::work::{Pending, Work};
@@ -137,6 +138,9 @@ pub fn launched_by_mpirun() -> bool {
 struct CommInner {
     session: Arc<Session>,
     comm: ffi::MPI_Comm,
+    /// A private duplicate of `comm` for the point-to-point messages of [`small`] all-reduces
+    /// (`MPI_COMM_NULL` until created).
+    p2p: ffi::MPI_Comm,
     rank: usize,
     size: usize,
     tag_ub: c_int,
@@ -166,8 +170,13 @@ impl Drop for CommInner {
             return;
         }
         let _g = self.session.guard();
-        // SAFETY: a communicator this process created (dup or split) and nobody uses any more.
-        unsafe { ffi::MPI_Comm_free(&mut self.comm) };
+        // SAFETY: communicators this process created (dup or split) and nobody uses any more.
+        unsafe {
+            if self.p2p != ffi::RSMPI_COMM_NULL {
+                ffi::MPI_Comm_free(&mut self.p2p);
+            }
+            ffi::MPI_Comm_free(&mut self.comm)
+        };
     }
 }
 
@@ -212,6 +221,8 @@ impl MpiComm {
         let mut inner = CommInner {
             session,
             comm,
+            // SAFETY: reading rsmpi's exported handle.
+            p2p: unsafe { ffi::RSMPI_COMM_NULL },
             rank: 0,
             size: 1,
             tag_ub: 32767, // the minimum the standard guarantees
@@ -251,6 +262,12 @@ impl MpiComm {
             // SAFETY: MPI returned a pointer to the attribute's int value.
             inner.tag_ub = unsafe { *val }.max(32767);
         }
+        let mut p2p = inner.p2p;
+        // SAFETY: `comm` is live; `p2p` is an out-parameter (it inherits MPI_ERRORS_RETURN).
+        s.call("MPI_Comm_dup", || unsafe {
+            ffi::MPI_Comm_dup(comm, &mut p2p)
+        })?;
+        inner.p2p = p2p;
         Ok(MpiComm {
             inner: Arc::new(inner),
             cfg,
@@ -283,6 +300,15 @@ impl MpiComm {
     /// `MpiComm` (do not free it); calls on it must respect [`MpiComm::threading`].
     pub fn as_raw(&self) -> ffi::MPI_Comm {
         self.inner.comm
+    }
+
+    fn small(&self) -> small::Small<'_> {
+        small::Small {
+            t: self.inner.target(),
+            p2p: self.inner.p2p,
+            deadline: Instant::now().checked_add(self.cfg.timeout),
+            timeout: self.cfg.timeout,
+        }
     }
 
     /// Poll `flight` until it completes, for at most the timeout; see the module docs for what a
@@ -328,7 +354,7 @@ fn abandon(session: &Session, flight: Flight) {
 }
 
 /// Between two `MPI_Test`s: spin briefly (latency), then yield (ranks may share cores).
-fn backoff(spins: &mut u32) {
+pub(crate) fn backoff(spins: &mut u32) {
     *spins = spins.saturating_add(1);
     if *spins < 64 {
         std::hint::spin_loop();
@@ -398,6 +424,24 @@ impl Communicator for MpiComm {
     fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
         let (during, peer) = (c.name(), peer_of(&c));
         let bytes = traffic(&c, self.inner.rank, self.inner.size);
+        let c = match c {
+            Collective::AllReduce { send, mut recv, op }
+                if self.inner.size > 1 && recv.byte_len() <= small::SMALL_BYTES =>
+            {
+                let dtype = recv.dtype;
+                match (send.as_ref().map(|s| s.host_bytes()), recv.host_bytes_mut()) {
+                    (None | Some(Some(_)), Some(out)) => {
+                        let send = send.as_ref().and_then(|s| s.host_bytes());
+                        self.small().all_reduce(send, out, dtype, op)?;
+                        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    // not host memory: the flight below reports it
+                    _ => Collective::AllReduce { send, recv, op },
+                }
+            }
+            c => c,
+        };
         let flight = Flight::post(&self.inner.target(), c)?;
         self.wait_blocking(flight, during, peer)?;
         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);

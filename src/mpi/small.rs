@@ -1,0 +1,301 @@
+//! Small all-reduces: recursive doubling over `MPI_Isend`/`MPI_Irecv`.
+//!
+//! Why not `MPI_Iallreduce` here: Open MPI's non-blocking collectives (libnbc) build a schedule on
+//! every call, a fixed cost of about 10 µs at 4 ranks that doubles the time of a tiny all-reduce
+//! compared with the blocking `MPI_Allreduce` (measured in `benches/RESULTS.md`). The blocking call has
+//! no timeout, which ferroccl promises for every blocking call. For small messages the tuned blocking
+//! algorithm *is* recursive doubling over point-to-point messages
+//! (`ompi_coll_base_allreduce_intra_recursivedoubling`), so doing the same from here, with requests
+//! polled by `MPI_Testall` until the deadline, costs what MPI's own call costs and keeps the timeout.
+//!
+//! The messages travel on a private duplicate of the communicator, so they never match the
+//! application's sends and receives. Every pair of partners combines the same two operands in the same
+//! order (lower rank on the left), and non-powers of two fold the first `2·rem` ranks pairwise first,
+//! so all ranks end bit-identical, as with the other backends.
+
+use super::flight::Target;
+use crate::dtype::{finish_avg, reduce_into};
+use crate::{DType, Error, ReduceOp, Result};
+use mpi::ffi;
+use std::os::raw::{c_int, c_void};
+use std::time::Instant;
+
+/// All-reduces of at most this many bytes take this path (blocking calls only).
+pub(crate) const SMALL_BYTES: usize = 64 * 1024;
+
+/// Up to this many bytes whole vectors are exchanged (recursive doubling, `log p` messages of `S`);
+/// above, Rabenseifner's halving/doubling (`2 log p` messages of `S/2, S/4, …`). Chosen by
+/// measurement (`benches/run_mpi_bench.sh`, 2 and 4 ranks): at 8 KiB one whole exchange beat two
+/// half-size ones.
+const RD_BYTES: usize = 8192;
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<u64>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Tags of the steps (on the private communicator, so any values work).
+const FOLD: c_int = 1;
+const UNFOLD: c_int = 2;
+const STEP: c_int = 16;
+/// Polls between two yields (and deadline checks): ranks may share cores.
+const SPIN: u32 = 1024;
+
+/// What one call needs: where to send, the deadline, how to report a timeout.
+pub(crate) struct Small<'a> {
+    pub t: Target<'a>,
+    /// The private duplicate of `t.comm`.
+    pub p2p: ffi::MPI_Comm,
+    pub deadline: Option<Instant>,
+    pub timeout: std::time::Duration,
+}
+
+impl Small<'_> {
+    /// `out ← op over ranks of (send or out)`; then the Avg division.
+    pub(crate) fn all_reduce(
+        &self,
+        send: Option<&[u8]>,
+        out: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = self.t.world;
+        let len = out.len();
+        if let Some(s) = send {
+            out.copy_from_slice(s);
+        }
+        if n > 1 && len > 0 {
+            // one scratch buffer per thread, reused: an allocation costs ~5% of a tiny all-reduce
+            let mut words = SCRATCH.with(|c| c.take());
+            words.resize(len.div_ceil(8), 0);
+            let scratch = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len];
+            let r = self.steps(out, scratch, dtype, op);
+            if r.is_err() && self.t.session.is_poisoned() {
+                std::mem::forget(words); // a receive into it may still be posted
+            } else {
+                SCRATCH.with(|c| c.set(words));
+            }
+            r?;
+        }
+        finish_avg(dtype, op, out, n)
+    }
+
+    fn steps(&self, out: &mut [u8], scratch: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        let (n, r) = (self.t.world, self.t.rank);
+        {
+            let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
+            let rem = n - p;
+            let newrank = if r < 2 * rem {
+                if r % 2 == 0 {
+                    self.exchange(r + 1, FOLD, Some(out), None)?;
+                    None
+                } else {
+                    self.exchange(r - 1, FOLD, None, Some(scratch))?;
+                    combine(dtype, op, out, scratch, true)?;
+                    Some(r / 2)
+                }
+            } else {
+                Some(r - rem)
+            };
+            if let Some(nr) = newrank {
+                let real = |q: usize| if q < rem { q * 2 + 1 } else { q + rem };
+                let es = dtype.size();
+                let count = out.len() / es;
+                if out.len() <= RD_BYTES || count < p {
+                    self.recursive_doubling(out, scratch, dtype, op, nr, p, &real)?;
+                } else {
+                    self.halving_doubling(out, scratch, dtype, op, nr, p, &real)?;
+                }
+            }
+            if r < 2 * rem {
+                if r % 2 == 1 {
+                    self.exchange(r - 1, UNFOLD, Some(out), None)?;
+                } else {
+                    self.exchange(r + 1, UNFOLD, None, Some(out))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every rank exchanges its whole vector with partners at distance 1, 2, 4, … (`log p` steps).
+    #[allow(clippy::too_many_arguments)]
+    fn recursive_doubling(
+        &self,
+        out: &mut [u8],
+        scratch: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        nr: usize,
+        p: usize,
+        real: &dyn Fn(usize) -> usize,
+    ) -> Result<()> {
+        let r = self.t.rank;
+        let mut mask = 1;
+        let mut step = STEP;
+        while mask < p {
+            let peer = real(nr ^ mask);
+            self.exchange(peer, step, Some(out), Some(scratch))?;
+            combine(dtype, op, out, scratch, peer < r)?;
+            mask <<= 1;
+            step += 1;
+        }
+        Ok(())
+    }
+
+    /// Rabenseifner: recursive halving reduce-scatter (each step sends half of what is left), then
+    /// recursive doubling all-gather. Messages are `S/2, S/4, …`, so medium vectors stay within the
+    /// transports' eager limits where whole-vector exchanges would not.
+    #[allow(clippy::too_many_arguments)]
+    fn halving_doubling(
+        &self,
+        out: &mut [u8],
+        scratch: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        nr: usize,
+        p: usize,
+        real: &dyn Fn(usize) -> usize,
+    ) -> Result<()> {
+        let r = self.t.rank;
+        let es = dtype.size();
+        let count = out.len() / es;
+        let at = |blk: usize| blk * count / p * es; // byte offset of block `blk`
+        let (mut lo, mut hi) = (0usize, p); // the blocks this rank is still responsible for
+        let mut mask = p >> 1;
+        let mut step = STEP;
+        while mask > 0 {
+            let peer = real(nr ^ mask);
+            let mid = lo + (hi - lo) / 2;
+            let (keep, give) = if nr & mask == 0 {
+                ((lo, mid), (mid, hi))
+            } else {
+                ((mid, hi), (lo, mid))
+            };
+            let (k0, k1) = (at(keep.0), at(keep.1));
+            self.exchange(
+                peer,
+                step,
+                Some(&out[at(give.0)..at(give.1)]),
+                Some(&mut scratch[k0..k1]),
+            )?;
+            combine(dtype, op, &mut out[k0..k1], &mut scratch[k0..k1], peer < r)?;
+            (lo, hi) = keep;
+            mask >>= 1;
+            step += 1;
+        }
+        let mut mask = 1;
+        while mask < p {
+            let peer = real(nr ^ mask);
+            // our range and the partner's are the two halves of their parent range
+            let span = hi - lo;
+            let (plo, phi) = if nr & mask == 0 {
+                (hi, hi + span)
+            } else {
+                (lo - span, lo)
+            };
+            let (a, b, c) = (at(lo.min(plo)), at(lo.max(plo)), at(hi.max(phi)));
+            let (first, second) = out[a..c].split_at_mut(b - a);
+            let (mine, theirs) = if nr & mask == 0 {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            self.exchange(peer, step, Some(mine), Some(theirs))?;
+            (lo, hi) = (lo.min(plo), hi.max(phi));
+            mask <<= 1;
+            step += 1;
+        }
+        Ok(())
+    }
+
+    /// Send `send` to and/or receive `recv` from `peer`, polling until both completed or the deadline.
+    fn exchange(
+        &self,
+        peer: usize,
+        tag: c_int,
+        send: Option<&[u8]>,
+        recv: Option<&mut [u8]>,
+    ) -> Result<()> {
+        let s = self.t.session;
+        let peer_c = c_int::try_from(peer)
+            .map_err(|_| Error::InvalidArgument(format!("rank {peer} exceeds MPI's int ranks")))?;
+        // SAFETY: reading rsmpi's exported constants.
+        let (byte, null) = unsafe { (ffi::RSMPI_UINT8_T, ffi::RSMPI_REQUEST_NULL) };
+        let mut reqs = [null, null];
+        let comm = self.p2p;
+        if let Some(b) = recv {
+            let n = count(b.len())?;
+            let p = b.as_mut_ptr().cast::<c_void>();
+            // SAFETY: `b` holds `n` bytes and outlives the request: we return only once it completed,
+            // or poison the session (no further MPI use) and leak nothing MPI could still write into
+            // except this buffer, which the caller owns (see the module docs of `super`).
+            s.call("MPI_Irecv", || unsafe {
+                ffi::MPI_Irecv(p, n, byte, peer_c, tag, comm, &mut reqs[0])
+            })?;
+        }
+        if let Some(b) = send {
+            let n = count(b.len())?;
+            let p = b.as_ptr().cast::<c_void>();
+            // SAFETY: as above, for reading.
+            let r = s.call("MPI_Isend", || unsafe {
+                ffi::MPI_Isend(p, n, byte, peer_c, tag, comm, &mut reqs[1])
+            });
+            if let Err(e) = r {
+                if reqs[0] != null {
+                    s.poison(); // the receive stays posted
+                }
+                return Err(e);
+            }
+        }
+        let mut spins = 0u32;
+        loop {
+            let mut flag: c_int = 0;
+            // SAFETY: two request handles (null ones are ignored by MPI); statuses ignored.
+            let r = s.call("MPI_Testall", || unsafe {
+                ffi::MPI_Testall(2, reqs.as_mut_ptr(), &mut flag, ffi::RSMPI_STATUSES_IGNORE)
+            });
+            if let Err(e) = r {
+                s.poison();
+                return Err(e);
+            }
+            if flag != 0 {
+                return Ok(());
+            }
+            spins = spins.wrapping_add(1);
+            if spins % SPIN != 0 {
+                continue; // reading the clock costs as much as a poll
+            }
+            std::thread::yield_now();
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                s.poison();
+                return Err(Error::Timeout {
+                    during: "all_reduce",
+                    after: self.timeout,
+                    waiting_for: Some(peer),
+                });
+            }
+        }
+    }
+}
+
+fn count(n: usize) -> Result<c_int> {
+    c_int::try_from(n)
+        .map_err(|_| Error::InvalidArgument(format!("{n} bytes exceed MPI's int count")))
+}
+
+/// `out ← op(peer, out)` if the peer's rank is lower, else `out ← op(out, peer)`; `theirs` is scratch.
+fn combine(
+    dtype: DType,
+    op: ReduceOp,
+    out: &mut [u8],
+    theirs: &mut [u8],
+    theirs_first: bool,
+) -> Result<()> {
+    if theirs_first {
+        reduce_into(dtype, op, theirs, out)?;
+        out.copy_from_slice(theirs);
+        Ok(())
+    } else {
+        reduce_into(dtype, op, out, theirs)
+    }
+}
