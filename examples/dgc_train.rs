@@ -64,6 +64,10 @@ struct Args {
     /// Also run DGC with each technique switched off in turn.
     #[arg(long)]
     ablation: bool,
+    /// Also run DGC with one selection per tensor (w1, b1, w2, b2), as the paper selects per layer;
+    /// each tensor is clipped against the same bound.
+    #[arg(long)]
+    per_tensor: bool,
     /// Seed of the split, the weights and the shuffles.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -83,6 +87,8 @@ struct Args {
 struct Variant {
     name: &'static str,
     dgc: Option<DgcConfig>,
+    /// One `Dgc` per tensor instead of one for the flat gradient.
+    per_tensor: bool,
 }
 
 #[derive(Clone, serde::Serialize)]
@@ -117,11 +123,20 @@ fn train<C: Communicator + ?Sized>(
     comm.broadcast(&mut params, 0)?;
     let mut grad = MLP.zeros();
     let mut mom = MLP.zeros();
-    let mut dgc = v
-        .dgc
-        .clone()
-        .map(|c| Dgc::new(MLP.n_params(), c))
-        .transpose()?;
+    let groups: Vec<std::ops::Range<usize>> = if v.per_tensor {
+        MLP.tensors().to_vec()
+    } else {
+        vec![0..MLP.n_params()]
+    };
+    let mut dgc: Option<Vec<(std::ops::Range<usize>, Dgc)>> = match &v.dgc {
+        Some(c) => Some(
+            groups
+                .iter()
+                .map(|g| Ok((g.clone(), Dgc::new(g.len(), c.clone())?)))
+                .collect::<Result<_>>()?,
+        ),
+        None => None,
+    };
     let plain_sgd = v
         .dgc
         .as_ref()
@@ -146,7 +161,15 @@ fn train<C: Communicator + ?Sized>(
             let before = comm.bytes_sent();
             let ep = epoch as f64 + step as f64 / steps as f64;
             let r = match dgc.as_mut() {
-                Some(d) => d.step(comm, &mut grad, ep)?.compression_ratio,
+                Some(ds) => {
+                    let (mut dense, mut msg) = (0usize, 0usize);
+                    for (g, d) in ds.iter_mut() {
+                        let st = d.step(comm, &mut grad[g.clone()], ep)?;
+                        dense += 4 * g.len();
+                        msg += st.message_bytes;
+                    }
+                    dense as f64 / msg.max(1) as f64
+                }
                 None => {
                     comm.all_reduce(&mut grad, ReduceOp::Avg)?;
                     1.0
@@ -207,29 +230,42 @@ fn variants(args: &Args) -> Vec<Variant> {
         Variant {
             name: "dense",
             dgc: None,
+            per_tensor: false,
         },
         Variant {
             name: "dgc",
             dgc: Some(base.clone()),
+            per_tensor: false,
         },
     ];
+    if args.per_tensor {
+        v.push(Variant {
+            name: "dgc per tensor",
+            dgc: Some(base.clone()),
+            per_tensor: true,
+        });
+    }
     if args.ablation {
         v.extend([
             Variant {
                 name: "dgc - momentum corr.",
                 dgc: Some(base.clone().momentum_correction(false)),
+                per_tensor: false,
             },
             Variant {
                 name: "dgc - clipping",
                 dgc: Some(base.clone().clipping(false)),
+                per_tensor: false,
             },
             Variant {
                 name: "dgc - momentum masking",
                 dgc: Some(base.clone().momentum_masking(false)),
+                per_tensor: false,
             },
             Variant {
                 name: "dgc - warm-up",
                 dgc: Some(base.clone().warmup_enabled(false)),
+                per_tensor: false,
             },
             Variant {
                 name: "sparsify only",
@@ -239,6 +275,7 @@ fn variants(args: &Args) -> Vec<Variant> {
                         .momentum_masking(false)
                         .warmup_enabled(false),
                 ),
+                per_tensor: false,
             },
         ]);
     }
