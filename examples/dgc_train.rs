@@ -126,7 +126,7 @@ fn train<C: Communicator + ?Sized>(
     let groups: Vec<std::ops::Range<usize>> = if v.per_tensor {
         MLP.tensors().to_vec()
     } else {
-        vec![0..MLP.n_params()]
+        std::iter::once(0..MLP.n_params()).collect()
     };
     let mut dgc: Option<Vec<(std::ops::Range<usize>, Dgc)>> = match &v.dgc {
         Some(c) => Some(
