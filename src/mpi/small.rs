@@ -97,13 +97,17 @@ impl Small<'_> {
                 Some(r - rem)
             };
             if let Some(nr) = newrank {
-                let real = |q: usize| if q < rem { q * 2 + 1 } else { q + rem };
-                let es = dtype.size();
-                let count = out.len() / es;
-                if out.len() <= RD_BYTES || count < p {
-                    self.recursive_doubling(out, scratch, dtype, op, nr, p, &real)?;
+                let plan = Plan {
+                    dtype,
+                    op,
+                    nr,
+                    p,
+                    rem,
+                };
+                if out.len() <= RD_BYTES || out.len() / dtype.size() < p {
+                    self.recursive_doubling(out, scratch, &plan)?;
                 } else {
-                    self.halving_doubling(out, scratch, dtype, op, nr, p, &real)?;
+                    self.halving_doubling(out, scratch, &plan)?;
                 }
             }
             if r < 2 * rem {
@@ -118,24 +122,14 @@ impl Small<'_> {
     }
 
     /// Every rank exchanges its whole vector with partners at distance 1, 2, 4, … (`log p` steps).
-    #[allow(clippy::too_many_arguments)]
-    fn recursive_doubling(
-        &self,
-        out: &mut [u8],
-        scratch: &mut [u8],
-        dtype: DType,
-        op: ReduceOp,
-        nr: usize,
-        p: usize,
-        real: &dyn Fn(usize) -> usize,
-    ) -> Result<()> {
-        let r = self.t.rank;
+    fn recursive_doubling(&self, out: &mut [u8], scratch: &mut [u8], plan: &Plan) -> Result<()> {
+        let (r, p, nr) = (self.t.rank, plan.p, plan.nr);
         let mut mask = 1;
         let mut step = STEP;
         while mask < p {
-            let peer = real(nr ^ mask);
+            let peer = plan.real(nr ^ mask);
             self.exchange(peer, step, Some(out), Some(scratch))?;
-            combine(dtype, op, out, scratch, peer < r)?;
+            combine(plan.dtype, plan.op, out, scratch, peer < r)?;
             mask <<= 1;
             step += 1;
         }
@@ -143,20 +137,11 @@ impl Small<'_> {
     }
 
     /// Rabenseifner: recursive halving reduce-scatter (each step sends half of what is left), then
-    /// recursive doubling all-gather. Messages are `S/2, S/4, …`, so medium vectors stay within the
-    /// transports' eager limits where whole-vector exchanges would not.
-    #[allow(clippy::too_many_arguments)]
-    fn halving_doubling(
-        &self,
-        out: &mut [u8],
-        scratch: &mut [u8],
-        dtype: DType,
-        op: ReduceOp,
-        nr: usize,
-        p: usize,
-        real: &dyn Fn(usize) -> usize,
-    ) -> Result<()> {
-        let r = self.t.rank;
+    /// recursive doubling all-gather: `2(p−1)/p·S` bytes per rank instead of recursive doubling's
+    /// `log p · S`.
+    fn halving_doubling(&self, out: &mut [u8], scratch: &mut [u8], plan: &Plan) -> Result<()> {
+        let (r, p, nr) = (self.t.rank, plan.p, plan.nr);
+        let (dtype, op) = (plan.dtype, plan.op);
         let es = dtype.size();
         let count = out.len() / es;
         let at = |blk: usize| blk * count / p * es; // byte offset of block `blk`
@@ -164,7 +149,7 @@ impl Small<'_> {
         let mut mask = p >> 1;
         let mut step = STEP;
         while mask > 0 {
-            let peer = real(nr ^ mask);
+            let peer = plan.real(nr ^ mask);
             let mid = lo + (hi - lo) / 2;
             let (keep, give) = if nr & mask == 0 {
                 ((lo, mid), (mid, hi))
@@ -185,7 +170,7 @@ impl Small<'_> {
         }
         let mut mask = 1;
         while mask < p {
-            let peer = real(nr ^ mask);
+            let peer = plan.real(nr ^ mask);
             // our range and the partner's are the two halves of their parent range
             let span = hi - lo;
             let (plo, phi) = if nr & mask == 0 {
@@ -274,6 +259,27 @@ impl Small<'_> {
                     waiting_for: Some(peer),
                 });
             }
+        }
+    }
+}
+
+/// The power-of-two phase of an all-reduce after the fold: this rank is `nr` of `p`.
+struct Plan {
+    dtype: DType,
+    op: ReduceOp,
+    nr: usize,
+    p: usize,
+    /// Ranks beyond the largest power of two (folded into their odd partners).
+    rem: usize,
+}
+
+impl Plan {
+    /// The real rank of phase rank `q`.
+    fn real(&self, q: usize) -> usize {
+        if q < self.rem {
+            q * 2 + 1
+        } else {
+            q + self.rem
         }
     }
 }
