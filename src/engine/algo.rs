@@ -81,7 +81,7 @@ impl Engine {
                     }
                 } else if out.len() < SMALL_BYTES || count < self.size {
                     self.rd_allreduce(seq, inp, out, dtype, op)?;
-                } else if self.lend_ok && self.clock.is_none() {
+                } else if self.lend_ok && self.peers_share_memory && self.clock.is_none() {
                     self.twoshot_allreduce(seq, inp, out, dtype, op, count)?;
                 } else {
                     self.ring_allreduce(seq, inp, out, dtype, op, count)?;

@@ -75,8 +75,11 @@ pub(crate) struct Engine {
     pub clock: Option<Arc<Mutex<Clock>>>,
     pub cfg: Config,
     pub bytes_sent: Arc<AtomicU64>,
-    /// Allow loans (zero-copy) to peers.
+    /// Allow loans (zero-copy) to peers — or, for TCP, to the socket writer threads.
     pub lend_ok: bool,
+    /// Peers run in this process and read loans directly (in-process transport), so algorithms may
+    /// hand them read-write loans (two-shot all-reduce). False for TCP, whose peers get copies.
+    pub peers_share_memory: bool,
     stash: VecDeque<Msg>,
     posted: Vec<Posted>,
     seq: u64,
@@ -160,6 +163,7 @@ impl Engine {
             cfg,
             bytes_sent,
             lend_ok,
+            peers_share_memory: false,
             stash: VecDeque::new(),
             posted: Vec::new(),
             seq: 0,
@@ -254,7 +258,7 @@ impl Engine {
         src: &[u8],
         dst: *mut u8,
     ) -> Result<Option<LendGuard>> {
-        if !self.lend_ok || dst_rank == self.rank {
+        if !self.lend_ok || !self.peers_share_memory || dst_rank == self.rank {
             return Err(Error::InvalidArgument(
                 "internal: read-write loans need an in-process transport".into(),
             ));

@@ -110,7 +110,7 @@ impl LocalComm {
             .clone()
             .map(|m| Arc::new(Mutex::new(Clock::new(m, rank, size, world.epoch))));
         let bytes_sent = Arc::new(AtomicU64::new(0));
-        let engine = Engine::new(
+        let mut engine = Engine::new(
             rank,
             size,
             setup.senders.clone(),
@@ -121,6 +121,7 @@ impl LocalComm {
             bytes_sent.clone(),
             !opts.copy_only,
         );
+        engine.peers_share_memory = true;
         let worker = Worker::spawn(engine, format!("ferroccl-local-{rank}"))?;
         Ok(LocalComm {
             rank,
