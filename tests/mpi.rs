@@ -127,8 +127,8 @@ mod imp {
     }
 
     /// All-reduce on a communicator of `sub.world_size()` ranks (a non-power of two exercises the
-    /// fold of the point-to-point small-message paths): lengths for recursive doubling (≤ 2 KiB),
-    /// halving/doubling (≤ 64 KiB) and `MPI_Iallreduce` above, in place and out of place.
+    /// fold of the point-to-point paths of blocking all-reduces): lengths for recursive doubling
+    /// (≤ 8 KiB) and halving/doubling above, in place and out of place.
     fn all_reduce_on<T: TE>(sub: &dyn Communicator) -> R {
         let (me, n) = (sub.rank(), sub.world_size());
         for len in [1usize, 5, 300, 3001, 9000, 40_000] {

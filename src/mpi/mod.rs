@@ -12,7 +12,7 @@
 //! // mpirun -np 4 target/release/examples/allreduce
 //! let comm = MpiComm::world(ferroccl::Config::from_env()?)?; // MPI_Init_thread + MPI_Comm_dup(WORLD)
 //! let mut grads = vec![comm.rank() as f32; 1024];
-//! comm.all_reduce(&mut grads, ReduceOp::Avg)?;                // ≤ 64 KiB: MPI_Isend/Irecv steps
+//! comm.all_reduce(&mut grads, ReduceOp::Avg)?;                // MPI_Isend/Irecv steps, polled
 //! let work = comm.iall_reduce(grads, ReduceOp::Sum)?;          // non-blocking: MPI_Iallreduce
 //! let grads = work.wait()?;                                    // MPI_Test until done
 //! drop(comm);                                                  // last handle: MPI_Finalize
@@ -26,7 +26,7 @@
 //!
 //! | ferroccl | MPI |
 //! |---|---|
-//! | `all_reduce` | `MPI_Iallreduce` (`MPI_IN_PLACE` when in place); blocking calls of ≤ 64 KiB: recursive doubling / Rabenseifner over `MPI_Isend`/`MPI_Irecv` on a private duplicate communicator (see `small.rs`: libnbc's per-call schedule doubled tiny all-reduces) |
+//! | `all_reduce` | blocking: recursive doubling (≤ 8 KiB) / Rabenseifner over `MPI_Isend`/`MPI_Irecv` on a private duplicate communicator (`p2p.rs`: libnbc's `MPI_Iallreduce` cost up to 2× the blocking `MPI_Allreduce`); non-blocking, or > 2 GiB: `MPI_Iallreduce` (`MPI_IN_PLACE` when in place) |
 //! | `reduce_scatter` | `MPI_Ireduce_scatter_block` |
 //! | `all_gather` | `MPI_Iallgather` |
 //! | `broadcast` | `MPI_Ibcast` |
@@ -50,7 +50,7 @@
 //! # Blocking calls and timeouts
 //!
 //! Every blocking collective is the immediate (`MPI_I*`) call followed by an `MPI_Test` loop bounded by
-//! [`Config::timeout`], so, as with the other backends, no blocking call waits forever: on expiry it
+//! [`Config::timeout`] (all-reduce: immediate point-to-point steps polled with `MPI_Testall`), so, as with the other backends, no blocking call waits forever: on expiry it
 //! returns [`Error::Timeout`]. MPI cannot cancel a collective, so the request stays posted and MPI may
 //! still write into the buffers it was given. From then on ferroccl makes **no further MPI call in
 //! this process** (every call returns [`Error::Mpi`], and `MPI_Finalize` is skipped): the process
@@ -99,8 +99,8 @@
 //! time` is directly comparable with nccl-tests' busbw and with the other backends' counts.
 
 mod flight;
+mod p2p;
 mod session;
-mod small;
 
 use crate::comm::{CollectiveOwned, CollectiveRef};
 use crate::work::{Pending, Work};
@@ -138,7 +138,7 @@ pub fn launched_by_mpirun() -> bool {
 struct CommInner {
     session: Arc<Session>,
     comm: ffi::MPI_Comm,
-    /// A private duplicate of `comm` for the point-to-point messages of [`small`] all-reduces
+    /// A private duplicate of `comm` for the point-to-point messages of [`p2p`] all-reduces
     /// (`MPI_COMM_NULL` until created).
     p2p: ffi::MPI_Comm,
     rank: usize,
@@ -302,8 +302,8 @@ impl MpiComm {
         self.inner.comm
     }
 
-    fn small(&self) -> small::Small<'_> {
-        small::Small {
+    fn p2p(&self) -> p2p::P2p<'_> {
+        p2p::P2p {
             t: self.inner.target(),
             p2p: self.inner.p2p,
             deadline: Instant::now().checked_add(self.cfg.timeout),
@@ -426,13 +426,13 @@ impl Communicator for MpiComm {
         let bytes = traffic(&c, self.inner.rank, self.inner.size);
         let c = match c {
             Collective::AllReduce { send, mut recv, op }
-                if self.inner.size > 1 && recv.byte_len() <= small::SMALL_BYTES =>
+                if self.inner.size > 1 && recv.byte_len() <= p2p::MAX_BYTES =>
             {
                 let dtype = recv.dtype;
                 match (send.as_ref().map(|s| s.host_bytes()), recv.host_bytes_mut()) {
                     (None | Some(Some(_)), Some(out)) => {
                         let send = send.as_ref().and_then(|s| s.host_bytes());
-                        self.small().all_reduce(send, out, dtype, op)?;
+                        self.p2p().all_reduce(send, out, dtype, op)?;
                         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
                         return Ok(());
                     }

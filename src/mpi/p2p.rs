@@ -1,12 +1,17 @@
-//! Small all-reduces: recursive doubling over `MPI_Isend`/`MPI_Irecv`.
+//! Blocking all-reduces over `MPI_Isend`/`MPI_Irecv`: recursive doubling for small vectors,
+//! Rabenseifner's halving/doubling above.
 //!
-//! Why not `MPI_Iallreduce` here: Open MPI's non-blocking collectives (libnbc) build a schedule on
-//! every call, a fixed cost of about 10 µs at 4 ranks that doubles the time of a tiny all-reduce
-//! compared with the blocking `MPI_Allreduce` (measured in `benches/RESULTS.md`). The blocking call has
-//! no timeout, which ferroccl promises for every blocking call. For small messages the tuned blocking
-//! algorithm *is* recursive doubling over point-to-point messages
-//! (`ompi_coll_base_allreduce_intra_recursivedoubling`), so doing the same from here, with requests
-//! polled by `MPI_Testall` until the deadline, costs what MPI's own call costs and keeps the timeout.
+//! Why not `MPI_Iallreduce` + `MPI_Test` (what non-blocking calls use): Open MPI's non-blocking
+//! collectives (libnbc) build a schedule on every call, a fixed cost of about 10 µs at 4 ranks that
+//! doubled the time of a tiny all-reduce compared with the blocking `MPI_Allreduce`, and libnbc's
+//! algorithm choice left medium sizes at up to 1.4× (measured in `benches/RESULTS.md`). The blocking
+//! call has no timeout, which ferroccl promises for every blocking call. MPI's own tuned blocking
+//! all-reduce is built from the same point-to-point steps (`ompi_coll_base_allreduce_intra_*`), so
+//! doing them from here, with requests polled by `MPI_Testall` until the deadline, costs what MPI's
+//! own call costs and keeps the timeout.
+//!
+//! Memory: each calling thread keeps one scratch buffer as large as its largest all-reduce so far
+//! (up to [`CACHE_BYTES`]; larger ones are allocated per call).
 //!
 //! The messages travel on a private duplicate of the communicator, so they never match the
 //! application's sends and receives. Every pair of partners combines the same two operands in the same
@@ -20,8 +25,12 @@ use mpi::ffi;
 use std::os::raw::{c_int, c_void};
 use std::time::Instant;
 
-/// All-reduces of at most this many bytes take this path (blocking calls only).
-pub(crate) const SMALL_BYTES: usize = 64 * 1024;
+/// Blocking all-reduces of at most this many bytes take this path (MPI counts are C ints: a larger
+/// one goes through `MPI_Iallreduce`, which counts elements).
+pub(crate) const MAX_BYTES: usize = i32::MAX as usize;
+
+/// Scratch buffers up to this size are kept for the next call on the same thread.
+pub(crate) const CACHE_BYTES: usize = 256 << 20;
 
 /// Up to this many bytes whole vectors are exchanged (recursive doubling, `log p` messages of `S`);
 /// above, Rabenseifner's halving/doubling (`2 log p` messages of `S/2, S/4, …`). Chosen by
@@ -41,7 +50,7 @@ const STEP: c_int = 16;
 const SPIN: u32 = 1024;
 
 /// What one call needs: where to send, the deadline, how to report a timeout.
-pub(crate) struct Small<'a> {
+pub(crate) struct P2p<'a> {
     pub t: Target<'a>,
     /// The private duplicate of `t.comm`.
     pub p2p: ffi::MPI_Comm,
@@ -49,7 +58,7 @@ pub(crate) struct Small<'a> {
     pub timeout: std::time::Duration,
 }
 
-impl Small<'_> {
+impl P2p<'_> {
     /// `out ← op over ranks of (send or out)`; then the Avg division.
     pub(crate) fn all_reduce(
         &self,
@@ -71,7 +80,7 @@ impl Small<'_> {
             let r = self.steps(out, scratch, dtype, op);
             if r.is_err() && self.t.session.is_poisoned() {
                 std::mem::forget(words); // a receive into it may still be posted
-            } else {
+            } else if words.len() * 8 <= CACHE_BYTES {
                 SCRATCH.with(|c| c.set(words));
             }
             r?;
