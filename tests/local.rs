@@ -294,6 +294,40 @@ fn a_silent_peer_times_out() {
 }
 
 #[test]
+fn a_silent_peer_times_out_in_a_two_shot_all_reduce_and_the_buffer_is_left_alone() {
+    // 3 ranks, 1 MB each: the two-shot path lends read-write views of every buffer; rank 2 never
+    // joins, so ranks 0 and 1 time out, revoke their loans and keep their inputs.
+    let opts = Options {
+        config: Some(Config::default().with_timeout(Duration::from_millis(300))),
+        ..Options::default()
+    };
+    let t0 = Instant::now();
+    let out = local::run_with(3, &opts, |c| {
+        if c.rank() == 2 {
+            std::thread::sleep(Duration::from_millis(900));
+            return Ok(None);
+        }
+        let mut v: Vec<f32> = (0..250_000).map(|i| (i % 97) as f32).collect();
+        let e = c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err();
+        Ok(Some((e, v)))
+    })
+    .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    for (r, o) in out.iter().take(2).enumerate() {
+        let (e, v) = o.as_ref().expect("ranks 0 and 1 report");
+        assert!(
+            matches!(e, Error::Timeout { .. } | Error::PeerLost { .. }),
+            "rank {r}: {e}"
+        );
+        // A rank reduces only once it holds every peer's loan, so nothing was written.
+        assert!(
+            v.iter().enumerate().all(|(i, &x)| x == (i % 97) as f32),
+            "rank {r}: the buffer changed"
+        );
+    }
+}
+
+#[test]
 fn link_model_charges_alpha_beta_in_virtual_time() {
     use ferroccl::local::{Link, LinkModel, TimeMode};
     // 4 ranks, 1 GB/s, 10 us; ring all-reduce of 4 MB: 2(N-1)(a + S/(N b)) = 6 * (10us + 1ms) = 6.06 ms
