@@ -1,8 +1,10 @@
 //! Collective algorithms over the engine's messages.
 //!
 //! - all_reduce: recursive doubling (with the usual fold for non-powers of two) below
-//!   [`SMALL_BYTES`], ring reduce-scatter + all-gather above — the bandwidth-optimal choice NCCL's ring
-//!   makes. Both give bit-identical results on every rank.
+//!   [`SMALL_BYTES`]; above, two-shot over read-write loans where the peers share this address space
+//!   and no link model is charging ([`super::twoshot`]), else ring reduce-scatter + all-gather — the
+//!   bandwidth-optimal choice NCCL's ring makes over a network. All give bit-identical results on
+//!   every rank.
 //! - reduce_scatter, all_gather: ring. broadcast, reduce: binomial tree. barrier: dissemination.
 //! - all_to_all(v): every rank posts all its blocks at once, then takes its incoming blocks (what
 //!   NCCL's grouped send/recv does).
