@@ -2,7 +2,7 @@
 //!
 //! - all_reduce: recursive doubling (with the usual fold for non-powers of two) below
 //!   [`SMALL_BYTES`]; above, two-shot over read-write loans where the peers share this address space
-//!   and no link model is charging ([`super::twoshot`]), else ring reduce-scatter + all-gather — the
+//!   and no link model is charging ([`super::direct`]), else ring reduce-scatter + all-gather — the
 //!   bandwidth-optimal choice NCCL's ring makes over a network. All give bit-identical results on
 //!   every rank.
 //! - reduce_scatter, all_gather: ring. broadcast, reduce: binomial tree. barrier: dissemination.
@@ -83,7 +83,7 @@ impl Engine {
                     }
                 } else if out.len() < SMALL_BYTES || count < self.size {
                     self.rd_allreduce(seq, inp, out, dtype, op)?;
-                } else if self.lend_ok && self.peers_share_memory && self.clock.is_none() {
+                } else if self.direct_ok() {
                     self.twoshot_allreduce(seq, inp, out, dtype, op, count)?;
                 } else {
                     self.ring_allreduce(seq, inp, out, dtype, op, count)?;
@@ -95,14 +95,22 @@ impl Engine {
                 let dtype = recv.dtype;
                 let inp = Raw::from_ref(host(&send)?);
                 let out = Raw::from_mut(host_mut(&mut recv)?);
-                self.ring_reduce_scatter(seq, inp, out, dtype, op)?;
+                if self.direct_ok() {
+                    self.direct_reduce_scatter(seq, inp, out, dtype, op)?;
+                } else {
+                    self.ring_reduce_scatter(seq, inp, out, dtype, op)?;
+                }
                 finish_avg(dtype, op, out.get_mut(0, out.len()), self.size)
             }
             Collective::AllGather { send, mut recv } => {
                 let seq = self.next_seq();
                 let inp = host(&send)?;
                 let out = Raw::from_mut(host_mut(&mut recv)?);
-                self.ring_all_gather(seq, inp, out)
+                if self.direct_ok() {
+                    self.direct_all_gather(seq, inp, out)
+                } else {
+                    self.ring_all_gather(seq, inp, out)
+                }
             }
             Collective::Broadcast { mut buf, root } => {
                 let seq = self.next_seq();
@@ -151,6 +159,12 @@ impl Engine {
                 self.all_to_allv(seq, inp, &send_counts, out, &recv_counts, es)
             }
         }
+    }
+
+    /// The direct (shared-address-space) algorithms apply: peers read our memory themselves and no
+    /// link model wants messages to charge; one rank alone has nothing to exchange.
+    fn direct_ok(&self) -> bool {
+        self.size > 1 && self.lend_ok && self.peers_share_memory && self.clock.is_none()
     }
 
     fn barrier(&mut self, seq: u64) -> Result<()> {

@@ -11,8 +11,8 @@
 //! a socket pumped by reader/writer threads (TCP). The algorithms live in [`algo`].
 
 pub(crate) mod algo;
+pub(crate) mod direct;
 pub(crate) mod msg;
-pub(crate) mod twoshot;
 
 use crate::buffer::BufMut;
 use crate::comm::CollectiveOwned;

@@ -94,22 +94,25 @@ impl Lend {
     }
 }
 
-/// One side of [`with_loans_rw`]: where to read and where to write `len` bytes.
+/// One loan held by [`with_loans`]: where to read and (read-write loans) where to write `len` bytes.
 #[derive(Clone, Copy)]
-pub(crate) struct RwRegion {
+pub(crate) struct Region {
     pub src: *const u8,
+    /// Null for a read-only loan.
     pub dst: *mut u8,
     pub len: usize,
 }
 
-/// Hold several read-write loans at once (every lock for the whole call), run `f` on their regions,
-/// then acknowledge them all. A revoked or read-only loan is an error naming its sender.
+/// Hold several loans at once (every lock for the whole call), run `f` on their regions, then
+/// acknowledge them all. A revoked loan (or a copied message, which has no lender to write back to)
+/// is an error naming its sender; with `write`, so is a read-only loan.
 ///
 /// `f` may read `src` and write `dst` of each region; they may alias (an in-place lender), so `f`
 /// must not keep a read view and a write view of one region alive at the same time.
-pub(crate) fn with_loans_rw<R>(
+pub(crate) fn with_loans<R>(
     loans: &[(usize, &Payload)],
-    f: impl FnOnce(&[RwRegion]) -> R,
+    write: bool,
+    f: impl FnOnce(&[Region]) -> R,
 ) -> Result<R> {
     let mut locks = Vec::with_capacity(loans.len());
     let mut regions = Vec::with_capacity(loans.len());
@@ -125,12 +128,12 @@ pub(crate) fn with_loans_rw<R>(
         let Some((ptr, len)) = *g else {
             return Err(lost);
         };
-        if l.0.out == 0 {
+        if write && l.0.out == 0 {
             return Err(Error::InvalidArgument(
                 "internal: a read-only loan was used for writing".into(),
             ));
         }
-        regions.push(RwRegion {
+        regions.push(Region {
             src: ptr as *const u8,
             dst: l.0.out as *mut u8,
             len,
