@@ -37,7 +37,7 @@ fn host_mut<'a>(b: &'a mut crate::BufMut<'_>) -> Result<&'a mut [u8]> {
     })
 }
 
-fn check_len(src: usize, got: usize, want: usize) -> Result<()> {
+pub(super) fn check_len(src: usize, got: usize, want: usize) -> Result<()> {
     if got == want {
         Ok(())
     } else {

@@ -149,15 +149,7 @@ impl Engine {
         let mut msgs = Vec::with_capacity(n);
         for j in (0..n).filter(|&j| j != r) {
             let m = self.recv(j, tag, during)?;
-            if m.payload.len() != len {
-                return Err(Error::LengthMismatch {
-                    what: format!(
-                        "message from rank {j} (bytes): peers disagree on the collective's size"
-                    ),
-                    expected: len,
-                    got: m.payload.len(),
-                });
-            }
+            super::algo::check_len(j, m.payload.len(), len)?;
             msgs.push(m);
         }
         Ok(msgs)
