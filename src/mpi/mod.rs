@@ -354,7 +354,7 @@ fn abandon(session: &Session, flight: Flight) {
 }
 
 /// Between two `MPI_Test`s: spin briefly (latency), then yield (ranks may share cores).
-pub(crate) fn backoff(spins: &mut u32) {
+fn backoff(spins: &mut u32) {
     *spins = spins.saturating_add(1);
     if *spins < 64 {
         std::hint::spin_loop();
@@ -430,9 +430,8 @@ impl Communicator for MpiComm {
             {
                 let dtype = recv.dtype;
                 match (send.as_ref().map(|s| s.host_bytes()), recv.host_bytes_mut()) {
-                    (None | Some(Some(_)), Some(out)) => {
-                        let send = send.as_ref().and_then(|s| s.host_bytes());
-                        self.p2p().all_reduce(send, out, dtype, op)?;
+                    (host_send @ (None | Some(Some(_))), Some(out)) => {
+                        self.p2p().all_reduce(host_send.flatten(), out, dtype, op)?;
                         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
                         return Ok(());
                     }

@@ -30,7 +30,7 @@ use std::time::Instant;
 pub(crate) const MAX_BYTES: usize = i32::MAX as usize;
 
 /// Scratch buffers up to this size are kept for the next call on the same thread.
-pub(crate) const CACHE_BYTES: usize = 256 << 20;
+const CACHE_BYTES: usize = 256 << 20;
 
 /// Up to this many bytes whole vectors are exchanged (recursive doubling, `log p` messages of `S`);
 /// above, Rabenseifner's halving/doubling (`2 log p` messages of `S/2, S/4, …`). Chosen by
@@ -92,41 +92,39 @@ impl P2p<'_> {
 
     fn steps(&self, out: &mut [u8], scratch: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let (n, r) = (self.t.world, self.t.rank);
-        {
-            let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
-            let rem = n - p;
-            let newrank = if r < 2 * rem {
-                if r % 2 == 0 {
-                    self.exchange(r + 1, FOLD, Some(out), None)?;
-                    None
-                } else {
-                    self.exchange(r - 1, FOLD, None, Some(scratch))?;
-                    combine(dtype, op, out, scratch, true)?;
-                    Some(r / 2)
-                }
+        let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
+        let rem = n - p;
+        let newrank = if r < 2 * rem {
+            if r % 2 == 0 {
+                self.exchange(r + 1, FOLD, Some(out), None)?;
+                None
             } else {
-                Some(r - rem)
-            };
-            if let Some(nr) = newrank {
-                let plan = Plan {
-                    dtype,
-                    op,
-                    nr,
-                    p,
-                    rem,
-                };
-                if out.len() <= RD_BYTES || out.len() / dtype.size() < p {
-                    self.recursive_doubling(out, scratch, &plan)?;
-                } else {
-                    self.halving_doubling(out, scratch, &plan)?;
-                }
+                self.exchange(r - 1, FOLD, None, Some(scratch))?;
+                combine(dtype, op, out, scratch, true)?;
+                Some(r / 2)
             }
-            if r < 2 * rem {
-                if r % 2 == 1 {
-                    self.exchange(r - 1, UNFOLD, Some(out), None)?;
-                } else {
-                    self.exchange(r + 1, UNFOLD, None, Some(out))?;
-                }
+        } else {
+            Some(r - rem)
+        };
+        if let Some(nr) = newrank {
+            let plan = Plan {
+                dtype,
+                op,
+                nr,
+                p,
+                rem,
+            };
+            if out.len() <= RD_BYTES || out.len() / dtype.size() < p {
+                self.recursive_doubling(out, scratch, &plan)?;
+            } else {
+                self.halving_doubling(out, scratch, &plan)?;
+            }
+        }
+        if r < 2 * rem {
+            if r % 2 == 1 {
+                self.exchange(r - 1, UNFOLD, Some(out), None)?;
+            } else {
+                self.exchange(r + 1, UNFOLD, None, Some(out))?;
             }
         }
         Ok(())
@@ -219,8 +217,13 @@ impl P2p<'_> {
         let (byte, null) = unsafe { (ffi::RSMPI_UINT8_T, ffi::RSMPI_REQUEST_NULL) };
         let mut reqs = [null, null];
         let comm = self.p2p;
+        // both counts first: nothing may fail between posting the receive and the send
+        let (nr, ns) = (
+            count(recv.as_ref().map_or(0, |b| b.len()))?,
+            count(send.map_or(0, |b| b.len()))?,
+        );
         if let Some(b) = recv {
-            let n = count(b.len())?;
+            let n = nr;
             let p = b.as_mut_ptr().cast::<c_void>();
             // SAFETY: `b` holds `n` bytes and outlives the request: we return only once it completed,
             // or poison the session (no further MPI use) and leak nothing MPI could still write into
@@ -230,7 +233,7 @@ impl P2p<'_> {
             })?;
         }
         if let Some(b) = send {
-            let n = count(b.len())?;
+            let n = ns;
             let p = b.as_ptr().cast::<c_void>();
             // SAFETY: as above, for reading.
             let r = s.call("MPI_Isend", || unsafe {
