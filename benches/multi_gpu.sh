@@ -130,12 +130,16 @@ if have 60 "tests under env launch"; then
   grep -h '^nccl_multi' "$W"/test_env.log.r*
 fi
 B=.device/bin/bench-collectives
-step "1. ferroccl bench --check on device buffers (8 B .. 64 MiB, every op)"
+step "1. ferroccl bench --check on device buffers (8 B .. 64 MiB, every op), blocking and stream-ordered"
 if have 60 "bench --check"; then
   envlaunch "$W/bench_check.log" 200 "$B" --backend nccl --op all -b 8 -e 64M -f 4 -n 3 -w 1 --check \
     --json "$W/bench_check.json"
   status bench_check $?
   grep -E '^# (all|reduce|broad|Wrong)|error' "$W/bench_check.log"
+  envlaunch "$W/bench_check_so.log" 200 env FERROCCL_STREAM_ORDERED=1 "$B" --backend nccl --op all \
+    -b 8 -e 64M -f 4 -n 3 -w 1 --check --json "$W/bench_check_so.json"
+  status bench_check_stream_ordered $?
+  grep -E '^# (all|reduce|broad|Wrong)|error' "$W/bench_check_so.log"
 fi
 
 # --- 2. collectives vs nccl-tests and torch (NVLink / P2P) ----------------------------------------
@@ -161,6 +165,12 @@ if have 60 "ferroccl bench"; then
   envlaunch "$W/ferroccl.log" 300 "$B" --backend nccl --op "${OPS// /,}" -b 8 -e "$MAXB" -f 2 -w 5 -n 20 \
     --json "$W/ferroccl.json"
   status ferroccl_bench $?; cat "$W/ferroccl.log"
+fi
+step "2. ferroccl bench, stream-ordered (FERROCCL_STREAM_ORDERED=1: all iterations enqueued, one synchronize, as nccl-tests times)"
+if have 60 "ferroccl bench stream-ordered"; then
+  envlaunch "$W/ferroccl_so.log" 300 env FERROCCL_STREAM_ORDERED=1 "$B" --backend nccl --op "${OPS// /,}" \
+    -b 8 -e "$MAXB" -f 2 -w 5 -n 20 --json "$W/ferroccl_so.json"
+  status ferroccl_bench_stream_ordered $?; cat "$W/ferroccl_so.log"
 fi
 step "2. torch.distributed (NCCL)"
 if have 60 "torch"; then

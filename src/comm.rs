@@ -540,6 +540,14 @@ pub trait Communicator: Send + Sync {
         })
     }
 
+    /// Wait until every operation this communicator has enqueued in stream order is complete, with
+    /// the timeout. Only the NCCL backend with [`Config::stream_ordered`] returns from a blocking
+    /// call before the operation completed on the GPU (like NCCL itself and `torch.distributed`);
+    /// everywhere else every call is already complete when it returns and this does nothing.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Bytes this rank has sent so far (payload, all operations).
     fn bytes_sent(&self) -> u64 {
         0

@@ -14,6 +14,13 @@ pub struct Config {
     pub timeout: Duration,
     /// Checked mode (`FERROCCL_CHECK=1`): ranks compare each collective's signature before running it.
     pub check: bool,
+    /// Stream-ordered completion on device buffers (`FERROCCL_STREAM_ORDERED=1`, NCCL backend): a
+    /// blocking call returns once the operation is enqueued on its buffers' CUDA stream, as with
+    /// NCCL and `torch.distributed`, so the host can run ahead; later work on that stream sees the
+    /// result, [`Communicator::synchronize`](crate::Communicator::synchronize) waits for it (with
+    /// the timeout), and an asynchronous NCCL error surfaces at the next call. Off by default: then
+    /// every blocking call has returned only after the GPU finished it, under the timeout.
+    pub stream_ordered: bool,
 }
 
 impl Default for Config {
@@ -21,12 +28,13 @@ impl Default for Config {
         Config {
             timeout: DEFAULT_TIMEOUT,
             check: false,
+            stream_ordered: false,
         }
     }
 }
 
 impl Config {
-    /// Read `FERROCCL_TIMEOUT` and `FERROCCL_CHECK`.
+    /// Read `FERROCCL_TIMEOUT`, `FERROCCL_CHECK` and `FERROCCL_STREAM_ORDERED`.
     pub fn from_env() -> Result<Config> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -50,17 +58,10 @@ impl Config {
             c.timeout = Duration::from_secs_f64(secs);
         }
         if let Some(v) = get("FERROCCL_CHECK") {
-            c.check = match v.trim() {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" | "" => false,
-                _ => {
-                    return Err(Error::Config {
-                        var: "FERROCCL_CHECK".into(),
-                        value: v,
-                        why: "expected 1 or 0".into(),
-                    })
-                }
-            };
+            c.check = flag("FERROCCL_CHECK", v)?;
+        }
+        if let Some(v) = get("FERROCCL_STREAM_ORDERED") {
+            c.stream_ordered = flag("FERROCCL_STREAM_ORDERED", v)?;
         }
         Ok(c)
     }
@@ -76,6 +77,25 @@ impl Config {
         self.check = on;
         self
     }
+
+    /// Builder: set stream-ordered completion (NCCL on device buffers).
+    pub fn with_stream_ordered(mut self, on: bool) -> Self {
+        self.stream_ordered = on;
+        self
+    }
+}
+
+/// A boolean variable: 1/true/yes/on or 0/false/no/off (or empty).
+fn flag(var: &str, v: String) -> Result<bool> {
+    match v.trim() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(Error::Config {
+            var: var.into(),
+            value: v,
+            why: "expected 1 or 0".into(),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -87,15 +107,21 @@ mod tests {
         let c = Config::from_lookup(|k| match k {
             "FERROCCL_TIMEOUT" => Some("2.5".into()),
             "FERROCCL_CHECK" => Some("1".into()),
+            "FERROCCL_STREAM_ORDERED" => Some("yes".into()),
             _ => None,
         })
         .unwrap();
         assert_eq!(c.timeout, Duration::from_millis(2500));
         assert!(c.check);
+        assert!(c.stream_ordered);
+        assert!(!Config::default().stream_ordered);
         let e =
             Config::from_lookup(|k| (k == "FERROCCL_TIMEOUT").then(|| "soon".into())).unwrap_err();
         assert!(e.to_string().contains("FERROCCL_TIMEOUT"), "{e}");
         assert!(Config::from_lookup(|k| (k == "FERROCCL_TIMEOUT").then(|| "-1".into())).is_err());
         assert!(Config::from_lookup(|k| (k == "FERROCCL_CHECK").then(|| "maybe".into())).is_err());
+        let e = Config::from_lookup(|k| (k == "FERROCCL_STREAM_ORDERED").then(|| "2".into()))
+            .unwrap_err();
+        assert!(e.to_string().contains("FERROCCL_STREAM_ORDERED"), "{e}");
     }
 }

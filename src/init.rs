@@ -5,7 +5,8 @@
 //! 2. feature `cuda`, launched by mpirun or torchrun-style, GPUs present and at most one rank per GPU
 //!    on this node (`LOCAL_WORLD_SIZE` / `OMPI_COMM_WORLD_LOCAL_SIZE` ≤ device count) → NCCL;
 //! 3. launched by `mpirun`/`srun` (feature `mpi`) → MPI;
-//! 4. `RANK` and `WORLD_SIZE` set (torchrun-style) → the env rendezvous, then the TCP transport;
+//! 4. `RANK` and `WORLD_SIZE` set (torchrun-style), or without the `mpi` feature mpirun's own
+//!    variables (`OMPI_COMM_WORLD_*`, `PMI_*`) → the env rendezvous, then the TCP transport;
 //! 5. otherwise in-process with world size 1.
 //!
 //! For several in-process ranks use [`crate::local::run`], which hands each thread its communicator.
@@ -52,10 +53,11 @@ impl Backend {
         let mpirun = crate::mpi::launched_by_mpirun();
         #[cfg(not(feature = "mpi"))]
         let mpirun = false;
+        // torchrun-style variables, or (without the `mpi` feature) Open MPI's / PMI's own, which
+        // the env rendezvous reads in their place
+        let env_launch = EnvRendezvous::from_env()?.is_some();
         #[cfg(feature = "cuda")]
         {
-            let env_launch =
-                std::env::var_os("RANK").is_some() && std::env::var_os("WORLD_SIZE").is_some();
             if mpirun || env_launch {
                 let local: usize = [
                     "LOCAL_WORLD_SIZE",
@@ -75,7 +77,7 @@ impl Backend {
         if mpirun {
             return Ok(Backend::Mpi);
         }
-        if std::env::var_os("RANK").is_some() && std::env::var_os("WORLD_SIZE").is_some() {
+        if env_launch {
             return Ok(Backend::Tcp);
         }
         Ok(Backend::Local)

@@ -301,14 +301,13 @@ fn split_even_odd(c: &dyn Communicator, s: &Arc<CudaStream>, t: &mut Tally) -> R
     Ok(())
 }
 
-/// Checked mode on a second communicator (its NCCL id broadcast over the first): mismatched counts
-/// are an error naming both calls on every rank, and nothing was sent, so the next call works.
-fn checked_mode_mismatch(
+/// A second communicator (id broadcast over `c`) with the given config.
+fn second_comm(
     c: &dyn Communicator,
     s: &Arc<CudaStream>,
     ordinal: usize,
-    t: &mut Tally,
-) -> Result<()> {
+    cfg: Config,
+) -> Result<ferroccl::nccl::NcclComm> {
     let (r, w) = (c.rank(), c.world_size());
     let id = if r == 0 {
         ferroccl::nccl::unique_id()?
@@ -320,8 +319,63 @@ fn checked_mode_mismatch(
     let id: [u8; 128] = down(s, &d)?
         .try_into()
         .map_err(|_| Error::InvalidArgument("id length".into()))?;
-    let cfg = Config::from_env()?.with_check(true);
-    let checked = ferroccl::nccl::NcclComm::new(r, w, id, ordinal, cfg)?;
+    ferroccl::nccl::NcclComm::new(r, w, id, ordinal, cfg)
+}
+
+/// Stream-ordered mode: 20 in-place all-reduces enqueued back to back without waiting, then a
+/// send/recv ring, then `synchronize`; the results are what blocking calls give.
+fn stream_ordered(
+    c: &dyn Communicator,
+    s: &Arc<CudaStream>,
+    ordinal: usize,
+    t: &mut Tally,
+) -> Result<()> {
+    let (r, w) = (c.rank(), c.world_size());
+    let so = second_comm(c, s, ordinal, Config::from_env()?.with_stream_ordered(true))?;
+    // sum of (q + 1) over ranks, then times w per further all-reduce: exact in f64
+    let k = 20;
+    let mut v = up(s, &[r as f64 + 1.0, 1.0])?;
+    for _ in 0..k {
+        so.all_reduce(&mut v, ReduceOp::Sum)?;
+    }
+    let first = (w * (w + 1) / 2) as f64;
+    let scale = (w as f64).powi(k - 1);
+    let (next, prev) = ((r + 1) % w, (r + w - 1) % w);
+    let mut got = zeros::<f64>(s, 3)?;
+    let pending = so.irecv(zeros::<f64>(s, 3)?, prev, 0)?;
+    so.send(&up(s, &[r as f64, 7.0, -1.0])?, next, 0)?;
+    let sending = so.isend(up(s, &[r as f64, 8.0, -2.0])?, prev, 0)?;
+    so.recv(&mut got, next, 0)?;
+    so.synchronize()?;
+    sending.wait()?;
+    t.eq(
+        || format!("stream-ordered all_reduce x{k} rank={r}/{w}"),
+        &down(s, &v)?,
+        &[first * scale, (w as f64).powi(k)],
+    );
+    t.eq(
+        || format!("stream-ordered irecv/send ring rank={r}/{w}"),
+        &down(s, &pending.wait()?)?,
+        &[prev as f64, 7.0, -1.0],
+    );
+    t.eq(
+        || format!("stream-ordered isend/recv ring rank={r}/{w}"),
+        &down(s, &got)?,
+        &[next as f64, 8.0, -2.0],
+    );
+    Ok(())
+}
+
+/// Checked mode on a second communicator (its NCCL id broadcast over the first): mismatched counts
+/// are an error naming both calls on every rank, and nothing was sent, so the next call works.
+fn checked_mode_mismatch(
+    c: &dyn Communicator,
+    s: &Arc<CudaStream>,
+    ordinal: usize,
+    t: &mut Tally,
+) -> Result<()> {
+    let (r, w) = (c.rank(), c.world_size());
+    let checked = second_comm(c, s, ordinal, Config::from_env()?.with_check(true))?;
     let n = if r == 1 { 5 } else { 4 };
     let mut v = up(s, &vec![1f32; n])?;
     match checked.all_reduce(&mut v, ReduceOp::Sum) {
@@ -420,6 +474,7 @@ fn one_process_per_gpu_every_collective_on_device_buffers() {
         all_to_allv_uneven(&*c, &s, t)?;
         split_even_odd(&*c, &s, t)?;
         checked_mode_mismatch(&*c, &s, ordinal, t)?;
+        stream_ordered(&*c, &s, ordinal, t)?;
         Ok(())
     };
     let res = run(&mut t);

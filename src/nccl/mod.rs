@@ -14,22 +14,30 @@
 //! 3. Dropping the communicator destroys it (or does nothing after an abort); errors there are logged,
 //!    never panics (cudarc's own `Comm` would panic in `Drop`).
 //!
+//! 4. With [`Config::stream_ordered`] a blocking call returns once enqueued (NCCL's and torch's own
+//!    semantics); [`Communicator::synchronize`] then waits for it under the timeout.
+//!
 //! all_to_all(v) are grouped send/recv (`ncclGroupStart`/`ncclGroupEnd`), as torch does. NCCL has no
 //! message tags: point-to-point messages between two ranks match in order, and `tag` is ignored.
+//! `isend`/`irecv` are posted and launched as one group with the next blocking send/recv, wait or
+//! collective, so MPI-style `irecv(prev); send(next)` rings work ([`p2p`] says why).
 //! Host buffers are not accepted: pass `CudaSlice`s, or use a host backend for host memory.
 //! NVLink multicast (NVLS) is switched off (`NCCL_NVLS_ENABLE=0`) unless the user set it.
+
+mod p2p;
+mod wait;
 
 use crate::buffer::{Buf, BufMut, Mem, MemMut};
 use crate::comm::{CollectiveOwned, CollectiveRef};
 use crate::device::{drv, probe, Lib};
-use crate::work::Pending;
 use crate::{Collective, Communicator, Config, DType, Error, ReduceOp, Result, Work};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use cudarc::nccl::sys;
+use p2p::{Posted, Slot};
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use wait::{EventWait, Handle, NcclPending, State};
 
 /// The raw communicator handle (a pointer NCCL owns).
 struct Raw(sys::ncclComm_t);
@@ -41,10 +49,10 @@ pub struct NcclComm {
     rank: usize,
     size: usize,
     cfg: Config,
-    comm: Arc<Mutex<Raw>>,
-    broken: Arc<AtomicBool>,
-    ctx: Arc<CudaContext>,
+    h: Handle,
     stream: Arc<CudaStream>,
+    /// Streams with stream-ordered work not yet synchronised (`Config::stream_ordered`).
+    inflight: Mutex<Vec<Arc<CudaStream>>>,
     bytes_sent: AtomicU64,
     _keep: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
@@ -184,10 +192,9 @@ impl NcclComm {
             rank,
             size,
             cfg,
-            comm: Arc::new(Mutex::new(Raw(raw))),
-            broken: Arc::new(AtomicBool::new(false)),
-            ctx,
+            h: Handle::new(raw, ctx, rank),
             stream,
+            inflight: Mutex::new(Vec::new()),
             bytes_sent: AtomicU64::new(0),
             _keep: None,
         })
@@ -253,25 +260,78 @@ impl NcclComm {
 
     /// The CUDA context of this rank's device.
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+        &self.h.ctx
     }
 
     fn lost(&self, during: &'static str) -> Error {
-        Error::PeerLost {
-            rank: self.rank,
-            during,
+        self.h.lost(during)
+    }
+
+    /// A send or receive as a posted operation (not launched).
+    fn posted(&self, c: &CollectiveRef<'_>) -> Result<Posted> {
+        let (send, d, len, dtype, peer) = match c {
+            Collective::Send { buf, peer, .. } => (true, dev(buf)?, buf.len, buf.dtype, *peer),
+            Collective::Recv { buf, peer, .. } => (false, dev_mut(buf)?, buf.len, buf.dtype, *peer),
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "internal: only send and recv are posted".into(),
+                ))
+            }
+        };
+        if send {
+            self.count((len * dtype.size()) as u64);
+        }
+        Ok(Posted {
+            send,
+            ptr: d.ptr,
+            len,
+            dtype,
+            peer,
+            stream: d.stream,
+            slot: Arc::new(Slot::default()),
+        })
+    }
+
+    /// Launch `c`: a send/recv joins the posted ones in one group; a collective goes after them.
+    /// Returns the stream that orders its completion.
+    fn launch(&self, c: &CollectiveRef<'_>) -> Result<Arc<CudaStream>> {
+        if matches!(c, Collective::Send { .. } | Collective::Recv { .. }) {
+            let op = self.posted(c)?;
+            let stream = op.stream.clone();
+            p2p::launch(&self.h, Some(op))?;
+            return Ok(stream);
+        }
+        p2p::launch(&self.h, None)?;
+        self.enqueue(c)
+    }
+
+    /// Wait for `s`'s work so far, with the timeout.
+    fn wait_stream(&self, s: &Arc<CudaStream>, during: &'static str) -> Result<()> {
+        EventWait {
+            event: self.event_on(s)?,
+            h: self.h.clone(),
+        }
+        .wait(self.cfg.timeout, during)
+    }
+
+    /// Remember `s` for `synchronize` (stream-ordered mode); at most a few distinct streams.
+    fn note_inflight(&self, s: Arc<CudaStream>) {
+        let mut v = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if !v.iter().any(|x| Arc::ptr_eq(x, &s)) {
+            v.push(s);
         }
     }
 
     /// Enqueue `c` on its buffers' stream; returns that stream.
     fn enqueue(&self, c: &CollectiveRef<'_>) -> Result<Arc<CudaStream>> {
-        if self.broken.load(Ordering::Acquire) {
+        if self.h.broken.load(Ordering::Acquire) {
             return Err(self.lost("a collective on an aborted NCCL communicator"));
         }
-        self.ctx
+        self.h
+            .ctx
             .bind_to_thread()
             .map_err(|e| drv("binding the CUDA context", e))?;
-        let g = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let g = self.h.comm.lock().unwrap_or_else(|e| e.into_inner());
         let comm = g.0;
         let p = |x: u64| x as *mut c_void;
         let sid = |s: &Arc<CudaStream>| s.cu_stream() as sys::cudaStream_t;
@@ -414,40 +474,10 @@ impl NcclComm {
                 send.dtype,
                 es,
             )?,
-            C::Send { buf, peer, .. } => {
-                let s = dev(buf)?;
-                ck(
-                    unsafe {
-                        sys::ncclSend(
-                            p(s.ptr),
-                            buf.len,
-                            nccl_dtype(buf.dtype),
-                            *peer as i32,
-                            comm,
-                            sid(&s.stream),
-                        )
-                    },
-                    "send",
-                )?;
-                self.count(buf.byte_len() as u64);
-                s.stream
-            }
-            C::Recv { buf, peer, .. } => {
-                let r = dev_mut(buf)?;
-                ck(
-                    unsafe {
-                        sys::ncclRecv(
-                            p(r.ptr),
-                            buf.len,
-                            nccl_dtype(buf.dtype),
-                            *peer as i32,
-                            comm,
-                            sid(&r.stream),
-                        )
-                    },
-                    "recv",
-                )?;
-                r.stream
+            C::Send { .. } | C::Recv { .. } => {
+                return Err(Error::InvalidArgument(
+                    "internal: send/recv go through NcclComm::launch".into(),
+                ))
             }
             C::Barrier => {
                 drop(g);
@@ -523,8 +553,9 @@ impl NcclComm {
             op: ReduceOp::Sum,
         };
         let s = self.enqueue(&c)?;
-        // keep the word alive until the stream passed it
-        s.synchronize().map_err(|e| drv("barrier", e))?;
+        // a barrier is a host-side rendezvous (and the word must outlive the kernel): wait here,
+        // under the timeout
+        self.wait_stream(&s, "barrier")?;
         Ok(s)
     }
 
@@ -535,97 +566,6 @@ impl NcclComm {
     fn event_on(&self, s: &Arc<CudaStream>) -> Result<CudaEvent> {
         s.record_event(None)
             .map_err(|e| drv("recording a completion event", e))
-    }
-}
-
-/// Wait for an event while watching NCCL's asynchronous errors; abort on error or timeout.
-struct EventWait {
-    event: CudaEvent,
-    comm: Arc<Mutex<Raw>>,
-    broken: Arc<AtomicBool>,
-    rank: usize,
-}
-
-impl EventWait {
-    fn poll_once(&self) -> Option<Result<()>> {
-        match self.event.try_is_complete() {
-            Ok(true) => return Some(Ok(())),
-            Ok(false) => {}
-            Err(e) => return Some(Err(drv("waiting for a collective", e))),
-        }
-        let g = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-        let mut r = sys::ncclResult_t::ncclSuccess;
-        // SAFETY: valid communicator and out-pointer.
-        let q = unsafe { sys::ncclCommGetAsyncError(g.0, &mut r) };
-        drop(g);
-        if let Err(e) = ck(q, "ncclCommGetAsyncError").and_then(|_| ck(r, "asynchronous error")) {
-            self.abort();
-            return Some(Err(e));
-        }
-        None
-    }
-
-    fn abort(&self) {
-        if !self.broken.swap(true, Ordering::AcqRel) {
-            let g = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-            // SAFETY: valid communicator; after this it is never used again.
-            let r = unsafe { sys::ncclCommAbort(g.0) };
-            if let Err(e) = ck(r, "ncclCommAbort") {
-                tracing::warn!("{e}");
-            }
-        }
-    }
-
-    fn wait(&self, timeout: Duration, during: &'static str) -> Result<()> {
-        let start = Instant::now();
-        let end = start + timeout;
-        loop {
-            if let Some(r) = self.poll_once() {
-                return r;
-            }
-            if Instant::now() >= end {
-                self.abort();
-                return Err(Error::Timeout {
-                    during,
-                    after: timeout,
-                    waiting_for: None,
-                });
-            }
-            // spin first: small collectives finish in microseconds and a sleep would dominate them
-            if start.elapsed() < Duration::from_micros(200) {
-                std::hint::spin_loop();
-            } else {
-                std::thread::sleep(Duration::from_micros(20));
-            }
-        }
-    }
-}
-
-struct NcclPending {
-    wait: EventWait,
-    op: Option<CollectiveOwned>,
-}
-
-impl Pending<CollectiveOwned> for NcclPending {
-    fn poll(&mut self) -> Option<Result<CollectiveOwned>> {
-        let r = self.wait.poll_once()?;
-        Some(r.and_then(|_| {
-            self.op
-                .take()
-                .ok_or_else(|| Error::InvalidArgument("work completed twice".into()))
-        }))
-    }
-}
-
-impl Drop for NcclPending {
-    fn drop(&mut self) {
-        // the device may still read/write the buffers: never free them before the event
-        if self.op.is_some() && self.wait.poll_once().is_none() {
-            let _ = self
-                .wait
-                .wait(Duration::from_secs(30), "dropping a pending NCCL operation");
-        }
-        let _ = self.wait.rank;
     }
 }
 
@@ -647,42 +587,59 @@ impl Communicator for NcclComm {
     }
     fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
         let name = c.name();
-        let s = self.enqueue(&c)?;
-        let event = self.event_on(&s)?;
-        EventWait {
-            event,
-            comm: self.comm.clone(),
-            broken: self.broken.clone(),
-            rank: self.rank,
+        if self.cfg.stream_ordered && !matches!(c, Collective::Barrier) {
+            // errors of earlier stream-ordered work surface here, at the next call
+            self.h.async_error()?;
+            let s = self.launch(&c)?;
+            self.note_inflight(s);
+            return Ok(());
         }
-        .wait(self.cfg.timeout, name)
+        let s = self.launch(&c)?;
+        self.wait_stream(&s, name)
     }
     fn exec_async(&self, mut c: CollectiveOwned) -> Result<Work<CollectiveOwned>> {
-        let s = self.enqueue(&c.views())?;
-        let event = self.event_on(&s)?;
-        let p = NcclPending {
-            wait: EventWait {
-                event,
-                comm: self.comm.clone(),
-                broken: self.broken.clone(),
-                rank: self.rank,
-            },
-            op: Some(c),
+        let state = {
+            let v = c.views();
+            if matches!(v, Collective::Send { .. } | Collective::Recv { .. }) {
+                if self.h.broken.load(Ordering::Acquire) {
+                    return Err(self.lost("a send/recv on an aborted NCCL communicator"));
+                }
+                let op = self.posted(&v)?;
+                let slot = op.slot.clone();
+                p2p::post(&self.h, op);
+                State::Posted(slot, self.h.clone())
+            } else {
+                let s = self.launch(&v)?;
+                State::Launched(EventWait {
+                    event: self.event_on(&s)?,
+                    h: self.h.clone(),
+                })
+            }
         };
+        let p = NcclPending { state, op: Some(c) };
         Ok(Work::new(
             Box::new(p),
             self.cfg.timeout,
             "non-blocking NCCL collective",
         ))
     }
+    fn synchronize(&self) -> Result<()> {
+        let streams = std::mem::take(&mut *self.inflight.lock().unwrap_or_else(|e| e.into_inner()));
+        for s in &streams {
+            self.wait_stream(s, "synchronize")?;
+        }
+        Ok(())
+    }
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
-        if self.broken.load(Ordering::Acquire) {
+        if self.h.broken.load(Ordering::Acquire) {
             return Err(self.lost("split of an aborted NCCL communicator"));
         }
-        self.ctx
+        p2p::launch(&self.h, None)?; // issue order: posted send/recv go before the split
+        self.h
+            .ctx
             .bind_to_thread()
             .map_err(|e| drv("binding the CUDA context", e))?;
-        let g = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let g = self.h.comm.lock().unwrap_or_else(|e| e.into_inner());
         let mut new: sys::ncclComm_t = std::ptr::null_mut();
         let col = color.map(|c| c as i32).unwrap_or(-1); // NCCL_SPLIT_NOCOLOR
                                                          // SAFETY: valid communicator and out-pointer; NULL config = inherit.
@@ -704,10 +661,9 @@ impl Communicator for NcclComm {
             rank: nr as usize,
             size: nn as usize,
             cfg: self.cfg.clone(),
-            comm: Arc::new(Mutex::new(Raw(new))),
-            broken: Arc::new(AtomicBool::new(false)),
-            ctx: self.ctx.clone(),
+            h: Handle::new(new, self.h.ctx.clone(), nr as usize),
             stream: self.stream.clone(),
+            inflight: Mutex::new(Vec::new()),
             bytes_sent: AtomicU64::new(0),
             _keep: None,
         })))
@@ -728,6 +684,8 @@ impl Communicator for NcclComm {
             send: crate::Buffer::buf(&send),
             recv: crate::BufferMut::buf_mut(&mut recv),
         })?;
+        // stream-ordered mode returned at once: wait (under the timeout) before reading
+        self.wait_stream(s, "checked mode's signature exchange")?;
         s.memcpy_dtoh(&recv, all)
             .map_err(|e| drv("downloading the signatures", e))?;
         s.synchronize()
@@ -737,13 +695,22 @@ impl Communicator for NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if self.broken.load(Ordering::Acquire) {
+        // posted but never launched send/recv: their waiters get an error, not a destroyed comm
+        p2p::cancel(&self.h);
+        if self.h.broken.load(Ordering::Acquire) {
             return; // aborted: NCCL already released it
         }
-        let _ = self.ctx.bind_to_thread();
-        let _ = self.stream.synchronize();
-        let g = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: valid communicator, destroyed once.
+        let _ = self.h.ctx.bind_to_thread();
+        // stream-ordered work still in flight: wait for it (bounded; a timeout aborts)
+        if self.synchronize().is_err() || self.wait_stream(&self.stream.clone(), "drop").is_err() {
+            return;
+        }
+        let g = self.h.comm.lock().unwrap_or_else(|e| e.into_inner());
+        if self.h.broken.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // SAFETY: valid communicator, destroyed once; `broken` (set above, under the lock) keeps
+        // pending operations' handles from calling into it afterwards.
         if let Err(e) = ck(unsafe { sys::ncclCommDestroy(g.0) }, "ncclCommDestroy") {
             tracing::warn!("{e}");
         }
