@@ -40,8 +40,16 @@ def parse_nccl_tests(path):
 def nccl_version(path):
     if not os.path.exists(path):
         return None
-    m = re.search(r"NCCL version ([0-9.+a-z]+)", open(path, errors="replace").read())
-    return m.group(1) if m else None
+    text = open(path, errors="replace").read()
+    m = re.search(r"NCCL version ([0-9.+a-z]+)", text)
+    if m:
+        return m.group(1)
+    # nccl-tests 2.19: "# nccl-tests version 2.19.6 nccl-headers=22809 nccl-library=22809"
+    m = re.search(r"nccl-library=(\d+)", text)
+    if not m:
+        return None
+    v = int(m.group(1))
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
 
 
 def load_json(path):
