@@ -20,7 +20,7 @@
 //! all_to_all(v) are grouped send/recv (`ncclGroupStart`/`ncclGroupEnd`), as torch does. NCCL has no
 //! message tags: point-to-point messages between two ranks match in order, and `tag` is ignored.
 //! `isend`/`irecv` are posted and launched as one group with the next blocking send/recv, wait or
-//! collective, so MPI-style `irecv(prev); send(next)` rings work ([`p2p`] says why).
+//! collective, so MPI-style `irecv(prev); send(next)` rings work (`src/nccl/p2p.rs` says why).
 //! Host buffers are not accepted: pass `CudaSlice`s, or use a host backend for host memory.
 //! NVLink multicast (NVLS) is switched off (`NCCL_NVLS_ENABLE=0`) unless the user set it.
 
