@@ -94,31 +94,39 @@ impl EventWait {
     }
 
     pub(super) fn wait(&self, timeout: Duration, during: &'static str) -> Result<()> {
-        let start = Instant::now();
-        let end = start + timeout;
-        loop {
-            if let Some(r) = self.poll_once() {
-                return r;
-            }
-            let now = Instant::now();
-            if now >= end {
+        match poll_for(timeout, || self.poll_once()) {
+            Some(r) => r,
+            None => {
                 self.h.abort();
-                return Err(Error::Timeout {
+                Err(Error::Timeout {
                     during,
                     after: timeout,
                     waiting_for: None,
-                });
+                })
             }
-            // Poll without sleeping for the first 20 ms: a sleep costs 50-80 us of timer slack,
-            // which was 20 % of a 64 MiB all-reduce on NVLink. Longer waits (a slow peer) back off.
-            let waited = now - start;
-            if waited < Duration::from_micros(50) {
-                std::hint::spin_loop();
-            } else if waited < Duration::from_millis(20) {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(100));
-            }
+        }
+    }
+}
+
+/// Call `poll` until it gives a result or `d` has passed. It polls without sleeping for the first
+/// 20 ms (spinning 50 us, then yielding): a sleep costs 50-80 us of timer slack, which was 20 % of
+/// a 64 MiB all-reduce on NVLink. Longer waits (a slow peer) back off to 100 us sleeps.
+fn poll_for<T>(d: Duration, mut poll: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(r) = poll() {
+            return Some(r);
+        }
+        let waited = start.elapsed();
+        if waited >= d {
+            return None;
+        }
+        if waited < Duration::from_micros(50) {
+            std::hint::spin_loop();
+        } else if waited < Duration::from_millis(20) {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(100));
         }
     }
 }
@@ -175,6 +183,9 @@ impl Pending<CollectiveOwned> for NcclPending {
                 .take()
                 .ok_or_else(|| Error::InvalidArgument("work completed twice".into()))
         }))
+    }
+    fn wait_for(&mut self, d: Duration) -> Option<Result<CollectiveOwned>> {
+        poll_for(d, || self.poll())
     }
 }
 
