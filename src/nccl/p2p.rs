@@ -10,9 +10,10 @@
 //! - `wait`, `wait_timeout` or `is_done` on one of the posted operations, or its drop,
 //! - any collective (launched after the group, so issue order is kept).
 //!
-//! What this cannot do without a progress thread: an `isend` posted before a blocking collective,
-//! whose peer first waits in a blocking `recv`, deadlocks (the send launches only after the
-//! collective). Post both sides before blocking, as with `torch.distributed.batch_isend_irecv`.
+//! What this cannot do without a progress thread: an `irecv` posted before a collective whose
+//! matching send the peer posts only after that collective deadlocks (the receive launches ahead
+//! of the collective and waits on the GPU for a send queued behind the peer's collective). Post the
+//! matching operations on the same side of every collective, as `torch.distributed` requires too.
 //!
 //! A group's operations may use different streams; NCCL orders them together. Each operation's own
 //! completion event is recorded on its buffer's stream after the group.
