@@ -702,7 +702,7 @@ impl Drop for NcclComm {
         }
         let _ = self.h.ctx.bind_to_thread();
         // stream-ordered work still in flight: wait for it (bounded; a timeout aborts)
-        if self.synchronize().is_err() || self.wait_stream(&self.stream.clone(), "drop").is_err() {
+        if self.synchronize().is_err() || self.wait_stream(&self.stream, "drop").is_err() {
             return;
         }
         let g = self.h.comm.lock().unwrap_or_else(|e| e.into_inner());
