@@ -7,10 +7,11 @@
 //                                                          twins: first_non_finite, sum_squares, clip_scale
 //   dgc_sample       |v'| at hashed sample indices, v' the would-be accumulator twin: sample_magnitudes
 //   dgc_radix_round  one of three rounds of a multi-block radix select (11+11+10 bits) of the rank-th
-//                    largest magnitude                                         twin: kth_largest
+//                    largest magnitude            twins: kth_largest, truncated_kth (two rounds)
 //   dgc_fused        clip-scale + momentum + accumulate + threshold + compact  twin: fused_update_select
 //   dgc_select       threshold + compact only (threshold correction)           twin: select_above
-//   dgc_filter       keep candidates >= the k-th largest (top k of candidates) twin: finish_selection
+//   dgc_filter       keep candidates >= the k-th largest (top k of candidates), optionally masking them
+//                                                         twins: finish_selection (+ mask_sent)
 //   dgc_mask         remove sent values from v, zero u (momentum masking)      twin: mask_sent
 //   dgc_decode_sorted  rank-ordered sum of gathered sorted messages / world    twin: wire::decode_average
 //   dgc_scatter_add_fixed  decode gathered fixed-k messages, dense += v (atomics, unordered)
@@ -27,6 +28,7 @@
 #define CTL_WANT 8    // radix select: rank still wanted among the matching values
 #define CTL_KTH 9     // radix-select result on the candidates (float bits)
 #define CTL_NDONE 10  // norm ticket
+#define CTL_BADACC 11 // dgc_check_norm's atomicMax of CTL_BAD while it runs (published to CTL_BAD)
 #define RADIX_BINS 2048u
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -42,8 +44,13 @@ __device__ __forceinline__ u64 mix64(u64 z) {
     return z ^ (z >> 31);
 }
 
-__device__ __forceinline__ u64 sample_index(u64 seed, u64 step, u64 j, u64 n) {
-    return mix64(seed ^ mix64((step * 0xd1b54a32d192ed03ULL) ^ j)) % n;
+// Samples come in runs of SAMPLE_RUN consecutive indices starting at a hashed, run-aligned position:
+// one 32-byte sector per run and array instead of one per sample (independent random gathers made
+// dgc_sample ~20 us at 1% of 25.5 M).
+// Sample j is element j % SAMPLE_RUN of run j / SAMPLE_RUN (wrapping at n); twin: sample_index.
+#define SAMPLE_RUN 8ULL
+__device__ __forceinline__ u64 run_start(u64 seed, u64 step, u64 run, u64 n) {
+    return (mix64(seed ^ mix64((step * 0xd1b54a32d192ed03ULL) ^ run)) % n) & ~(SAMPLE_RUN - 1ULL);
 }
 
 // One element's update: returns v', writes u'.
@@ -65,11 +72,12 @@ __device__ __forceinline__ bool dgc_passes(float v, float thr) {
 
 // Warp-aggregated compaction: every lane of the warp must call it (pred may be false). One atomic per
 // warp with at least one candidate. Slots at or beyond cap are counted but not stored.
-__device__ __forceinline__ void warp_compact(bool pred, u32 i, float v, u32 cap, u32* out_idx,
+// Returns true on the lanes whose pair was stored.
+__device__ __forceinline__ bool warp_compact(bool pred, u32 i, float v, u32 cap, u32* out_idx,
                                              float* out_val, u32* count) {
     const u32 ballot = __ballot_sync(FULL_MASK, pred);
     if (ballot == 0u) {
-        return;
+        return false;
     }
     const u32 lane = threadIdx.x & 31u;
     const u32 leader = __ffs(ballot) - 1u;
@@ -83,8 +91,10 @@ __device__ __forceinline__ void warp_compact(bool pred, u32 i, float v, u32 cap,
         if (slot < cap) {
             out_idx[slot] = i;
             out_val[slot] = v;
+            return true;
         }
     }
+    return false;
 }
 
 __device__ __forceinline__ bool state_is_bad(const u32* ctl) {
@@ -107,11 +117,14 @@ __device__ __forceinline__ void check_one(float x, u64 i, double* acc, u64* bad)
     }
 }
 
-// One read of g: the first non-finite index (CTL_BAD), sum of squares in f64 (*sumsq, zeroed by the
-// caller), and, by the last block to finish, the clip scale min(1, limit / sqrt(sumsq)) (CTL_SCALE;
-// 1 when limit <= 0, i.e. no clipping) and the overflow flag (CTL_OVF).
+// One read of g: the first non-finite index (CTL_BAD), sum of squares in f64 (*sumsq), and, by the
+// last block to finish, the clip scale min(1, limit / sqrt(sumsq)) (CTL_SCALE; 1 when limit <= 0,
+// i.e. no clipping) and the overflow flag (CTL_OVF). *sumsq, CTL_BADACC and the tickets must be
+// zero on entry. The last block also zeroes the counters of the kernels after it in a compression
+// step (CTL_COUNT, CTL_SEL, CTL_KTH), so a step needs no memset; with self_clean it leaves *sumsq
+// and CTL_BADACC zero for the next call too (*sumsq then reads 0 afterwards).
 extern "C" __global__ void dgc_check_norm(const float* __restrict__ g, u64 n, double limit, double* sumsq,
-                                          u32* ctl) {
+                                          u32* ctl, int self_clean) {
     __shared__ double part[32];
     double acc = 0.0;
     u64 bad = ~0ULL;
@@ -132,7 +145,7 @@ extern "C" __global__ void dgc_check_norm(const float* __restrict__ g, u64 n, do
         }
     }
     if (bad != ~0ULL) {
-        atomicMax(ctl + CTL_BAD, 0xFFFFFFFFu - (u32)bad);
+        atomicMax(ctl + CTL_BADACC, 0xFFFFFFFFu - (u32)bad);
     }
     for (int o = 16; o > 0; o >>= 1) {
         acc += __shfl_down_sync(FULL_MASK, acc, o);
@@ -151,11 +164,16 @@ extern "C" __global__ void dgc_check_norm(const float* __restrict__ g, u64 n, do
             __threadfence();
             const u32 ticket = atomicAdd(ctl + CTL_NDONE, 1u);
             if (ticket == gridDim.x - 1u) {
-                const double total = atomicAdd(sumsq, 0.0);
+                unsigned long long* sq = reinterpret_cast<unsigned long long*>(sumsq);
+                const double total =
+                    __longlong_as_double((long long)(self_clean ? atomicExch(sq, 0ULL) : atomicAdd(sq, 0ULL)));
+                ctl[CTL_BAD] = self_clean ? atomicExch(ctl + CTL_BADACC, 0u) : atomicAdd(ctl + CTL_BADACC, 0u);
+                ctl[CTL_COUNT] = 0u;
+                ctl[CTL_SEL] = 0u;
+                ctl[CTL_KTH] = 0u;
                 float scale = 1.0f;
-                if (!isfinite(total)) {
-                    ctl[CTL_OVF] = limit > 0.0 ? 1u : 0u;
-                } else if (limit > 0.0) {
+                ctl[CTL_OVF] = (!isfinite(total) && limit > 0.0) ? 1u : 0u;
+                if (isfinite(total) && limit > 0.0) {
                     const double norm = sqrt(total);
                     if (norm > limit && norm > 0.0) {
                         scale = (float)(limit / norm);
@@ -172,54 +190,79 @@ __device__ __forceinline__ float load_scale(float scale, int scale_from_ctl, con
     return scale_from_ctl ? __uint_as_float(ctl[CTL_SCALE]) : scale;
 }
 
-// exact = 1: every element in order (s = n), for Selection::ExactTopK.
-extern "C" __global__ void dgc_sample(const float* __restrict__ g, const float* __restrict__ u,
-                                      const float* __restrict__ v, u64 n, float scale, int scale_from_ctl,
-                                      float m, int mc, u64 seed, u64 step, u64 s, int exact,
-                                      float* out, const u32* ctl) {
-    const float sc = load_scale(scale, scale_from_ctl, ctl);
-    const u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < s; j += stride) {
-        const u64 i = exact ? j : sample_index(seed, step, j, n);
-        float u2;
-        out[j] = fabsf(dgc_apply(g[i], u[i], v[i], sc, m, mc, &u2));
+// Over the 32 lanes of a warp, each holding the count `mine` of its (consecutive, higher lanes =
+// larger values) bins: the highest lane whose suffix sum (its own and every higher lane's count)
+// is >= want, and what is still wanted within that lane's bins. When no lane reaches want: lane 0.
+__device__ __forceinline__ void suffix_pick(u32 mine, u32 want, u32* top, u32* rest) {
+    const u32 lane = threadIdx.x & 31u;
+    u32 suffix = mine;
+    for (int o = 1; o < 32; o <<= 1) {
+        const u32 t = __shfl_down_sync(FULL_MASK, suffix, o);
+        if (lane + (u32)o < 32u) {
+            suffix += t;
+        }
     }
+    const u32 ok = __ballot_sync(FULL_MASK, suffix >= want);
+    const u32 t = ok == 0u ? 0u : 31u - (u32)__clz(ok);
+    const u32 above = __shfl_sync(FULL_MASK, suffix - mine, t);
+    *top = t;
+    *rest = ok == 0u ? want : want - above;
 }
 
-// Round `round` (0, 1, 2) of the radix select of the rank-th largest magnitude (1-based, 1 <= rank <= s)
-// of xs[0..s): 11, 11 and 10 bits of the float pattern (for non-negative floats the bit patterns
-// order like the values). Every block histograms the values that match the prefix fixed so far into
-// shared memory and adds it to ghist (RADIX_BINS words, zero on entry); the last block to finish
-// picks the bin, updates CTL_PREFIX/CTL_WANT, zeroes ghist, and after round 2 writes the result to
-// ctl[out_slot]. Three launches, no host synchronisation.
-// spec = 1: speculative top k of the candidates: s = min(CTL_COUNT, s), and nothing happens unless the
-// count is in the band (min_ok, band_cap) and above rank.
-extern "C" __global__ void dgc_radix_round(const float* __restrict__ xs, u32 s, u32 rank, int round,
-                                           u32* ctl, u32* ghist, int out_slot, int spec, u32 min_ok,
-                                           u32 band_cap) {
-    __shared__ u32 hist[RADIX_BINS];
-    __shared__ u32 last_s;
-    if (spec) {
-        if (!in_band(ctl, min_ok, band_cap) || ctl[CTL_COUNT] <= rank) {
-            return;
+// One radix round's choice, by the first warp (all 32 lanes call it; every lane gets the result):
+// the bin of hist[0..nbins) (nbins = 1024 or 2048; higher bins = larger values) that holds the
+// want-th largest counted value; returns prefix | bin << shift and the rank still wanted inside it.
+__device__ __forceinline__ void radix_pick(const u32* hist, u32 nbins, int shift, u32 prefix, u32 want,
+                                           u32* out_prefix, u32* out_want) {
+    const u32 lane = threadIdx.x & 31u;
+    const u32 per = nbins / 32u;  // 64 or 32 bins per lane, a power of two
+    // Lane `lane` owns bins [lane*per, lane*per + per), summed in a rotated order so that the 32
+    // lanes read 32 different banks.
+    u32 mine = 0u;
+#pragma unroll 8
+    for (u32 b = 0; b < per; ++b) {
+        mine += hist[lane * per + ((b + lane) & (per - 1u))];
+    }
+    u32 top, w;
+    suffix_pick(mine, want, &top, &w);
+    // Within lane top's bins: q = per / 32 consecutive bins per lane, the same pick again.
+    const u32 q = per / 32u;
+    const u32 base = top * per + lane * q;
+    u32 m2 = 0u;
+    for (u32 b = 0; b < q; ++b) {
+        m2 += hist[base + b];
+    }
+    u32 top2, w2;
+    suffix_pick(m2, w, &top2, &w2);
+    u32 bin = base;
+    if (lane == top2) {
+        for (int b = (int)q - 1; b >= 0; --b) {
+            const u32 h = hist[base + (u32)b];
+            if (h >= w2) {
+                bin = base + (u32)b;
+                break;
+            }
+            w2 -= h;
         }
-        s = min(s, ctl[CTL_COUNT]);
     }
-    const int shift = round == 0 ? 21 : (round == 1 ? 10 : 0);
-    const u32 nbins = round == 2 ? 1024u : 2048u;
-    const u32 hi_mask = round == 0 ? 0u : (0xFFFFFFFFu << (shift + (round == 1 ? 11 : 10)));
-    const u32 prefix = round == 0 ? 0u : ctl[CTL_PREFIX];
-    for (u32 b = threadIdx.x; b < nbins; b += blockDim.x) {
-        hist[b] = 0u;
-    }
-    __syncthreads();
-    const u32 stride = gridDim.x * blockDim.x;
-    for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < s; j += stride) {
-        const u32 bits = __float_as_uint(fabsf(xs[j]));
-        if (((bits ^ prefix) & hi_mask) == 0u) {
-            atomicAdd(&hist[(bits >> shift) & (nbins - 1u)], 1u);
-        }
-    }
+    bin = __shfl_sync(FULL_MASK, bin, top2);
+    *out_want = __shfl_sync(FULL_MASK, w2, top2);
+    *out_prefix = prefix | (bin << shift);
+}
+
+// The bit layout of radix round `round`: shift, bins, and the mask of the bits fixed before it.
+__device__ __forceinline__ void radix_layout(int round, int* shift, u32* nbins, u32* hi_mask) {
+    *shift = round == 0 ? 21 : (round == 1 ? 10 : 0);
+    *nbins = round == 2 ? 1024u : 2048u;
+    *hi_mask = round == 0 ? 0u : (0xFFFFFFFFu << (*shift + (round == 1 ? 11 : 10)));
+}
+
+// The end of a multi-block radix round, after every block has histogrammed its values into its shared
+// `hist`: add it to ghist (zero on entry); the last block to finish reads ghist back (clearing it for
+// the next round or call), picks the bin (radix_pick) and writes CTL_PREFIX/CTL_WANT, and the
+// result to ctl[out_slot] when `last`. Every thread of every block calls it.
+__device__ __forceinline__ void radix_finish(u32* hist, u32* last_s, u32 nbins, int shift, u32 prefix,
+                                             u32 want, bool last, int out_slot, u32* ctl, u32* ghist) {
     __syncthreads();
     for (u32 b = threadIdx.x; b < nbins; b += blockDim.x) {
         const u32 h = hist[b];
@@ -230,57 +273,108 @@ extern "C" __global__ void dgc_radix_round(const float* __restrict__ xs, u32 s, 
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0u) {
-        last_s = atomicAdd(ctl + CTL_DONE, 1u) == gridDim.x - 1u ? 1u : 0u;
+        *last_s = atomicAdd(ctl + CTL_DONE, 1u) == gridDim.x - 1u ? 1u : 0u;
     }
     __syncthreads();
-    if (last_s == 0u) {
+    if (*last_s == 0u) {
         return;
     }
-    // Last block: gather the global histogram (and clear it for the next round / call).
+    // Last block: gather the global histogram (and clear it for the next round / call). Plain L2
+    // loads, eight in flight per thread before any is used: one atomicExch per bin, each waited on
+    // before the next, made this ~8 us of every round.
     __threadfence();
-    for (u32 b = threadIdx.x; b < nbins; b += blockDim.x) {
-        hist[b] = atomicExch(ghist + b, 0u);
+    for (u32 b0 = threadIdx.x; b0 < nbins; b0 += 8u * blockDim.x) {
+        u32 r[8];
+#pragma unroll
+        for (u32 t = 0; t < 8u; ++t) {
+            const u32 b = b0 + t * blockDim.x;
+            r[t] = b < nbins ? __ldcg(ghist + b) : 0u;
+        }
+#pragma unroll
+        for (u32 t = 0; t < 8u; ++t) {
+            const u32 b = b0 + t * blockDim.x;
+            if (b < nbins) {
+                hist[b] = r[t];
+                ghist[b] = 0u;
+            }
+        }
     }
     __syncthreads();
     if (threadIdx.x < 32u) {
-        const u32 lane = threadIdx.x;
-        const u32 per = nbins / 32u;
-        u32 want = round == 0 ? rank : ctl[CTL_WANT];
-        u32 mine = 0u;
-        for (u32 b = 0; b < per; ++b) {
-            mine += hist[lane * per + b];
-        }
-        // suffix[lane] = sum over lanes >= lane.
-        u32 suffix = mine;
-        for (int o = 1; o < 32; o <<= 1) {
-            const u32 t = __shfl_down_sync(FULL_MASK, suffix, o);
-            if (lane + (u32)o < 32u) {
-                suffix += t;
-            }
-        }
-        const u32 ok = __ballot_sync(FULL_MASK, suffix >= want);
-        const u32 top = ok == 0u ? 0u : 31u - (u32)__clz(ok);
-        const u32 above = __shfl_sync(FULL_MASK, suffix - mine, top);
-        if (lane == top) {
-            u32 w = ok == 0u ? want : want - above;
-            u32 bin = lane * per;
-            for (int b = (int)per - 1; b >= 0; --b) {
-                const u32 h = hist[lane * per + (u32)b];
-                if (h >= w) {
-                    bin = lane * per + (u32)b;
-                    break;
-                }
-                w -= h;
-            }
-            const u32 p = prefix | (bin << shift);
+        u32 p, w;
+        radix_pick(hist, nbins, shift, prefix, want, &p, &w);
+        if (threadIdx.x == 0u) {
             ctl[CTL_PREFIX] = p;
             ctl[CTL_WANT] = w;
-            if (round == 2) {
+            if (last) {
                 ctl[out_slot] = p;
             }
             ctl[CTL_DONE] = 0u;
         }
     }
+}
+
+// exact = 1: every element in order (s = n), for Selection::ExactTopK.
+extern "C" __global__ void dgc_sample(const float* __restrict__ g, const float* __restrict__ u,
+                                      const float* __restrict__ v, u64 n, float scale, int scale_from_ctl,
+                                      float m, int mc, u64 seed, u64 step, u64 s, int exact,
+                                      float* out, const u32* ctl) {
+    const float sc = load_scale(scale, scale_from_ctl, ctl);
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < s; j += stride) {
+        const u64 i = exact ? j : (run_start(seed, step, j / SAMPLE_RUN, n) + j % SAMPLE_RUN) % n;
+        float u2;
+        out[j] = fabsf(dgc_apply(g[i], u[i], v[i], sc, m, mc, &u2));
+    }
+}
+
+// Round `round` (0, 1, 2) of the radix select of the rank-th largest magnitude (1-based, 1 <= rank <= s)
+// of xs[0..s): 11, 11 and 10 bits of the float pattern (for non-negative floats the bit patterns
+// order like the values). Every block histograms the values that match the prefix fixed so far into
+// shared memory and adds it to ghist (RADIX_BINS words, zero on entry); the last block to finish
+// picks the bin, updates CTL_PREFIX/CTL_WANT, zeroes ghist, and after round last_round writes the
+// prefix to ctl[out_slot]: after round 2 the exact value, after round 1 its top 22 bits (the low 10
+// cleared: the sampled threshold, twin truncated_kth). Three or two launches, no host sync.
+// spec = 1: speculative top k of the candidates: s = min(CTL_COUNT, s), and nothing happens unless the
+// count is in the band (min_ok, band_cap) and above rank.
+extern "C" __global__ void dgc_radix_round(const float* __restrict__ xs, u32 s, u32 rank, int round,
+                                           u32* ctl, u32* ghist, int out_slot, int last_round,
+                                           int spec, u32 min_ok, u32 band_cap) {
+    __shared__ u32 hist[RADIX_BINS];
+    __shared__ u32 last_s;
+    if (spec) {
+        if (!in_band(ctl, min_ok, band_cap) || ctl[CTL_COUNT] <= rank) {
+            return;
+        }
+        s = min(s, ctl[CTL_COUNT]);
+    }
+    int shift;
+    u32 nbins, hi_mask;
+    radix_layout(round, &shift, &nbins, &hi_mask);
+    const u32 prefix = round == 0 ? 0u : ctl[CTL_PREFIX];
+    for (u32 b = threadIdx.x; b < nbins; b += blockDim.x) {
+        hist[b] = 0u;
+    }
+    __syncthreads();
+    // Eight loads in flight per thread before the first atomic (the grid is sized for about eight
+    // values per thread): one load at a time left every round waiting on memory latency.
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 j0 = (u64)blockIdx.x * blockDim.x + threadIdx.x; j0 < s; j0 += 8u * stride) {
+        u32 bits[8];
+#pragma unroll
+        for (u32 t = 0; t < 8u; ++t) {
+            const u64 j = j0 + t * stride;
+            bits[t] = j < s ? __float_as_uint(fabsf(xs[j])) : 0u;
+        }
+#pragma unroll
+        for (u32 t = 0; t < 8u; ++t) {
+            if (j0 + t * stride < s && ((bits[t] ^ prefix) & hi_mask) == 0u) {
+                atomicAdd(&hist[(bits[t] >> shift) & (nbins - 1u)], 1u);
+            }
+        }
+    }
+    radix_finish(hist, &last_s, nbins, shift, prefix, round == 0 ? rank : ctl[CTL_WANT],
+                 round == last_round, out_slot, ctl, ghist);
 }
 
 
@@ -384,9 +478,10 @@ extern "C" __global__ void dgc_mask(float* u, float* v, const u32* __restrict__ 
 // Keep the candidates whose magnitude is >= ctl[CTL_KTH] (the top k of the candidate list, CTL_KTH
 // being the k-th largest candidate magnitude), at most cap of them; the count goes to CTL_SEL.
 // spec = 1: cnt = min(CTL_COUNT, cnt), and nothing happens unless the count is in the band.
+// mask = 1 or 2: also dgc_mask's update for every kept pair (2: zero u too), saving its launch.
 extern "C" __global__ void dgc_filter(const u32* __restrict__ idx_in, const float* __restrict__ val_in,
                                       u32 cnt, u32 cap, u32* idx_out, float* val_out, u32* ctl, int spec,
-                                      u32 min_ok, u32 band_cap) {
+                                      u32 min_ok, u32 band_cap, float* u, float* v, int mask) {
     if (spec) {
         if (!in_band(ctl, min_ok, band_cap)) {
             return;
@@ -398,8 +493,16 @@ extern "C" __global__ void dgc_filter(const u32* __restrict__ idx_in, const floa
     for (u32 base = blockIdx.x * blockDim.x; base < cnt; base += stride) {
         const u32 j = base + threadIdx.x;
         const float x = j < cnt ? val_in[j] : 0.0f;
-        warp_compact(j < cnt && dgc_passes(x, thr), j < cnt ? idx_in[j] : 0u, x, cap, idx_out, val_out,
-                     ctl + CTL_SEL);
+        const u32 i = j < cnt ? idx_in[j] : 0u;
+        const bool kept = warp_compact(j < cnt && dgc_passes(x, thr), i, x, cap, idx_out, val_out,
+                                       ctl + CTL_SEL);
+        if (kept && mask) {
+            const float y = v[i];
+            v[i] = (y == x) ? 0.0f : __fadd_rn(y, -x);
+            if (mask == 2) {
+                u[i] = 0.0f;
+            }
+        }
     }
 }
 

@@ -501,8 +501,19 @@ fn gpu_compress_step_matches_host() {
     use ferroccl::dgc::gpu::DgcKernels;
     let kern = DgcKernels::new(0).unwrap();
     let n = 1 << 20;
+    // Cases where the speculative top k had to drop candidates (more than k in the band).
+    let mut dropped = 0;
     // lower = 0.999 forces corrections on most steps; 0.8 is the paper's band.
-    for (step, lower) in [(0u64, 0.8), (1, 0.8), (2, 0.999), (3, 0.8)] {
+    // k = 1001 makes the sample's rank ⌈k·s/n⌉ round up to 11 (of 10 485), so about 1.1 k candidates
+    // pass and the top k must drop some.
+    for (step, lower, k) in [
+        (0u64, 0.8, 1000),
+        (1, 0.8, 1001),
+        (2, 0.999, 1000),
+        (3, 0.8, 1001),
+        (4, 0.8, 1000),
+        (5, 0.8, 1001),
+    ] {
         let g = random_grad(n, 40 + step);
         let (u0, v0) = (random_grad(n, 50 + step), random_grad(n, 60 + step));
         let up = select::Update {
@@ -511,7 +522,7 @@ fn gpu_compress_step_matches_host() {
             momentum_correction: true,
         };
         let p = select::SelectParams {
-            k: 1000,
+            k,
             sample: Some(n / 100),
             seed: 3,
             step,
@@ -522,23 +533,27 @@ fn gpu_compress_step_matches_host() {
         let (mut cu, mut cv) = (u0.clone(), v0.clone());
         let sel = select::compress(&g, &mut cu, &mut cv, up, &p).unwrap();
         select::mask_sent(&mut cu, &mut cv, &sel.idx, &sel.val, true);
-        let gd = kern.upload(&g).unwrap();
-        let (mut gu, mut gv) = (kern.upload(&u0).unwrap(), kern.upload(&v0).unwrap());
-        let mut ws = kern.workspace(p.k, 1300, n / 100).unwrap();
-        let (c, got) = kern
-            .compress_step(&gd, &mut gu, &mut gv, up, None, &p, true, &mut ws, None)
-            .unwrap();
-        let mut i = kern.download(&ws.sel_idx).unwrap();
-        let mut x = kern.download(&ws.sel_val).unwrap();
-        i.truncate(got);
-        x.truncate(got);
-        select::finish_selection(&mut i, &mut x, usize::MAX);
-        let ctx = format!("step {step}, lower {lower}, {c:?}");
-        assert_eq!((&i, &x), (&sel.idx, &sel.val), "{ctx}");
-        assert_eq!(c.threshold, sel.threshold, "{ctx}");
-        assert!(kern.download(&gu).unwrap() == cu, "u, {ctx}");
-        assert!(kern.download(&gv).unwrap() == cv, "v, {ctx}");
+        {
+            let gd = kern.upload(&g).unwrap();
+            let (mut gu, mut gv) = (kern.upload(&u0).unwrap(), kern.upload(&v0).unwrap());
+            let mut ws = kern.workspace(p.k, 1300, n / 100).unwrap();
+            let (c, got) = kern
+                .compress_step(&gd, &mut gu, &mut gv, up, None, &p, true, &mut ws, None)
+                .unwrap();
+            let mut i = kern.download(&ws.sel_idx).unwrap();
+            let mut x = kern.download(&ws.sel_val).unwrap();
+            i.truncate(got);
+            x.truncate(got);
+            select::finish_selection(&mut i, &mut x, usize::MAX);
+            let ctx = format!("step {step}, lower {lower}, k {k}, {c:?}");
+            assert_eq!((&i, &x), (&sel.idx, &sel.val), "{ctx}");
+            assert_eq!(c.threshold, sel.threshold, "{ctx}");
+            assert!(kern.download(&gu).unwrap() == cu, "u, {ctx}");
+            assert!(kern.download(&gv).unwrap() == cv, "v, {ctx}");
+            dropped += usize::from(c.top_k_done && c.count > p.k);
+        }
     }
+    assert!(dropped > 0, "no case selected among more than k candidates");
 }
 
 /// The device step (`DeviceDgc`, gradient and state on the GPU) against the host step (`Dgc`) on

@@ -12,20 +12,28 @@
 //! [`DgcKernels::find_candidates`] runs, all enqueued without waiting for the device:
 //!
 //! 1. `dgc_check_norm` — one read of `g`: first non-finite index, `Σ g²` (f64) and the clip scale,
-//!    computed on the device by the last block (no host round trip);
-//! 2. `dgc_sample` — `|v'|` at the hashed sample indices, `v'` computed on the fly from `g`, `u`, `v`
-//!    (the sample is a gather of `3·s` values, not a pass over the tensor);
-//! 3. `dgc_radix_round` ×3 — a multi-block radix select (11 + 11 + 10 bits) of the sample's
-//!    `⌈k·s/n⌉`-th largest value, left in device memory;
+//!    computed on the device by the last block (no host round trip); that block also zeroes the
+//!    step's counters and its own scratch, so a step needs no memset ([`Workspace`]'s `clean`);
+//! 2. `dgc_sample` — `|v'|` at the sample indices (runs of [`select::SAMPLE_RUN`] consecutive
+//!    indices at hashed positions), `v'` computed on the fly from `g`, `u`, `v` (a gather of
+//!    `3·s` values, one 32-byte sector per run and array, not a pass over the tensor);
+//! 3. `dgc_radix_round` ×2 — a multi-block radix select (11 + 11 bits) of the sample's
+//!    `⌈k·s/n⌉`-th largest value, its low 10 bits cleared ([`select::truncated_kth`]), left in
+//!    device memory (×3, exact, for [`Selection::ExactTopK`](super::Selection));
 //! 4. `dgc_fused` — clip-scale, momentum, accumulate, threshold test and compaction in one pass, reading
 //!    the scale and the threshold from device memory; it does nothing when step 1 found a non-finite
 //!    value, so the state is untouched without a host synchronisation;
 //!
-//! then reads the control words back — the only synchronisation in the common case. Only when the
+//! then copies the control words to page-locked memory and waits for the stream — the only
+//! synchronisation in the common case. Only when the
 //! count is outside the band (`> upper·k` or `< lower·k`) does it correct the threshold with
 //! read-only `dgc_select` passes, exactly as [`select::compress`] does.
-//! [`DgcKernels::compress_step`] adds the top k of the candidates (radix select among the candidates +
-//! `dgc_filter`) and the masking, all on the device.
+//! [`DgcKernels::compress_step`] adds the top k of the candidates (three radix rounds among the
+//! candidates, then `dgc_filter`, which also does the masking), all on the device and, in the
+//! common case, enqueued before the read-back.
+//!
+//! Every launch takes plain device addresses, taken once per step (`StepAddrs`), not `&CudaSlice`
+//! arguments (each of which costs event waits and records per launch).
 //!
 //! Clipping needs the global norm before the update; the norm is fused into the pass that checks the
 //! gradient for NaN/Inf, which the non-finite policy needs before the state changes anyway. A
@@ -39,8 +47,9 @@ use crate::kernels::CudaKernels;
 use crate::{Communicator, CommunicatorExt, Error, Result};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    result as cu, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
+    DevicePtrMut, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, SyncOnDrop,
+    ValidAsZeroBits,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use std::sync::Arc;
@@ -99,6 +108,74 @@ pub struct Workspace {
     pub hist: CudaSlice<u32>,
     /// Sum of squares (f64).
     pub sumsq: CudaSlice<f64>,
+    /// Page-locked host copy of `ctl`: the read-back is one asynchronous copy and a stream wait.
+    host_ctl: PinnedHostSlice<u32>,
+    /// The scratch words a compression step needs zero on entry (`sumsq`, the tickets, the
+    /// non-finite accumulator, `hist`) are zero: the last step left them so (its `dgc_check_norm`
+    /// ran with `self_clean`, the radix rounds clear theirs), so the next step needs no memset.
+    /// [`DgcKernels::launch_check_norm`] (which leaves the sum for its caller) clears it, and so
+    /// does a step that fails before its read-back.
+    clean: bool,
+}
+
+/// `dgc_sample`'s scalar arguments.
+struct SampleParams {
+    up: Update,
+    scale_from_ctl: bool,
+    seed: u64,
+    step: u64,
+    s: usize,
+    exact: bool,
+}
+
+/// `dgc_fused`'s scalar arguments.
+struct FusedParams {
+    up: Update,
+    scale_from_ctl: bool,
+    thr: f32,
+    thr_slot: Option<usize>,
+    guard: bool,
+}
+
+/// A device address passed to a kernel as a plain 64-bit argument.
+type Addr = cudarc::driver::sys::CUdeviceptr;
+
+/// The addresses of the buffers one compression step touches, taken once per step.
+///
+/// cudarc's `arg(&CudaSlice)` makes every launch wait on and re-record each buffer's events once
+/// the context has a second stream (ours does): up to three driver calls per buffer and launch. A
+/// step takes each address once instead (one wait when taken, one record when this is dropped), so
+/// other streams still see the step as one unit, and launches with plain addresses in between, all
+/// on [`DgcKernels::stream`], which orders them. It cuts the step's driver calls by about 60; on
+/// the H200 the GPU was the bottleneck, so the step time did not change measurably.
+struct StepAddrs<'a> {
+    g: Addr,
+    u: Addr,
+    v: Addr,
+    idx: Addr,
+    val: Addr,
+    sel_idx: Addr,
+    sel_val: Addr,
+    sample: Addr,
+    ctl: Addr,
+    hist: Addr,
+    _sync: Vec<SyncOnDrop<'a>>,
+}
+
+fn addr<'a, T>(x: &'a CudaSlice<T>, s: &'a CudaStream, keep: &mut Vec<SyncOnDrop<'a>>) -> Addr {
+    let (p, guard) = x.device_ptr(s);
+    keep.push(guard);
+    p
+}
+
+fn addr_mut<'a, T>(
+    x: &'a mut CudaSlice<T>,
+    s: &'a CudaStream,
+    keep: &mut Vec<SyncOnDrop<'a>>,
+) -> Addr {
+    let (p, guard) = x.device_ptr_mut(s);
+    keep.push(guard);
+    p
 }
 
 /// The earlier name of [`Workspace`].
@@ -259,6 +336,9 @@ impl DgcKernels {
 
     /// Scratch for `k` selected values, `cap` candidates and a sample of `s`.
     pub fn workspace(&self, k: usize, cap: usize, s: usize) -> Result<Workspace> {
+        // Plain page-locked memory (not write-combined: the host reads it).
+        let host_ctl = unsafe { self.ctx.alloc_pinned_with_flags::<u32>(CTL_LEN, 0) }
+            .map_err(cuda("pinned control words"))?;
         Ok(Workspace {
             idx: self.alloc(cap)?,
             val: self.alloc(cap)?,
@@ -268,7 +348,27 @@ impl DgcKernels {
             ctl: self.alloc(CTL_LEN)?,
             hist: self.alloc(RADIX_BINS)?,
             sumsq: self.alloc(1)?,
+            host_ctl,
+            clean: true,
         })
+    }
+
+    /// Enqueue the copy of the control words at `ctl` into `host` (page-locked).
+    fn k_ctl_to_host(&self, ctl: Addr, host: &mut PinnedHostSlice<u32>) -> Result<()> {
+        let h = host.as_mut_slice().map_err(cuda("pinned control words"))?;
+        let n = h.len().min(CTL_LEN);
+        unsafe { cu::memcpy_dtoh_async(&mut h[..n], ctl, self.stream.cu_stream()) }
+            .map_err(cuda("control words read-back"))
+    }
+
+    /// Wait for the stream, then the control words copied by [`DgcKernels::k_ctl_to_host`].
+    fn host_ctl(&self, host: &PinnedHostSlice<u32>) -> Result<Vec<u32>> {
+        self.stream.synchronize().map_err(cuda("synchronize"))?;
+        let c = host.as_slice().map_err(cuda("pinned control words"))?;
+        if c.len() < CTL_LEN {
+            return Err(Error::Cuda("dgc: control buffer too short".into()));
+        }
+        Ok(c.to_vec())
     }
 
     /// Read the control words (waits for the stream).
@@ -282,8 +382,16 @@ impl DgcKernels {
 
     /// Zero the control words and the norm accumulator (start of a step).
     pub fn reset(&self, ws: &mut Workspace) -> Result<()> {
+        ws.clean = false;
         self.zero(&mut ws.ctl)?;
-        self.zero(&mut ws.sumsq)
+        self.zero(&mut ws.sumsq)?;
+        ws.clean = true;
+        Ok(())
+    }
+
+    fn k_zero(&self, at: Addr, bytes: usize) -> Result<()> {
+        unsafe { cu::memset_d8_async(at, 0, bytes, self.stream.cu_stream()) }
+            .map_err(cuda("memset"))
     }
 
     /// Launch `dgc_check_norm`: finiteness of `g`, `Σ g²` and the clip scale for `limit`
@@ -294,13 +402,29 @@ impl DgcKernels {
         limit: f64,
         ws: &mut Workspace,
     ) -> Result<()> {
-        let n = g.len() as u64;
+        let mut k = Vec::with_capacity(3);
+        let gp = addr(g, &self.stream, &mut k);
+        let sq = addr_mut(&mut ws.sumsq, &self.stream, &mut k);
+        let ctl = addr_mut(&mut ws.ctl, &self.stream, &mut k);
+        ws.clean = false;
+        self.k_check_norm(gp, g.len(), limit, sq, ctl, false)
+    }
+
+    /// `self_clean`: leave the sum of squares and the scratch words zero for the next step (see
+    /// [`Workspace::clean`]).
+    fn k_check_norm(
+        &self,
+        g: Addr,
+        n: usize,
+        limit: f64,
+        sumsq: Addr,
+        ctl: Addr,
+        self_clean: bool,
+    ) -> Result<()> {
+        let n = n as u64;
+        let sc = i32::from(self_clean);
         let mut b = self.stream.launch_builder(&self.check_norm);
-        b.arg(g)
-            .arg(&n)
-            .arg(&limit)
-            .arg(&mut ws.sumsq)
-            .arg(&mut ws.ctl);
+        b.arg(&g).arg(&n).arg(&limit).arg(&sumsq).arg(&ctl).arg(&sc);
         unsafe { b.launch(self.grid(n / 4 + 1)) }
             .map(drop)
             .map_err(cuda("check_norm"))
@@ -328,21 +452,52 @@ impl DgcKernels {
                 ws.sample.len()
             )));
         }
-        let (n, s64) = (g.len() as u64, s as u64);
+        let st = &*self.stream;
+        let mut k = Vec::with_capacity(5);
+        let (gp, up_, vp) = (
+            addr(g, st, &mut k),
+            addr(u, st, &mut k),
+            addr(v, st, &mut k),
+        );
+        let out = addr_mut(&mut ws.sample, st, &mut k);
+        let ctl = addr(&ws.ctl, st, &mut k);
+        let sp = SampleParams {
+            up,
+            scale_from_ctl,
+            seed,
+            step,
+            s,
+            exact,
+        };
+        self.k_sample(gp, up_, vp, g.len(), &sp, out, ctl)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn k_sample(
+        &self,
+        g: Addr,
+        u: Addr,
+        v: Addr,
+        n: usize,
+        p: &SampleParams,
+        out: Addr,
+        ctl: Addr,
+    ) -> Result<()> {
+        let (n, s64) = (n as u64, p.s as u64);
         let (mc, sfc, ex) = (
-            i32::from(up.momentum_correction),
-            i32::from(scale_from_ctl),
-            i32::from(exact),
+            i32::from(p.up.momentum_correction),
+            i32::from(p.scale_from_ctl),
+            i32::from(p.exact),
         );
         let mut b = self.stream.launch_builder(&self.sample);
-        b.arg(g).arg(u).arg(v).arg(&n).arg(&up.scale).arg(&sfc);
-        b.arg(&up.momentum)
+        b.arg(&g).arg(&u).arg(&v).arg(&n).arg(&p.up.scale).arg(&sfc);
+        b.arg(&p.up.momentum)
             .arg(&mc)
-            .arg(&seed)
-            .arg(&step)
+            .arg(&p.seed)
+            .arg(&p.step)
             .arg(&s64)
             .arg(&ex);
-        b.arg(&mut ws.sample).arg(&ws.ctl);
+        b.arg(&out).arg(&ctl);
         unsafe { b.launch(self.grid(s64)) }
             .map(drop)
             .map_err(cuda("sample"))
@@ -376,23 +531,44 @@ impl DgcKernels {
         hist: &mut CudaSlice<u32>,
         spec: Option<(u32, u32)>,
     ) -> Result<()> {
-        let s = s.min(xs.len());
+        let st = &*self.stream;
+        let mut k = Vec::with_capacity(3);
+        let x = addr(xs, st, &mut k);
+        let (c, h) = (addr_mut(ctl, st, &mut k), addr_mut(hist, st, &mut k));
+        self.k_kth(x, s.min(xs.len()), rank, out_slot, c, h, spec, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn k_kth(
+        &self,
+        xs: Addr,
+        s: usize,
+        rank: usize,
+        out_slot: usize,
+        ctl: Addr,
+        hist: Addr,
+        spec: Option<(u32, u32)>,
+        exact: bool,
+    ) -> Result<()> {
         let (sp, min_ok, bcap) = spec.map_or((0i32, 0u32, 0u32), |(a, b)| (1, a, b));
+        // Not exact: two rounds, the top 22 bits (select::truncated_kth).
+        let last = if exact { 2i32 } else { 1 };
         let (s32, rank32) = (
             to_u32(s, "sample")?,
             to_u32(rank.clamp(1, s.max(1)), "rank")?,
         );
         let slot = out_slot as i32;
+        // About eight values per thread.
         let blocks = (s.div_ceil(THREADS as usize * 8) as u32).clamp(1, self.sms * 2);
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        for round in 0..3i32 {
+        for round in 0..=last {
             let mut b = self.stream.launch_builder(&self.radix);
-            b.arg(xs).arg(&s32).arg(&rank32).arg(&round);
-            b.arg(&mut *ctl).arg(&mut *hist).arg(&slot);
+            b.arg(&xs).arg(&s32).arg(&rank32).arg(&round);
+            b.arg(&ctl).arg(&hist).arg(&slot).arg(&last);
             b.arg(&sp).arg(&min_ok).arg(&bcap);
             unsafe { b.launch(cfg) }
                 .map(drop)
@@ -417,23 +593,59 @@ impl DgcKernels {
         guard: bool,
         ws: &mut Workspace,
     ) -> Result<()> {
-        let n = g.len() as u64;
-        let cap = to_u32(ws.idx.len(), "candidate capacity")?;
-        let (mc, sfc, gd) = (
-            i32::from(up.momentum_correction),
-            i32::from(scale_from_ctl),
-            i32::from(guard),
+        let st = &*self.stream;
+        let cap = ws.idx.len();
+        let mut k = Vec::with_capacity(6);
+        let (gp, up_, vp) = (
+            addr(g, st, &mut k),
+            addr_mut(u, st, &mut k),
+            addr_mut(v, st, &mut k),
         );
-        let slot = thr_slot.map_or(-1, |s| s as i32);
+        let (i, x) = (
+            addr_mut(&mut ws.idx, st, &mut k),
+            addr_mut(&mut ws.val, st, &mut k),
+        );
+        let ctl = addr_mut(&mut ws.ctl, st, &mut k);
+        let f = FusedParams {
+            up,
+            scale_from_ctl,
+            thr,
+            thr_slot,
+            guard,
+        };
+        self.k_fused(gp, up_, vp, g.len(), &f, cap, i, x, ctl)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn k_fused(
+        &self,
+        g: Addr,
+        u: Addr,
+        v: Addr,
+        n: usize,
+        f: &FusedParams,
+        cap: usize,
+        idx: Addr,
+        val: Addr,
+        ctl: Addr,
+    ) -> Result<()> {
+        let n = n as u64;
+        let cap = to_u32(cap, "candidate capacity")?;
+        let (mc, sfc, gd) = (
+            i32::from(f.up.momentum_correction),
+            i32::from(f.scale_from_ctl),
+            i32::from(f.guard),
+        );
+        let slot = f.thr_slot.map_or(-1, |s| s as i32);
         let mut b = self.stream.launch_builder(&self.fused);
-        b.arg(g).arg(u).arg(v).arg(&n).arg(&up.scale).arg(&sfc);
-        b.arg(&up.momentum)
+        b.arg(&g).arg(&u).arg(&v).arg(&n).arg(&f.up.scale).arg(&sfc);
+        b.arg(&f.up.momentum)
             .arg(&mc)
-            .arg(&thr)
+            .arg(&f.thr)
             .arg(&slot)
             .arg(&gd)
             .arg(&cap);
-        b.arg(&mut ws.idx).arg(&mut ws.val).arg(&mut ws.ctl);
+        b.arg(&idx).arg(&val).arg(&ctl);
         unsafe { b.launch(self.grid(n / 4 + 1)) }
             .map(drop)
             .map_err(cuda("fused"))
@@ -477,18 +689,36 @@ impl DgcKernels {
         mask_momentum: bool,
         spec: Option<(&CudaSlice<u32>, u32, u32)>,
     ) -> Result<()> {
+        let st = &*self.stream;
+        let cnt = cnt.min(idx.len()).min(sent.len());
+        let mut k = Vec::with_capacity(5);
+        let (up_, vp) = (addr_mut(u, st, &mut k), addr_mut(v, st, &mut k));
+        let (i, x) = (addr(idx, st, &mut k), addr(sent, st, &mut k));
+        let spec = spec.map(|(c, a, b)| (addr(c, st, &mut k), a, b));
+        self.k_mask(up_, vp, i, x, cnt, mask_momentum, spec)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn k_mask(
+        &self,
+        u: Addr,
+        v: Addr,
+        idx: Addr,
+        sent: Addr,
+        cnt: usize,
+        mask_momentum: bool,
+        spec: Option<(Addr, u32, u32)>,
+    ) -> Result<()> {
         if cnt == 0 {
             return Ok(());
         }
-        let (c, mm) = (
-            to_u32(cnt.min(idx.len()).min(sent.len()), "count")?,
-            i32::from(mask_momentum),
-        );
+        let (c, mm) = (to_u32(cnt, "count")?, i32::from(mask_momentum));
+        // Without spec the kernel never reads ctl; any address will do.
         let (sp, min_ok, bcap, ctl) =
             spec.map_or((0i32, 0u32, 0u32, idx), |(c, a, b)| (1, a, b, c));
         let mut b = self.stream.launch_builder(&self.mask);
-        b.arg(u).arg(v).arg(idx).arg(sent).arg(&c).arg(&mm);
-        b.arg(&sp).arg(&min_ok).arg(&bcap).arg(ctl);
+        b.arg(&u).arg(&v).arg(&idx).arg(&sent).arg(&c).arg(&mm);
+        b.arg(&sp).arg(&min_ok).arg(&bcap).arg(&ctl);
         unsafe { b.launch(self.grid(cnt as u64)) }
             .map(drop)
             .map_err(cuda("mask"))
@@ -504,12 +734,40 @@ impl DgcKernels {
         ws: &mut Workspace,
         spec: Option<(u32, u32)>,
     ) -> Result<()> {
-        let (c, cap) = (to_u32(cnt, "count")?, to_u32(ws.sel_idx.len(), "k")?);
+        let st = &*self.stream;
+        let cap = ws.sel_idx.len();
+        let mut k = Vec::with_capacity(5);
+        let (i, x) = (addr(&ws.idx, st, &mut k), addr(&ws.val, st, &mut k));
+        let (si, sx) = (
+            addr_mut(&mut ws.sel_idx, st, &mut k),
+            addr_mut(&mut ws.sel_val, st, &mut k),
+        );
+        let ctl = addr_mut(&mut ws.ctl, st, &mut k);
+        self.k_filter(i, x, cnt, cap, si, sx, ctl, spec, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn k_filter(
+        &self,
+        idx: Addr,
+        val: Addr,
+        cnt: usize,
+        cap: usize,
+        sel_idx: Addr,
+        sel_val: Addr,
+        ctl: Addr,
+        spec: Option<(u32, u32)>,
+        mask: Option<(Addr, Addr, bool)>,
+    ) -> Result<()> {
+        let (c, cap) = (to_u32(cnt, "count")?, to_u32(cap, "k")?);
         let (sp, min_ok, bcap) = spec.map_or((0i32, 0u32, 0u32), |(a, b)| (1, a, b));
+        // mask: (u, v, mask_momentum); the kernel touches u and v only when asked to.
+        let (u, v, mm) = mask.map_or((0, 0, 0i32), |(u, v, m)| (u, v, 1 + i32::from(m)));
         let mut b = self.stream.launch_builder(&self.filter);
-        b.arg(&ws.idx).arg(&ws.val).arg(&c).arg(&cap);
-        b.arg(&mut ws.sel_idx).arg(&mut ws.sel_val).arg(&mut ws.ctl);
+        b.arg(&idx).arg(&val).arg(&c).arg(&cap);
+        b.arg(&sel_idx).arg(&sel_val).arg(&ctl);
         b.arg(&sp).arg(&min_ok).arg(&bcap);
+        b.arg(&u).arg(&v).arg(&mm);
         unsafe { b.launch(self.grid(cnt as u64)) }
             .map(drop)
             .map_err(cuda("filter"))
@@ -644,54 +902,118 @@ impl DgcKernels {
             Some(t) => t.mark(&self.stream, name),
             None => Ok(()),
         };
-        mark("start")?;
         let k = p.k.clamp(1, n);
         let from_ctl = clip_limit.is_some();
-        self.reset(ws)?;
-        self.launch_check_norm(g, clip_limit.unwrap_or(0.0), ws)?;
-        mark("check + norm")?;
         let cap = ((k as f64 * p.upper.max(1.0)).floor() as usize).max(k);
         // The smallest count that is not too few (count < lower·k).
         let min_ok = (p.lower * k as f64).ceil().max(0.0) as usize;
-        self.grow(ws, cap)?;
-        if k >= n {
-            self.launch_fused(g, u, v, up, from_ctl, f32::INFINITY, None, true, ws)?;
-            out.dense = true;
+        let dense = k >= n;
+        let (s, exact) = match p.sample {
+            Some(s) if s < n => (s.max(1), false),
+            _ => (n, true),
+        };
+        let rank = if exact {
+            k
         } else {
-            let (s, exact) = match p.sample {
-                Some(s) if s < n => (s.max(1), false),
-                _ => (n, true),
-            };
-            if ws.sample.len() < s {
-                ws.sample = self.alloc(s)?;
-            }
-            let rank = if exact {
-                k
-            } else {
-                ((k as f64) * (s as f64) / (n as f64)).ceil().max(1.0) as usize
-            };
-            self.launch_sample(g, u, v, up, from_ctl, p.seed, p.step, s, exact, ws)?;
-            self.launch_kth(&ws.sample, s, rank, CTL_THR, &mut ws.ctl, &mut ws.hist)?;
-            mark("sample + threshold")?;
-            self.launch_fused(g, u, v, up, from_ctl, 0.0, Some(CTL_THR), true, ws)?;
-            mark("fused pass")?;
-            if let Some(mm) = spec_mask {
-                // The common case needs no correction: enqueue the top k and the masking now, guarded
-                // on the device by the band test, so that the count read-back is the only wait.
-                let band = Some((to_u32(min_ok, "band")?, to_u32(cap, "capacity")?));
-                if ws.sel_idx.len() < k {
-                    ws.sel_idx = self.alloc(k)?;
-                    ws.sel_val = self.alloc(k)?;
-                }
-                let c = ws.idx.len();
-                self.launch_kth_spec(&ws.val, c, k, CTL_KTH, &mut ws.ctl, &mut ws.hist, band)?;
-                self.launch_filter(c, ws, band)?;
-                let spec = band.map(|(a, b)| (&ws.ctl, a, b));
-                self.launch_mask_spec(u, v, &ws.sel_idx, &ws.sel_val, k, mm, spec)?;
-                mark("top k + mask (speculative)")?;
-            }
+            ((k as f64) * (s as f64) / (n as f64)).ceil().max(1.0) as usize
+        };
+        // Buffers first (they grow rarely), then one set of addresses for the whole enqueue.
+        self.grow(ws, cap)?;
+        if !dense && ws.sample.len() < s {
+            ws.sample = self.alloc(s)?;
         }
-        let ctl = self.read_ctl(ws)?;
+        if spec_mask.is_some() && ws.sel_idx.len() < k {
+            ws.sel_idx = self.alloc(k)?;
+            ws.sel_val = self.alloc(k)?;
+        }
+        let (idx_cap, sel_cap) = (ws.idx.len(), ws.sel_idx.len());
+        let band = (to_u32(min_ok, "band")?, to_u32(cap, "capacity")?);
+        let fused = |thr, thr_slot| FusedParams {
+            up,
+            scale_from_ctl: from_ctl,
+            thr,
+            thr_slot,
+            guard: true,
+        };
+        mark("start")?;
+        {
+            let Workspace {
+                idx,
+                val,
+                sel_idx,
+                sel_val,
+                sample,
+                ctl,
+                hist,
+                sumsq,
+                host_ctl,
+                clean,
+            } = ws;
+            // The addresses check_norm needs first, the rest while it runs (each takes one or two
+            // driver calls).
+            let st = &*self.stream;
+            let mut keep = Vec::with_capacity(11);
+            let (gp, cp, sq) = (
+                addr(g, st, &mut keep),
+                addr_mut(ctl, st, &mut keep),
+                addr_mut(sumsq, st, &mut keep),
+            );
+            if !*clean {
+                self.k_zero(cp, CTL_LEN * 4)?;
+                self.k_zero(sq, 8)?;
+            }
+            *clean = false;
+            self.k_check_norm(gp, n, clip_limit.unwrap_or(0.0), sq, cp, true)?;
+            let a = StepAddrs {
+                g: gp,
+                ctl: cp,
+                u: addr_mut(u, st, &mut keep),
+                v: addr_mut(v, st, &mut keep),
+                idx: addr_mut(idx, st, &mut keep),
+                val: addr_mut(val, st, &mut keep),
+                sel_idx: addr_mut(sel_idx, st, &mut keep),
+                sel_val: addr_mut(sel_val, st, &mut keep),
+                sample: addr_mut(sample, st, &mut keep),
+                hist: addr_mut(hist, st, &mut keep),
+                _sync: keep,
+            };
+            mark("check + norm")?;
+            if dense {
+                let f = fused(f32::INFINITY, None);
+                self.k_fused(a.g, a.u, a.v, n, &f, idx_cap, a.idx, a.val, a.ctl)?;
+            } else {
+                let sp = SampleParams {
+                    up,
+                    scale_from_ctl: from_ctl,
+                    seed: p.seed,
+                    step: p.step,
+                    s,
+                    exact,
+                };
+                self.k_sample(a.g, a.u, a.v, n, &sp, a.sample, a.ctl)?;
+                self.k_kth(a.sample, s, rank, CTL_THR, a.ctl, a.hist, None, exact)?;
+                mark("sample + threshold")?;
+                let f = fused(0.0, Some(CTL_THR));
+                self.k_fused(a.g, a.u, a.v, n, &f, idx_cap, a.idx, a.val, a.ctl)?;
+                mark("fused pass")?;
+                if let Some(mm) = spec_mask {
+                    // The common case needs no correction: enqueue the top k and the masking now,
+                    // guarded on the device by the band test, so that the count read-back is the
+                    // only wait.
+                    // Either way, at most k pairs are kept, and masked by the same launch.
+                    let (c, b, kk) = (idx_cap, Some(band), k.min(sel_cap));
+                    let m = Some((a.u, a.v, mm));
+                    self.k_kth(a.val, c, k, CTL_KTH, a.ctl, a.hist, b, true)?;
+                    self.k_filter(a.idx, a.val, c, kk, a.sel_idx, a.sel_val, a.ctl, b, m)?;
+                    mark("top k + mask (speculative)")?;
+                }
+            }
+            self.k_ctl_to_host(a.ctl, host_ctl)?;
+        }
+        out.dense = dense;
+        let ctl = self.host_ctl(&ws.host_ctl)?;
+        // Every kernel of the step ran: dgc_check_norm and the radix rounds left their scratch zero.
+        ws.clean = true;
         mark("count read-back")?;
         out.clip_scale = if from_ctl {
             f32::from_bits(ctl[CTL_SCALE])
@@ -818,12 +1140,11 @@ impl DgcKernels {
     pub fn launch_sum_squares(&self, g: &CudaSlice<f32>, out: &mut CudaSlice<f64>) -> Result<()> {
         let n = g.len() as u64;
         let mut ctl = self.alloc::<u32>(CTL_LEN)?;
-        let limit = 0.0f64;
-        let mut b = self.stream.launch_builder(&self.check_norm);
-        b.arg(g).arg(&n).arg(&limit).arg(out).arg(&mut ctl);
-        unsafe { b.launch(self.grid(n / 4 + 1)) }
-            .map(drop)
-            .map_err(cuda("check_norm"))
+        let mut k = Vec::with_capacity(3);
+        let gp = addr(g, &self.stream, &mut k);
+        let o = addr_mut(out, &self.stream, &mut k);
+        let c = addr_mut(&mut ctl, &self.stream, &mut k);
+        self.k_check_norm(gp, n as usize, 0.0, o, c, false)
     }
 
     /// [`DgcKernels::compress_step`] with the scale given in `up` (no clipping on the device, no
