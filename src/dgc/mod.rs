@@ -16,8 +16,10 @@
 //! * **warm-up** — the density falls exponentially over the first epochs (by default 25% → 6.25% →
 //!   1.5625% → 0.4% → then [`DgcConfig::final_density`], 0.1%).
 //!
-//! The top-k threshold is estimated from a random sample (`sample_fraction` of the values, 0.1–1%)
-//! and corrected as the paper's code does: more than `1.3·k` pass → raise it and select again; between
+//! The top-k threshold is estimated from a random sample (`sample_fraction` of the values, 0.1–1%,
+//! drawn as runs of [`select::SAMPLE_RUN`] consecutive values at hashed positions, so that the GPU
+//! reads one memory sector per run; its k-th largest rounded down in the last 10 bits,
+//! [`select::truncated_kth`]) and corrected as the paper's code does: more than `1.3·k` pass → raise it and select again; between
 //! `k` and `1.3·k` → keep the top k of those; fewer than `0.8·k` → lower it and select again.
 //! [`Selection::ExactTopK`] is there for comparison.
 //!
