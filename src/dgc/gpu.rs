@@ -118,14 +118,21 @@ pub struct Workspace {
     clean: bool,
 }
 
-/// `dgc_sample`'s scalar arguments.
-struct SampleParams {
-    up: Update,
-    scale_from_ctl: bool,
-    seed: u64,
-    step: u64,
-    s: usize,
-    exact: bool,
+/// What [`DgcKernels::launch_sample`] samples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleParams {
+    /// The update the sample anticipates (`v'` as the fused pass would store it).
+    pub up: Update,
+    /// Take the clip scale from the device (`CTL_SCALE`) instead of `up.scale`.
+    pub scale_from_ctl: bool,
+    /// Seed of the sample positions.
+    pub seed: u64,
+    /// Step (the positions change every step).
+    pub step: u64,
+    /// Number of samples.
+    pub s: usize,
+    /// Every element in order instead (`s = n`), for [`Selection::ExactTopK`].
+    pub exact: bool,
 }
 
 /// `dgc_fused`'s scalar arguments.
@@ -430,25 +437,20 @@ impl DgcKernels {
             .map_err(cuda("check_norm"))
     }
 
-    /// Launch `dgc_sample`: `s` magnitudes of the would-be `v` into `ws.sample` (every element in
-    /// order when `exact`). The scale is `up.scale`, or the device's clip scale when `scale_from_ctl`.
-    #[allow(clippy::too_many_arguments)]
+    /// Launch `dgc_sample`: `p.s` magnitudes of the would-be `v` into `ws.sample` (every element in
+    /// order when `p.exact`).
     pub fn launch_sample(
         &self,
         g: &CudaSlice<f32>,
         u: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
-        up: Update,
-        scale_from_ctl: bool,
-        seed: u64,
-        step: u64,
-        s: usize,
-        exact: bool,
+        p: &SampleParams,
         ws: &mut Workspace,
     ) -> Result<()> {
-        if s > ws.sample.len() {
+        if p.s > ws.sample.len() {
             return Err(Error::InvalidArgument(format!(
-                "dgc sample: {s} samples exceed the buffer of {}",
+                "dgc sample: {} samples exceed the buffer of {}",
+                p.s,
                 ws.sample.len()
             )));
         }
@@ -461,15 +463,7 @@ impl DgcKernels {
         );
         let out = addr_mut(&mut ws.sample, st, &mut k);
         let ctl = addr(&ws.ctl, st, &mut k);
-        let sp = SampleParams {
-            up,
-            scale_from_ctl,
-            seed,
-            step,
-            s,
-            exact,
-        };
-        self.k_sample(gp, up_, vp, g.len(), &sp, out, ctl)
+        self.k_sample(gp, up_, vp, g.len(), p, out, ctl)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1186,7 +1180,15 @@ impl DgcKernels {
     ) -> Result<Vec<f32>> {
         let (g, u, v) = (self.upload(g)?, self.upload(u)?, self.upload(v)?);
         let mut ws = self.workspace(1, 1, s)?;
-        self.launch_sample(&g, &u, &v, up, false, seed, step, s, false, &mut ws)?;
+        let p = SampleParams {
+            up,
+            scale_from_ctl: false,
+            seed,
+            step,
+            s,
+            exact: false,
+        };
+        self.launch_sample(&g, &u, &v, &p, &mut ws)?;
         let mut r = self.download(&ws.sample)?;
         r.truncate(s);
         Ok(r)
