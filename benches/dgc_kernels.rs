@@ -10,7 +10,9 @@
 //! the fused pass), read and write u and v: 24 bytes per element; the sample, the candidates and the
 //! masking move well under 1% of that — ÷ that bandwidth), ferroccl's whole compression step
 //! (`DgcKernels::compress_step`: check + norm, sample, multi-block threshold select, fused pass, count
-//! read-back, top k of the candidates, masking; host wall time with the read-back included), a
+//! read-back, top k of the candidates, masking; host wall time with the read-back included; also,
+//! in the same loop, without programmatic dependent launch, and with one launch per radix round
+//! instead of the one-launch selects and no PDL), a
 //! per-stage breakdown (CUDA events, printed to stderr and in the JSON) and the fused pass alone (CUDA
 //! events), against `python3 benches/torch_dgc.py` on the same GPU (torch.topk(|g|, k) and
 //! threshold + nonzero). Targets: ≤ 0.33× torch.topk and ≤ 1.5× the HBM floor. Prints a table and
@@ -35,6 +37,14 @@ mod bench {
             .and_then(|i| a.get(i + 1).cloned())
     }
 
+    /// The compression variants timed in the same loop (the first is the default): (name, one-launch
+    /// selects, programmatic dependent launch).
+    const VARIANTS: [(&str, bool, bool); 3] = [
+        ("default", true, true),
+        ("without PDL", true, false),
+        ("one launch per round, no PDL", false, false),
+    ];
+
     fn median(mut v: Vec<f64>) -> f64 {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -52,8 +62,8 @@ mod bench {
         let ctx = kern.context().clone();
         let mut rows = Vec::new();
         let mut ok = true;
-        println!("| n | k | copy GB/s | HBM floor | ferroccl compress | fused pass | torch.topk | thr+nonzero | torch ref. step | vs topk | vs floor |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("| n | k | copy GB/s | HBM floor | ferroccl compress | (one launch per round) | fused pass | torch.topk | thr+nonzero | torch ref. step | vs topk | vs floor |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
         for &n in &sizes {
             let k = ((n as f64 * density).ceil() as usize).max(1);
             // A gradient with a heavy tail, generated on the host once.
@@ -89,7 +99,7 @@ mod bench {
 
             let s = ((n as f64) * 0.01).ceil() as usize;
             let mut ws = kern.workspace(k, (k as f64 * 1.3) as usize, s)?;
-            let mut whole = Vec::new();
+            let mut whole = vec![Vec::new(); VARIANTS.len()];
             let mut fused = Vec::new();
             let mut stages: Vec<Vec<(&'static str, f64)>> = Vec::new();
             let mut sel = 0;
@@ -102,7 +112,7 @@ mod bench {
             };
             // Clipping on, with a bound the gradient exceeds (so the scale is applied).
             let limit = Some(1e3 / 2.0);
-            for step in 0..(2 * reps + 6) as u64 {
+            for step in 0..(2 * VARIANTS.len() * reps + 6) as u64 {
                 let p = SelectParams {
                     k,
                     sample: Some(s),
@@ -114,6 +124,14 @@ mod bench {
                 };
                 // Odd steps: per-stage CUDA events (they add a little host overhead).
                 let profile = step % 2 == 1;
+                // Even steps rotate through the variants, the A/B of the same run.
+                let variant = if profile {
+                    0
+                } else {
+                    ((step / 2) as usize) % VARIANTS.len()
+                };
+                kern.set_one_launch_select(VARIANTS[variant].1);
+                kern.set_pdl(VARIANTS[variant].2);
                 let mut prof = StageTimes::default();
                 stream.synchronize()?;
                 let t0 = Instant::now();
@@ -134,7 +152,7 @@ mod bench {
                     if profile {
                         stages.push(prof.durations()?);
                     } else {
-                        whole.push(dt);
+                        whole[variant].push(dt);
                     }
                 }
                 sel = got;
@@ -189,7 +207,21 @@ mod bench {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            let (whole, fused) = (median(whole), median(fused));
+            kern.set_one_launch_select(true);
+            kern.set_pdl(true);
+            let variants: Vec<f64> = whole.into_iter().map(median).collect();
+            let whole = variants[0];
+            eprintln!(
+                "n = {n}: variants, same loop: {}",
+                VARIANTS
+                    .iter()
+                    .zip(&variants)
+                    .map(|(v, t)| format!("{}: {:.3} ms", v.0, t * 1e3))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let multi = variants[VARIANTS.len() - 1];
+            let fused = median(fused);
 
             let torch = Command::new("python3")
                 .args([
@@ -213,10 +245,11 @@ mod bench {
             }
             let ms = |x: Option<f64>| x.map_or("n/a".to_string(), |x| format!("{:.3} ms", x * 1e3));
             println!(
-                "| {n} | {k} | {:.0} | {:.3} ms | {:.3} ms | {:.3} ms | {} | {} | {} | {} | {:.2}× |",
+                "| {n} | {k} | {:.0} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {} | {} | {} | {} | {:.2}× |",
                 copy_bw / 1e9,
                 floor * 1e3,
                 whole * 1e3,
+                multi * 1e3,
                 fused * 1e3,
                 ms(topk),
                 ms(t["threshold_nonzero_ms"].as_f64().map(|x| x * 1e-3)),
@@ -226,7 +259,7 @@ mod bench {
             );
             rows.push(serde_json::json!({
                 "n": n, "k": k, "selected": sel, "copy_gbps": copy_bw / 1e9, "hbm_floor_ms": floor * 1e3,
-                "compress_ms": whole * 1e3, "fused_pass_ms": fused * 1e3, "torch": t,
+                "compress_ms": whole * 1e3, "compress_multi_launch_ms": multi * 1e3, "compress_no_pdl_ms": variants[1] * 1e3, "fused_pass_ms": fused * 1e3, "torch": t,
                 "vs_topk": vs_topk, "vs_floor": vs_floor, "fused_vs_floor_20B": fused / (20.0 * n as f64 / copy_bw),
                 "stages_ms": breakdown.iter().map(|(s, t)| serde_json::json!({"stage": s, "ms": t})).collect::<Vec<_>>(),
                 "first_count": first, "max_adaptations": adapt,

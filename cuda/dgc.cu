@@ -8,6 +8,9 @@
 //   dgc_sample       |v'| at hashed sample indices, v' the would-be accumulator twin: sample_magnitudes
 //   dgc_radix_round  one of three rounds of a multi-block radix select (11+11+10 bits) of the rank-th
 //                    largest magnitude            twins: kth_largest, truncated_kth (two rounds)
+//   dgc_sample_select  dgc_sample + its radix rounds in one launch (values kept in registers)
+//   dgc_topk_select  the speculative top k (radix rounds + dgc_filter with masking) in one launch,
+//                    then the control words written to page-locked host memory
 //   dgc_fused        clip-scale + momentum + accumulate + threshold + compact  twin: fused_update_select
 //   dgc_select       threshold + compact only (threshold correction)           twin: select_above
 //   dgc_filter       keep candidates >= the k-th largest (top k of candidates), optionally masking them
@@ -29,6 +32,9 @@
 #define CTL_KTH 9     // radix-select result on the candidates (float bits)
 #define CTL_NDONE 10  // norm ticket
 #define CTL_BADACC 11 // dgc_check_norm's atomicMax of CTL_BAD while it runs (published to CTL_BAD)
+#define CTL_END 13    // dgc_topk_select's end ticket (the last block publishes the words to the host)
+#define CTL_STUCK 14  // 1: a one-launch select gave up waiting for its blocks (see coop_round)
+#define CTL_SEQ 15    // in the host copy only: the step's sequence number, written last
 #define RADIX_BINS 2048u
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -97,6 +103,22 @@ __device__ __forceinline__ bool warp_compact(bool pred, u32 i, float v, u32 cap,
     return false;
 }
 
+// Programmatic dependent launch (sm_90+; no-ops below, and when the launch did not ask for it): a
+// kernel launched with programmatic stream serialization may start while the one before it runs,
+// once every block of that one has called pdl_launch_dependents (or exited); pdl_wait() then blocks
+// until the one before has completed and its writes are visible. Everything before pdl_wait() may
+// only read what the previous step left (g, u, v), never ctl.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ bool state_is_bad(const u32* ctl) {
     return (ctl[CTL_BAD] | ctl[CTL_OVF]) != 0u;
 }
@@ -126,17 +148,26 @@ __device__ __forceinline__ void check_one(float x, u64 i, double* acc, u64* bad)
 extern "C" __global__ void dgc_check_norm(const float* __restrict__ g, u64 n, double limit, double* sumsq,
                                           u32* ctl, int self_clean) {
     __shared__ double part[32];
+    // The sample select may start now: it gathers while this pass streams g.
+    pdl_launch_dependents();
     double acc = 0.0;
     u64 bad = ~0ULL;
     const u64 nvec = n / 4u;
     const u64 stride = (u64)gridDim.x * blockDim.x;
     const float4* g4 = reinterpret_cast<const float4*>(g);
-    for (u64 q = (u64)blockIdx.x * blockDim.x + threadIdx.x; q < nvec; q += stride) {
+    // Two loads in flight per thread (the grid may be half the GPU: see pdl_launch_dependents).
+    for (u64 q = (u64)blockIdx.x * blockDim.x + threadIdx.x; q < nvec; q += 2u * stride) {
+        const u64 q2 = q + stride;
         const float4 x = g4[q];
+        const float4 y = q2 < nvec ? g4[q2] : make_float4(0.f, 0.f, 0.f, 0.f);
         check_one(x.x, 4u * q, &acc, &bad);
         check_one(x.y, 4u * q + 1u, &acc, &bad);
         check_one(x.z, 4u * q + 2u, &acc, &bad);
         check_one(x.w, 4u * q + 3u, &acc, &bad);
+        check_one(y.x, 4u * q2, &acc, &bad);
+        check_one(y.y, 4u * q2 + 1u, &acc, &bad);
+        check_one(y.z, 4u * q2 + 2u, &acc, &bad);
+        check_one(y.w, 4u * q2 + 3u, &acc, &bad);
     }
     if (blockIdx.x == 0u && threadIdx.x < 4u) {
         const u64 i = nvec * 4u + threadIdx.x;
@@ -257,12 +288,9 @@ __device__ __forceinline__ void radix_layout(int round, int* shift, u32* nbins, 
     *hi_mask = round == 0 ? 0u : (0xFFFFFFFFu << (*shift + (round == 1 ? 11 : 10)));
 }
 
-// The end of a multi-block radix round, after every block has histogrammed its values into its shared
-// `hist`: add it to ghist (zero on entry); the last block to finish reads ghist back (clearing it for
-// the next round or call), picks the bin (radix_pick) and writes CTL_PREFIX/CTL_WANT, and the
-// result to ctl[out_slot] when `last`. Every thread of every block calls it.
-__device__ __forceinline__ void radix_finish(u32* hist, u32* last_s, u32 nbins, int shift, u32 prefix,
-                                             u32 want, bool last, int out_slot, u32* ctl, u32* ghist) {
+// Every block adds its shared `hist` (nbins words) to ghist (zero on entry); then one ticket per
+// block: returns true, on every thread, in the last block to finish.
+__device__ __forceinline__ bool radix_merge(const u32* hist, u32* last_s, u32 nbins, u32* ctl, u32* ghist) {
     __syncthreads();
     for (u32 b = threadIdx.x; b < nbins; b += blockDim.x) {
         const u32 h = hist[b];
@@ -276,12 +304,16 @@ __device__ __forceinline__ void radix_finish(u32* hist, u32* last_s, u32 nbins, 
         *last_s = atomicAdd(ctl + CTL_DONE, 1u) == gridDim.x - 1u ? 1u : 0u;
     }
     __syncthreads();
-    if (*last_s == 0u) {
-        return;
-    }
-    // Last block: gather the global histogram (and clear it for the next round / call). Plain L2
-    // loads, eight in flight per thread before any is used: one atomicExch per bin, each waited on
-    // before the next, made this ~8 us of every round.
+    return *last_s != 0u;
+}
+
+// The last block of a round: gather the global histogram into `hist` (clearing ghist for the next
+// round or call), pick the bin (radix_pick) and write CTL_PREFIX/CTL_WANT, and the result to
+// ctl[out_slot] when `last`; reset the ticket. Thread 0 writes the control words.
+__device__ __forceinline__ void radix_gather_pick(u32* hist, u32 nbins, int shift, u32 prefix, u32 want,
+                                                  bool last, int out_slot, u32* ctl, u32* ghist) {
+    // Plain L2 loads, eight in flight per thread before any is used: one atomicExch per bin, each
+    // waited on before the next, made this ~8 us of every round.
     __threadfence();
     for (u32 b0 = threadIdx.x; b0 < nbins; b0 += 8u * blockDim.x) {
         u32 r[8];
@@ -313,6 +345,281 @@ __device__ __forceinline__ void radix_finish(u32* hist, u32* last_s, u32 nbins, 
         }
     }
 }
+
+// The end of a multi-block radix round, after every block has histogrammed its values into its shared
+// `hist`: radix_merge, then the last block to finish runs radix_gather_pick. Every thread of every
+// block calls it.
+__device__ __forceinline__ void radix_finish(u32* hist, u32* last_s, u32 nbins, int shift, u32 prefix,
+                                             u32 want, bool last, int out_slot, u32* ctl, u32* ghist) {
+    if (radix_merge(hist, last_s, nbins, ctl, ghist)) {
+        radix_gather_pick(hist, nbins, shift, prefix, want, last, out_slot, ctl, ghist);
+    }
+}
+
+// One-launch selects (dgc_sample_select, dgc_topk_select): the grid is co-resident (a cooperative
+// launch guarantees it), every thread holds up to COOP_PER values in registers, and the rounds of the
+// radix select are separated by a grid-wide wait instead of kernel launches. A round costs one
+// histogram merge and one wait (~3 us) instead of a launch (~7 us of kernel time each, plus the gap).
+#define COOP_PER 16
+#define CTL_GEN 12    // rounds completed by one-launch selects: never reset, waited on relative to
+                      // its value at entry (read before the block's first ticket, so before any bump)
+
+// One round over the register-held magnitude bits (valid: bit t of `valid`), on every thread of every
+// block: histogram, merge, the last block picks and bumps CTL_GEN, the others wait for it (when
+// `wait`). Updates *prefix and *want on every thread (when `wait` or in the last block).
+__device__ __forceinline__ void coop_round(const u32* bits, u32 valid, int round, int last_round,
+                                           int out_slot, bool wait, u32* hist, u32* sh, u32 gen0,
+                                           u32* prefix, u32* want, u32* ctl, u32* ghist) {
+    int shift;
+    u32 nbins, hi_mask;
+    radix_layout(round, &shift, &nbins, &hi_mask);
+    for (u32 b = threadIdx.x; b < nbins; b += blockDim.x) {
+        hist[b] = 0u;
+    }
+    __syncthreads();
+#pragma unroll
+    for (u32 t = 0; t < COOP_PER; ++t) {
+        if (((valid >> t) & 1u) != 0u && ((bits[t] ^ *prefix) & hi_mask) == 0u) {
+            atomicAdd(&hist[(bits[t] >> shift) & (nbins - 1u)], 1u);
+        }
+    }
+    if (radix_merge(hist, sh, nbins, ctl, ghist)) {
+        radix_gather_pick(hist, nbins, shift, *prefix, *want, round == last_round, out_slot, ctl, ghist);
+        if (threadIdx.x == 0u) {
+            __threadfence();
+            atomicAdd(ctl + CTL_GEN, 1u);
+        }
+    } else if (wait && threadIdx.x == 0u) {
+        // Every block is resident (cooperative launch, or a grid sized by the occupancy query);
+        // should one not be (a partitioned GPU), give up after ~4 s and flag CTL_STUCK rather
+        // than hang: the host then reports an error and uses one launch per round.
+        const volatile u32* gen = ctl + CTL_GEN;
+        u64 t0, t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+        while (*gen - gen0 < (u32)round + 1u) {
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+            if (t - t0 > 4000000000ULL) {
+                atomicExch(ctl + CTL_STUCK, 1u);
+                break;
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+    *prefix = __ldcg(ctl + CTL_PREFIX);
+    *want = __ldcg(ctl + CTL_WANT);
+}
+
+// dgc_sample and the radix rounds (dgc_radix_round, rounds 0..last_round) in one cooperative launch:
+// the sampled |v'| stay in registers. Needs gridDim.x * blockDim.x * COOP_PER >= s rounded up to
+// whole runs, and g, u, v 16-byte aligned. Result in ctl[out_slot].
+extern "C" __global__ void dgc_sample_select(const float* __restrict__ g, const float* __restrict__ u,
+                                             const float* __restrict__ v, u64 n, float scale,
+                                             int scale_from_ctl, float m, int mc, u64 seed, u64 step,
+                                             u64 s, int exact, u32 rank, int last_round, int out_slot,
+                                             u32* ctl, u32* ghist) {
+    __shared__ u32 hist[RADIX_BINS];
+    __shared__ u32 sh[2];
+    if (threadIdx.x == 0u) {
+        sh[1] = __ldcg(ctl + CTL_GEN);
+    }
+    pdl_launch_dependents();
+    // Each thread gathers whole runs (COOP_PER / SAMPLE_RUN of them): one hash per run, two 16-byte
+    // loads per run and array (runs start 8-aligned); a run that wraps at n is read element-wise.
+    const u64 nruns = (s + SAMPLE_RUN - 1u) / SAMPLE_RUN;
+    const u64 rstride = (u64)gridDim.x * blockDim.x;
+    const u64 r0 = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    float gg[COOP_PER], uu[COOP_PER], vv[COOP_PER];
+    u32 valid = 0u;
+#pragma unroll
+    for (u32 h = 0; h < COOP_PER / SAMPLE_RUN; ++h) {
+        const u64 run = r0 + h * rstride;
+        const u32 t0 = h * (u32)SAMPLE_RUN;
+#pragma unroll
+        for (u32 e = 0; e < SAMPLE_RUN; ++e) {
+            gg[t0 + e] = 0.0f;
+            uu[t0 + e] = 0.0f;
+            vv[t0 + e] = 0.0f;
+        }
+        if (run < nruns) {
+            const u64 start = exact ? run * SAMPLE_RUN : run_start(seed, step, run, n);
+            if (start + SAMPLE_RUN <= n) {
+                const float4* g4 = reinterpret_cast<const float4*>(g + start);
+                const float4* u4 = reinterpret_cast<const float4*>(u + start);
+                const float4* v4 = reinterpret_cast<const float4*>(v + start);
+#pragma unroll
+                for (u32 q = 0; q < 2u; ++q) {
+                    const float4 a = g4[q], b = u4[q], c = v4[q];
+                    gg[t0 + 4u * q] = a.x, gg[t0 + 4u * q + 1u] = a.y, gg[t0 + 4u * q + 2u] = a.z;
+                    gg[t0 + 4u * q + 3u] = a.w;
+                    uu[t0 + 4u * q] = b.x, uu[t0 + 4u * q + 1u] = b.y, uu[t0 + 4u * q + 2u] = b.z;
+                    uu[t0 + 4u * q + 3u] = b.w;
+                    vv[t0 + 4u * q] = c.x, vv[t0 + 4u * q + 1u] = c.y, vv[t0 + 4u * q + 2u] = c.z;
+                    vv[t0 + 4u * q + 3u] = c.w;
+                }
+            } else {
+#pragma unroll
+                for (u32 e = 0; e < SAMPLE_RUN; ++e) {
+                    const u64 i = (start + e) % n;
+                    gg[t0 + e] = g[i];
+                    uu[t0 + e] = u[i];
+                    vv[t0 + e] = v[i];
+                }
+            }
+#pragma unroll
+            for (u32 e = 0; e < SAMPLE_RUN; ++e) {
+                valid |= (run * SAMPLE_RUN + e < s ? 1u : 0u) << (t0 + e);
+            }
+        }
+    }
+    // The clip scale comes from dgc_check_norm.
+    pdl_wait();
+    const float sc = load_scale(scale, scale_from_ctl, ctl);
+    u32 bits[COOP_PER];
+#pragma unroll
+    for (u32 t = 0; t < COOP_PER; ++t) {
+        float u2;
+        bits[t] = __float_as_uint(fabsf(dgc_apply(gg[t], uu[t], vv[t], sc, m, mc, &u2)));
+    }
+    __syncthreads();
+    const u32 gen0 = sh[1];
+    u32 prefix = 0u, want = rank;
+    for (int round = 0; round <= last_round; ++round) {
+        coop_round(bits, valid, round, last_round, out_slot, round < last_round, hist, sh, gen0, &prefix,
+                   &want, ctl, ghist);
+    }
+}
+
+// The speculative top k of the candidates in one cooperative launch: dgc_radix_round's three rounds
+// (spec = 1) and dgc_filter (spec = 1), the candidates held in registers between them. Nothing
+// happens unless the count is in the band; with at most `rank` candidates every one is kept
+// (CTL_KTH stays 0). Needs gridDim.x * blockDim.x * COOP_PER >= cnt.
+__device__ __forceinline__ void topk_body(const u32* __restrict__ idx_in, const float* __restrict__ val_in,
+                                          u32 cnt, u32 rank, u32 cap, u32* idx_out, float* val_out,
+                                          u32* ctl, u32* ghist, u32 min_ok, u32 band_cap, float* u,
+                                          float* v, int mask) {
+    __shared__ u32 hist[RADIX_BINS];
+    __shared__ u32 sh[2];
+    pdl_wait();
+    if (!in_band(ctl, min_ok, band_cap)) {
+        return;
+    }
+    cnt = min(cnt, ctl[CTL_COUNT]);
+    if (threadIdx.x == 0u) {
+        sh[1] = __ldcg(ctl + CTL_GEN);
+    }
+    const u32 stride = gridDim.x * blockDim.x;
+    const u32 j0 = blockIdx.x * blockDim.x + threadIdx.x;
+    float x[COOP_PER];
+    u32 bits[COOP_PER];
+    u32 valid = 0u;
+#pragma unroll
+    for (u32 t = 0; t < COOP_PER; ++t) {
+        const u32 j = j0 + t * stride;
+        x[t] = j < cnt ? val_in[j] : 0.0f;
+        valid |= (j < cnt ? 1u : 0u) << t;
+    }
+#pragma unroll
+    for (u32 t = 0; t < COOP_PER; ++t) {
+        bits[t] = __float_as_uint(fabsf(x[t]));
+    }
+    __syncthreads();
+    float thr = 0.0f;
+    if (cnt > rank) {
+        const u32 gen0 = sh[1];
+        u32 prefix = 0u, want = rank;
+        for (int round = 0; round <= 2; ++round) {
+            coop_round(bits, valid, round, 2, CTL_KTH, true, hist, sh, gen0, &prefix, &want, ctl, ghist);
+        }
+        thr = __uint_as_float(prefix);
+    }
+    // The filter: one atomic per warp for all of its lanes' kept values, then every load before
+    // any store (a warp_compact per value made sixteen dependent atomics and loads per thread).
+    u32 keep = 0u;
+#pragma unroll
+    for (u32 t = 0; t < COOP_PER; ++t) {
+        keep |= (((valid >> t) & 1u) != 0u && dgc_passes(x[t], thr) ? 1u : 0u) << t;
+    }
+    const u32 lane = threadIdx.x & 31u;
+    const u32 mine = (u32)__popc(keep);
+    u32 incl = mine;
+    for (int o = 1; o < 32; o <<= 1) {
+        const u32 y = __shfl_up_sync(FULL_MASK, incl, o);
+        if (lane >= (u32)o) {
+            incl += y;
+        }
+    }
+    const u32 total = __shfl_sync(FULL_MASK, incl, 31);
+    u32 base = 0u;
+    if (lane == 31u && total != 0u) {
+        base = atomicAdd(ctl + CTL_SEL, total);
+    }
+    u32 slot = __shfl_sync(FULL_MASK, base, 31) + incl - mine;
+    // Kept: passes and lands below cap (slots beyond cap are counted, not stored).
+    const u32 pass = keep;
+    u32 ii[COOP_PER];
+#pragma unroll
+    for (u32 t = 0; t < COOP_PER; ++t) {
+        const bool on = ((pass >> t) & 1u) != 0u;
+        ii[t] = on ? idx_in[j0 + t * stride] : 0u;
+        if (!(on && slot + (u32)__popc(pass & ((1u << t) - 1u)) < cap)) {
+            keep &= ~(1u << t);
+        }
+    }
+    // Masking: the candidates are v's own values (dgc_fused stored them and nothing wrote v
+    // since), so mask_sent's v - sent is 0 and v need not be read.
+#pragma unroll
+    for (u32 t = 0; t < COOP_PER; ++t) {
+        if (((keep >> t) & 1u) != 0u) {
+            idx_out[slot] = ii[t];
+            val_out[slot] = x[t];
+            ++slot;
+            if (mask) {
+                v[ii[t]] = 0.0f;
+                if (mask == 2) {
+                    u[ii[t]] = 0.0f;
+                }
+            }
+        }
+    }
+}
+
+// The last block to finish copies ctl[0..CTL_SEQ) to `host` (page-locked host memory, written
+// through PCIe), then host[CTL_SEQ] = seq: the host waits for that word instead of a device-to-host
+// copy and a stream synchronisation.
+__device__ __forceinline__ void publish_ctl(u32* ctl, u32* host, u32 seq) {
+    __shared__ u32 last;
+    __syncthreads();
+    if (threadIdx.x == 0u) {
+        __threadfence();
+        last = atomicAdd(ctl + CTL_END, 1u) == gridDim.x - 1u ? 1u : 0u;
+    }
+    __syncthreads();
+    if (last == 0u) {
+        return;
+    }
+    if (threadIdx.x < CTL_SEQ) {
+        host[threadIdx.x] = threadIdx.x == CTL_END ? 0u : __ldcg(ctl + threadIdx.x);
+    }
+    if (threadIdx.x == 0u) {
+        ctl[CTL_END] = 0u;
+    }
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0u) {
+        *(volatile u32*)(host + CTL_SEQ) = seq;
+    }
+}
+
+// The speculative top k (topk_body), then the control words to the host (publish_ctl).
+extern "C" __global__ void dgc_topk_select(const u32* __restrict__ idx_in, const float* __restrict__ val_in,
+                                           u32 cnt, u32 rank, u32 cap, u32* idx_out, float* val_out,
+                                           u32* ctl, u32* ghist, u32 min_ok, u32 band_cap, float* u,
+                                           float* v, int mask, u32* host, u32 seq) {
+    topk_body(idx_in, val_in, cnt, rank, cap, idx_out, val_out, ctl, ghist, min_ok, band_cap, u, v, mask);
+    publish_ctl(ctl, host, seq);
+}
+
 
 // exact = 1: every element in order (s = n), for Selection::ExactTopK.
 extern "C" __global__ void dgc_sample(const float* __restrict__ g, const float* __restrict__ u,
@@ -387,25 +694,41 @@ extern "C" __global__ void dgc_fused(const float* __restrict__ g, float* __restr
                                      float* __restrict__ v, u64 n, float scale, int scale_from_ctl, float m,
                                      int mc, float thr_in, int thr_slot, int guard, u32 cap, u32* out_idx,
                                      float* out_val, u32* ctl) {
+    const u64 nvec = n / 4u;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    const float4* g4 = reinterpret_cast<const float4*>(g);
+    float4* u4 = reinterpret_cast<float4*>(u);
+    float4* v4 = reinterpret_cast<float4*>(v);
+    // The first vector is loaded before waiting for the kernel before (launched early, this only
+    // overlaps its tail); g, u, v are not written by it.
+    const u64 first = (u64)blockIdx.x * blockDim.x;
+    float4 g0 = make_float4(0.f, 0.f, 0.f, 0.f), u0 = g0, v0 = g0;
+    if (first + threadIdx.x < nvec) {
+        g0 = g4[first + threadIdx.x];
+        u0 = u4[first + threadIdx.x];
+        v0 = v4[first + threadIdx.x];
+    }
+    pdl_wait();
     if (guard && state_is_bad(ctl)) {
         return;
     }
     const float sc = load_scale(scale, scale_from_ctl, ctl);
     const float thr = thr_slot >= 0 ? __uint_as_float(ctl[thr_slot]) : thr_in;
     u32* count = ctl + CTL_COUNT;
-    const u64 nvec = n / 4u;
-    const u64 stride = (u64)gridDim.x * blockDim.x;
-    const float4* g4 = reinterpret_cast<const float4*>(g);
-    float4* u4 = reinterpret_cast<float4*>(u);
-    float4* v4 = reinterpret_cast<float4*>(v);
-    for (u64 base = (u64)blockIdx.x * blockDim.x; base < nvec; base += stride) {
+    for (u64 base = first; base < nvec; base += stride) {
         const u64 q = base + threadIdx.x;
         const bool active = q < nvec;
         float4 gv = make_float4(0.f, 0.f, 0.f, 0.f), uv = gv, vv = gv;
         if (active) {
-            gv = g4[q];
-            uv = u4[q];
-            vv = v4[q];
+            if (base == first) {
+                gv = g0;
+                uv = u0;
+                vv = v0;
+            } else {
+                gv = g4[q];
+                uv = u4[q];
+                vv = v4[q];
+            }
             vv.x = dgc_apply(gv.x, uv.x, vv.x, sc, m, mc, &uv.x);
             vv.y = dgc_apply(gv.y, uv.y, vv.y, sc, m, mc, &uv.y);
             vv.z = dgc_apply(gv.z, uv.z, vv.z, sc, m, mc, &uv.z);
@@ -427,6 +750,8 @@ extern "C" __global__ void dgc_fused(const float* __restrict__ g, float* __restr
             warp_compact(pw, i0 + 3u, vv.w, cap, out_idx, out_val, count);
         }
     }
+    // The top k may launch now (earlier, its blocks would take room this pass needs).
+    pdl_launch_dependents();
     // Tail (< 4 elements): block 0, first warp.
     if (blockIdx.x == 0u && threadIdx.x < 32u) {
         const u64 i = nvec * 4u + threadIdx.x;
@@ -478,7 +803,8 @@ extern "C" __global__ void dgc_mask(float* u, float* v, const u32* __restrict__ 
 // Keep the candidates whose magnitude is >= ctl[CTL_KTH] (the top k of the candidate list, CTL_KTH
 // being the k-th largest candidate magnitude), at most cap of them; the count goes to CTL_SEL.
 // spec = 1: cnt = min(CTL_COUNT, cnt), and nothing happens unless the count is in the band.
-// mask = 1 or 2: also dgc_mask's update for every kept pair (2: zero u too), saving its launch.
+// mask = 1 or 2: also dgc_mask's update for every kept pair (2: zero u too), saving its launch; the
+// candidates are v's own values, so that update is v = 0.
 extern "C" __global__ void dgc_filter(const u32* __restrict__ idx_in, const float* __restrict__ val_in,
                                       u32 cnt, u32 cap, u32* idx_out, float* val_out, u32* ctl, int spec,
                                       u32 min_ok, u32 band_cap, float* u, float* v, int mask) {
@@ -497,8 +823,8 @@ extern "C" __global__ void dgc_filter(const u32* __restrict__ idx_in, const floa
         const bool kept = warp_compact(j < cnt && dgc_passes(x, thr), i, x, cap, idx_out, val_out,
                                        ctl + CTL_SEL);
         if (kept && mask) {
-            const float y = v[i];
-            v[i] = (y == x) ? 0.0f : __fadd_rn(y, -x);
+            // The candidates are v's own values (see dgc_topk_select): v - sent = 0, no read.
+            v[i] = 0.0f;
             if (mask == 2) {
                 u[i] = 0.0f;
             }

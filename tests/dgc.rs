@@ -502,7 +502,7 @@ fn gpu_compress_step_matches_host() {
     let kern = DgcKernels::new(0).unwrap();
     let n = 1 << 20;
     // Cases where the speculative top k had to drop candidates (more than k in the band).
-    let mut dropped = 0;
+    let mut dropped = [0; 3];
     // lower = 0.999 forces corrections on most steps; 0.8 is the paper's band.
     // k = 1001 makes the sample's rank ⌈k·s/n⌉ round up to 11 (of 10 485), so about 1.1 k candidates
     // pass and the top k must drop some.
@@ -533,27 +533,40 @@ fn gpu_compress_step_matches_host() {
         let (mut cu, mut cv) = (u0.clone(), v0.clone());
         let sel = select::compress(&g, &mut cu, &mut cv, up, &p).unwrap();
         select::mask_sent(&mut cu, &mut cv, &sel.idx, &sel.val, true);
+        // Every way of running the selects: one launch each with and without programmatic
+        // dependent launch (cooperative then), and one launch per round.
+        for (mode, (one_launch, pdl)) in [(true, true), (true, false), (false, false)]
+            .into_iter()
+            .enumerate()
         {
-            let gd = kern.upload(&g).unwrap();
-            let (mut gu, mut gv) = (kern.upload(&u0).unwrap(), kern.upload(&v0).unwrap());
-            let mut ws = kern.workspace(p.k, 1300, n / 100).unwrap();
-            let (c, got) = kern
-                .compress_step(&gd, &mut gu, &mut gv, up, None, &p, true, &mut ws, None)
-                .unwrap();
-            let mut i = kern.download(&ws.sel_idx).unwrap();
-            let mut x = kern.download(&ws.sel_val).unwrap();
-            i.truncate(got);
-            x.truncate(got);
-            select::finish_selection(&mut i, &mut x, usize::MAX);
-            let ctx = format!("step {step}, lower {lower}, k {k}, {c:?}");
-            assert_eq!((&i, &x), (&sel.idx, &sel.val), "{ctx}");
-            assert_eq!(c.threshold, sel.threshold, "{ctx}");
-            assert!(kern.download(&gu).unwrap() == cu, "u, {ctx}");
-            assert!(kern.download(&gv).unwrap() == cv, "v, {ctx}");
-            dropped += usize::from(c.top_k_done && c.count > p.k);
+            kern.set_one_launch_select(one_launch);
+            kern.set_pdl(pdl);
+            {
+                let gd = kern.upload(&g).unwrap();
+                let (mut gu, mut gv) = (kern.upload(&u0).unwrap(), kern.upload(&v0).unwrap());
+                let mut ws = kern.workspace(p.k, 1300, n / 100).unwrap();
+                let (c, got) = kern
+                    .compress_step(&gd, &mut gu, &mut gv, up, None, &p, true, &mut ws, None)
+                    .unwrap();
+                let mut i = kern.download(&ws.sel_idx).unwrap();
+                let mut x = kern.download(&ws.sel_val).unwrap();
+                i.truncate(got);
+                x.truncate(got);
+                select::finish_selection(&mut i, &mut x, usize::MAX);
+                let ctx =
+                    format!("one launch {one_launch}, step {step}, lower {lower}, k {k}, {c:?}");
+                assert_eq!((&i, &x), (&sel.idx, &sel.val), "{ctx}");
+                assert_eq!(c.threshold, sel.threshold, "{ctx}");
+                assert!(kern.download(&gu).unwrap() == cu, "u, {ctx}");
+                assert!(kern.download(&gv).unwrap() == cv, "v, {ctx}");
+                dropped[mode] += usize::from(c.top_k_done && c.count > p.k);
+            }
         }
     }
-    assert!(dropped > 0, "no case selected among more than k candidates");
+    assert!(
+        dropped.iter().all(|&d| d > 0),
+        "no case selected among more than k candidates: {dropped:?}"
+    );
 }
 
 /// The device step (`DeviceDgc`, gradient and state on the GPU) against the host step (`Dgc`) on
@@ -645,6 +658,13 @@ fn device_step_matches_host_step() {
 #[ignore = "needs libnvrtc (set LD_LIBRARY_PATH)"]
 fn dgc_cu_compiles_with_nvrtc() {
     for arch in ["sm_80", "sm_90"] {
-        ferroccl::dgc::gpu::compile_ptx(arch).unwrap();
+        let ptx = ferroccl::dgc::gpu::compile_ptx(arch).unwrap().to_src();
+        // Every kernel the host loads is defined (a missing one only fails at load time on a GPU).
+        for name in ferroccl::dgc::gpu::KERNELS {
+            assert!(
+                ptx.contains(&format!(".entry {name}(")),
+                "{arch}: no kernel {name}"
+            );
+        }
     }
 }

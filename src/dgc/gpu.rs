@@ -14,23 +14,31 @@
 //! 1. `dgc_check_norm` — one read of `g`: first non-finite index, `Σ g²` (f64) and the clip scale,
 //!    computed on the device by the last block (no host round trip); that block also zeroes the
 //!    step's counters and its own scratch, so a step needs no memset ([`Workspace`]'s `clean`);
-//! 2. `dgc_sample` — `|v'|` at the sample indices (runs of [`select::SAMPLE_RUN`] consecutive
-//!    indices at hashed positions), `v'` computed on the fly from `g`, `u`, `v` (a gather of
-//!    `3·s` values, one 32-byte sector per run and array, not a pass over the tensor);
-//! 3. `dgc_radix_round` ×2 — a multi-block radix select (11 + 11 bits) of the sample's
-//!    `⌈k·s/n⌉`-th largest value, its low 10 bits cleared ([`select::truncated_kth`]), left in
-//!    device memory (×3, exact, for [`Selection::ExactTopK`](super::Selection));
-//! 4. `dgc_fused` — clip-scale, momentum, accumulate, threshold test and compaction in one pass, reading
+//! 2. `dgc_sample_select` — `|v'|` at the sample indices (runs of [`select::SAMPLE_RUN`]
+//!    consecutive indices at hashed positions, one thread per run), `v'` computed on the fly from
+//!    `g`, `u`, `v`, then a radix select (11 + 11 bits) of the sample's `⌈k·s/n⌉`-th largest
+//!    value, its low 10 bits cleared ([`select::truncated_kth`]) — all in one launch: the grid is
+//!    co-resident, the samples stay in registers and the rounds are separated by a grid-wide wait
+//!    (three rounds, exact, for [`Selection::ExactTopK`](super::Selection)). Where the grid cannot
+//!    hold the sample, `dgc_sample` and one `dgc_radix_round` launch per round do the same;
+//! 3. `dgc_fused` — clip-scale, momentum, accumulate, threshold test and compaction in one pass, reading
 //!    the scale and the threshold from device memory; it does nothing when step 1 found a non-finite
 //!    value, so the state is untouched without a host synchronisation;
 //!
-//! then copies the control words to page-locked memory and waits for the stream — the only
-//! synchronisation in the common case. Only when the
+//! then reads the control words back — the only synchronisation in the common case. Only when the
 //! count is outside the band (`> upper·k` or `< lower·k`) does it correct the threshold with
 //! read-only `dgc_select` passes, exactly as [`select::compress`] does.
-//! [`DgcKernels::compress_step`] adds the top k of the candidates (three radix rounds among the
-//! candidates, then `dgc_filter`, which also does the masking), all on the device and, in the
-//! common case, enqueued before the read-back.
+//! [`DgcKernels::compress_step`] adds the top k of the candidates: `dgc_topk_select`, one launch
+//! (three radix rounds among the candidates held in registers, the filter and the masking), whose
+//! last block writes the control words straight to page-locked host memory, so the read-back is a
+//! spin on one host word rather than a device-to-host copy and a stream synchronisation (or,
+//! where it does not fit, three `dgc_radix_round`s and `dgc_filter`, then a copy).
+//!
+//! On compute capability 9.0 and later the step uses programmatic dependent launch
+//! ([`DgcKernels::set_pdl`]): `dgc_check_norm` runs on half the GPU and lets the sample select start
+//! at once, which gathers its runs while `g` streams and waits (`griddepcontrol.wait`) only before
+//! it needs the clip scale; the fused pass loads its first vectors before waiting for the select.
+//! Measured on an H200 (benches/RESULTS.md): 0.225 → 0.207 ms per step at 25.5 M parameters.
 //!
 //! Every launch takes plain device addresses, taken once per step (`StepAddrs`), not `&CudaSlice`
 //! arguments (each of which costs event waits and records per launch).
@@ -52,11 +60,28 @@ use cudarc::driver::{
     ValidAsZeroBits,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 fn cuda<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
     move |e| Error::Cuda(format!("dgc {what}: {e:?}"))
 }
+
+/// Every kernel of `cuda/dgc.cu` that [`DgcKernels`] loads.
+pub const KERNELS: [&str; 11] = [
+    "dgc_check_norm",
+    "dgc_sample",
+    "dgc_radix_round",
+    "dgc_fused",
+    "dgc_select",
+    "dgc_mask",
+    "dgc_filter",
+    "dgc_decode_sorted",
+    "dgc_scatter_add_fixed",
+    "dgc_sample_select",
+    "dgc_topk_select",
+];
 
 /// Compile `cuda/dgc.cu` to PTX for `arch` (e.g. `"sm_90"`); needs only libnvrtc.
 pub fn compile_ptx(arch: &str) -> Result<Ptx> {
@@ -70,6 +95,12 @@ pub fn compile_ptx(arch: &str) -> Result<Ptx> {
     };
     compile_ptx_with_opts(super::DGC_CU, opts).map_err(cuda("NVRTC compile of cuda/dgc.cu"))
 }
+
+/// Set when a one-launch select gave up waiting for its blocks.
+const CTL_STUCK: usize = 14;
+
+/// Index of the step's sequence number in the host copy of the control words.
+const CTL_SEQ: usize = 15;
 
 /// Index of the candidate count in the control words (see `cuda/dgc.cu`).
 pub const CTL_COUNT: usize = 0;
@@ -108,8 +139,11 @@ pub struct Workspace {
     pub hist: CudaSlice<u32>,
     /// Sum of squares (f64).
     pub sumsq: CudaSlice<f64>,
-    /// Page-locked host copy of `ctl`: the read-back is one asynchronous copy and a stream wait.
+    /// Page-locked host copy of `ctl`: the read-back is one asynchronous copy and a stream wait,
+    /// or (the one-launch top k) written by the kernel itself, `host_ctl[CTL_SEQ]` last.
     host_ctl: PinnedHostSlice<u32>,
+    /// Sequence number of the last step whose control words the kernel wrote to `host_ctl`.
+    seq: u32,
     /// The scratch words a compression step needs zero on entry (`sumsq`, the tickets, the
     /// non-finite accumulator, `hist`) are zero: the last step left them so (its `dgc_check_norm`
     /// ran with `self_clean`, the radix rounds clear theirs), so the next step needs no memset.
@@ -142,6 +176,8 @@ struct FusedParams {
     thr: f32,
     thr_slot: Option<usize>,
     guard: bool,
+    /// Launched with programmatic stream serialization (after a kernel that triggers it).
+    pdl: bool,
 }
 
 /// A device address passed to a kernel as a plain 64-bit argument.
@@ -261,9 +297,33 @@ pub struct DgcKernels {
     filter: CudaFunction,
     decode_sorted: CudaFunction,
     scatter_add_fixed: CudaFunction,
+    sample_select: CudaFunction,
+    topk_select: CudaFunction,
+    /// The most blocks of `THREADS` that can be co-resident for each one-launch select (0: the
+    /// occupancy query failed, so the multi-launch path is used).
+    coop_sample: u32,
+    coop_topk: u32,
+    /// Use the one-launch selects when they fit (default); off: the multi-launch rounds always.
+    one_launch: AtomicBool,
+    /// Host memory is addressable from the device (unified addressing): `dgc_topk_select` writes
+    /// the control words there.
+    uva: bool,
+    /// Programmatic dependent launch between the step's kernels (sm_90+; see `pdl_wait` in
+    /// cuda/dgc.cu).
+    pdl: AtomicBool,
+    /// The GPU has programmatic dependent launch (compute capability 9.0 or later).
+    pdl_ok: bool,
     blocks: u32,
     sms: u32,
 }
+
+/// Kernel arguments for [`DgcKernels::launch_ex`]: pointers to the values (which must outlive it).
+macro_rules! kargs {
+    ($($a:expr),* $(,)?) => { [$(std::ptr::from_ref($a).cast_mut().cast::<c_void>()),*] };
+}
+
+/// Values per thread the one-launch selects hold in registers (`COOP_PER` in cuda/dgc.cu).
+const COOP_PER: usize = 16;
 
 const THREADS: u32 = 256;
 
@@ -285,9 +345,35 @@ impl DgcKernels {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(cuda("SM count"))?;
-        let f = |name: &str| k.load_function("dgc.cu", super::DGC_CU, name);
+        let f = |name: &str| {
+            debug_assert!(KERNELS.contains(&name), "{name} missing from KERNELS");
+            k.load_function("dgc.cu", super::DGC_CU, name)
+        };
         let sms = (sms.max(1)) as u32;
+        let major = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            )
+            .unwrap_or(0);
+        // Co-residency for the cooperative launches; a failed query only disables them.
+        let coop = |f: &CudaFunction| {
+            f.occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+                .map_or(0, |b| b * sms)
+        };
+        let (sample_select, topk_select) = (f("dgc_sample_select")?, f("dgc_topk_select")?);
         Ok(DgcKernels {
+            coop_sample: coop(&sample_select),
+            coop_topk: coop(&topk_select),
+            sample_select,
+            topk_select,
+            one_launch: AtomicBool::new(true),
+            uva: ctx
+                .attribute(
+                    cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING,
+                )
+                .is_ok_and(|x| x != 0),
+            pdl: AtomicBool::new(major >= 9),
+            pdl_ok: major >= 9,
             stream: k.stream().clone(),
             check_norm: f("dgc_check_norm")?,
             sample: f("dgc_sample")?,
@@ -301,6 +387,88 @@ impl DgcKernels {
             blocks: sms * 8,
             sms,
             ctx,
+        })
+    }
+
+    /// Choose how the two radix selects of a step run: `true` (the default) as one cooperative
+    /// launch each, the values held in registers between rounds (`dgc_sample_select`,
+    /// `dgc_topk_select`), when the grid can hold them; `false` always as one launch per round
+    /// (`dgc_sample`, `dgc_radix_round`, `dgc_filter`). Both give the same result; the switch is
+    /// for the parity tests and the benchmark's A/B.
+    pub fn set_one_launch_select(&self, on: bool) {
+        self.one_launch.store(on, Ordering::Relaxed);
+    }
+
+    /// Choose whether the step's kernels use programmatic dependent launch (default: on where the
+    /// GPU has it, compute capability 9.0 or later; ignored elsewhere): the sample select starts
+    /// gathering while `dgc_check_norm` streams `g`, the fused pass loads its first vectors while
+    /// the select finishes, and each launch's latency overlaps the kernel before. Off, the
+    /// one-launch selects use cooperative launches. The result is the same either way.
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl.store(on && self.pdl_ok, Ordering::Relaxed);
+    }
+
+    fn pdl_on(&self) -> bool {
+        self.pdl.load(Ordering::Relaxed)
+    }
+
+    /// Launch `f` on the stream with `cuLaunchKernelEx`, with programmatic stream serialization
+    /// when `pdl` (the kernel may start before the one before it ends; it calls `pdl_wait()`
+    /// before reading that one's output). `args` point to the argument values.
+    fn launch_ex(
+        &self,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        args: &mut [*mut c_void],
+        pdl: bool,
+        what: &str,
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        // SAFETY: a zeroed attribute is a valid (ignored) value; the id and its field are set.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let lc = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(pdl),
+        };
+        self.ctx.bind_to_thread().map_err(cuda(what))?;
+        // SAFETY: `args` holds one pointer per kernel parameter, to values of the parameter's
+        // type that live until this returns (the driver copies them at launch).
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &lc,
+                f.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(cuda(what))
+    }
+
+    /// Blocks for a one-launch select of `s` values (about eight per thread, as the multi-launch
+    /// rounds), or `None` when it does not fit a co-resident grid (or is switched off).
+    fn coop_grid(&self, s: usize, max_blocks: u32, vpt: usize) -> Option<LaunchConfig> {
+        if !self.one_launch.load(Ordering::Relaxed) || max_blocks == 0 {
+            return None;
+        }
+        let per_block = THREADS as usize;
+        let vpt = vpt.clamp(1, COOP_PER);
+        let want = s.div_ceil(per_block * vpt).max(1);
+        let blocks = want.min(max_blocks as usize);
+        (blocks * per_block * COOP_PER >= s).then_some(LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
         })
     }
 
@@ -356,6 +524,7 @@ impl DgcKernels {
             hist: self.alloc(RADIX_BINS)?,
             sumsq: self.alloc(1)?,
             host_ctl,
+            seq: 0,
             clean: true,
         })
     }
@@ -376,6 +545,50 @@ impl DgcKernels {
             return Err(Error::Cuda("dgc: control buffer too short".into()));
         }
         Ok(c.to_vec())
+    }
+
+    /// Wait until `dgc_topk_select` has written step `seq`'s control words to `host` (spinning on
+    /// `host[CTL_SEQ]`, checking the stream for errors now and then), under the timeout.
+    fn wait_published(&self, host: &PinnedHostSlice<u32>, seq: u32) -> Result<Vec<u32>> {
+        let p = host.as_ptr().map_err(cuda("pinned control words"))?;
+        if host.len() < CTL_LEN {
+            return Err(Error::Cuda("dgc: control buffer too short".into()));
+        }
+        let t0 = std::time::Instant::now();
+        let limit = crate::Config::from_env().map_or(crate::config::DEFAULT_TIMEOUT, |c| c.timeout);
+        let mut spins = 0u32;
+        // SAFETY: `p` points to CTL_LEN u32 of page-locked memory that only the kernel writes
+        // while we read; volatile reads see its PCIe writes, the sequence word last.
+        while unsafe { std::ptr::read_volatile(p.add(CTL_SEQ)) } != seq {
+            spins = spins.wrapping_add(1);
+            if spins % 4096 == 0 {
+                // A faulted kernel never publishes: surface its error instead of the timeout.
+                let st = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
+                if st != cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY {
+                    st.result().map_err(cuda("dgc step"))?;
+                    // The stream is done: the words are there (or the kernel did not write them).
+                    if unsafe { std::ptr::read_volatile(p.add(CTL_SEQ)) } != seq {
+                        return Err(Error::Cuda(
+                            "dgc: the top-k kernel finished without publishing its control words"
+                                .into(),
+                        ));
+                    }
+                    break;
+                }
+                if t0.elapsed() > limit {
+                    return Err(Error::Timeout {
+                        during: "dgc compression step (waiting for the GPU)",
+                        after: t0.elapsed(),
+                        waiting_for: None,
+                    });
+                }
+            }
+            std::hint::spin_loop();
+        }
+        std::sync::atomic::fence(Ordering::Acquire);
+        Ok((0..CTL_LEN)
+            .map(|i| unsafe { std::ptr::read_volatile(p.add(i)) })
+            .collect())
     }
 
     /// Read the control words (waits for the stream).
@@ -432,7 +645,12 @@ impl DgcKernels {
         let sc = i32::from(self_clean);
         let mut b = self.stream.launch_builder(&self.check_norm);
         b.arg(&g).arg(&n).arg(&limit).arg(&sumsq).arg(&ctl).arg(&sc);
-        unsafe { b.launch(self.grid(n / 4 + 1)) }
+        let mut cfg = self.grid(n / 8 + 1);
+        if self.pdl_on() {
+            // Half the GPU, so that the sample select, launched early, fits beside it.
+            cfg.grid_dim.0 = cfg.grid_dim.0.min(self.sms * 4);
+        }
+        unsafe { b.launch(cfg) }
             .map(drop)
             .map_err(cuda("check_norm"))
     }
@@ -495,6 +713,119 @@ impl DgcKernels {
         unsafe { b.launch(self.grid(s64)) }
             .map(drop)
             .map_err(cuda("sample"))
+    }
+
+    /// `dgc_sample_select`: the sample and its radix select (to `CTL_THR`; two rounds, three when
+    /// `p.exact`) in one cooperative launch. `Ok(false)`: it does not fit, nothing was launched.
+    #[allow(clippy::too_many_arguments)]
+    fn k_sample_select(
+        &self,
+        g: Addr,
+        u: Addr,
+        v: Addr,
+        n: usize,
+        p: &SampleParams,
+        rank: usize,
+        ctl: Addr,
+        hist: Addr,
+    ) -> Result<bool> {
+        // Whole runs per thread; the float4 loads need 16-byte aligned tensors.
+        let runs = p.s.div_ceil(select::SAMPLE_RUN as usize) * select::SAMPLE_RUN as usize;
+        // One run per thread.
+        let Some(cfg) = self.coop_grid(runs, self.coop_sample, select::SAMPLE_RUN as usize) else {
+            return Ok(false);
+        };
+        if (g | u | v) % 16 != 0 {
+            return Ok(false);
+        }
+        let (n, s64) = (n as u64, p.s as u64);
+        let (mc, sfc, ex) = (
+            i32::from(p.up.momentum_correction),
+            i32::from(p.scale_from_ctl),
+            i32::from(p.exact),
+        );
+        let rank32 = to_u32(rank.clamp(1, p.s.max(1)), "rank")?;
+        let (last, slot) = (if p.exact { 2i32 } else { 1 }, CTL_THR as i32);
+        if self.pdl_on() {
+            let mut a = kargs![
+                &g,
+                &u,
+                &v,
+                &n,
+                &p.up.scale,
+                &sfc,
+                &p.up.momentum,
+                &mc,
+                &p.seed,
+                &p.step,
+                &s64,
+                &ex,
+                &rank32,
+                &last,
+                &slot,
+                &ctl,
+                &hist
+            ];
+            return self
+                .launch_ex(&self.sample_select, cfg, &mut a, true, "sample_select")
+                .map(|()| true);
+        }
+        let mut b = self.stream.launch_builder(&self.sample_select);
+        b.arg(&g).arg(&u).arg(&v).arg(&n).arg(&p.up.scale).arg(&sfc);
+        b.arg(&p.up.momentum).arg(&mc).arg(&p.seed).arg(&p.step);
+        b.arg(&s64).arg(&ex).arg(&rank32).arg(&last).arg(&slot);
+        b.arg(&ctl).arg(&hist);
+        unsafe { b.launch_cooperative(cfg) }
+            .map(|_| true)
+            .map_err(cuda("sample_select"))
+    }
+
+    /// `dgc_topk_select`: the speculative top k of `cnt` candidates (three radix rounds and the
+    /// filter, masking with `mask = Some((u, v, mask_momentum))`) in one cooperative launch.
+    /// `Ok(false)`: it does not fit, nothing was launched.
+    #[allow(clippy::too_many_arguments)]
+    fn k_topk_select(
+        &self,
+        cand: (Addr, Addr),
+        cnt: usize,
+        k: usize,
+        out: (Addr, Addr, usize),
+        ctl: Addr,
+        hist: Addr,
+        band: (u32, u32),
+        mask: (Addr, Addr, bool),
+        publish: (Addr, u32),
+    ) -> Result<bool> {
+        // Four candidates per thread: twice the blocks of eight, for the masking's random stores.
+        if !self.uva {
+            return Ok(false);
+        }
+        let Some(cfg) = self.coop_grid(cnt, self.coop_topk, 4) else {
+            return Ok(false);
+        };
+        let (c, rank, cap) = (
+            to_u32(cnt, "count")?,
+            to_u32(k.max(1), "k")?,
+            to_u32(out.2, "k")?,
+        );
+        let mm = 1 + i32::from(mask.2);
+        if self.pdl_on() {
+            let mut a = kargs![
+                &cand.0, &cand.1, &c, &rank, &cap, &out.0, &out.1, &ctl, &hist, &band.0, &band.1,
+                &mask.0, &mask.1, &mm, &publish.0, &publish.1
+            ];
+            return self
+                .launch_ex(&self.topk_select, cfg, &mut a, true, "topk_select")
+                .map(|()| true);
+        }
+        let mut b = self.stream.launch_builder(&self.topk_select);
+        b.arg(&cand.0).arg(&cand.1).arg(&c).arg(&rank).arg(&cap);
+        b.arg(&out.0).arg(&out.1).arg(&ctl).arg(&hist);
+        b.arg(&band.0).arg(&band.1).arg(&mask.0).arg(&mask.1);
+        b.arg(&mm).arg(&publish.0).arg(&publish.1);
+        unsafe { b.launch_cooperative(cfg) }
+            .map(|_| true)
+            .map_err(cuda("topk_select"))
     }
 
     /// The `rank`-th largest magnitude of `xs[..s]` into `ctl[out_slot]` (f32 bits): three launches
@@ -606,6 +937,7 @@ impl DgcKernels {
             thr,
             thr_slot,
             guard,
+            pdl: false,
         };
         self.k_fused(gp, up_, vp, g.len(), &f, cap, i, x, ctl)
     }
@@ -631,6 +963,26 @@ impl DgcKernels {
             i32::from(f.guard),
         );
         let slot = f.thr_slot.map_or(-1, |s| s as i32);
+        if f.pdl {
+            let mut a = kargs![
+                &g,
+                &u,
+                &v,
+                &n,
+                &f.up.scale,
+                &sfc,
+                &f.up.momentum,
+                &mc,
+                &f.thr,
+                &slot,
+                &gd,
+                &cap,
+                &idx,
+                &val,
+                &ctl
+            ];
+            return self.launch_ex(&self.fused, self.grid(n / 4 + 1), &mut a, true, "fused");
+        }
         let mut b = self.stream.launch_builder(&self.fused);
         b.arg(&g).arg(&u).arg(&v).arg(&n).arg(&f.up.scale).arg(&sfc);
         b.arg(&f.up.momentum)
@@ -928,8 +1280,10 @@ impl DgcKernels {
             thr,
             thr_slot,
             guard: true,
+            pdl: self.pdl_on(),
         };
         mark("start")?;
+        let mut published = None;
         {
             let Workspace {
                 idx,
@@ -941,6 +1295,7 @@ impl DgcKernels {
                 hist,
                 sumsq,
                 host_ctl,
+                seq,
                 clean,
             } = ws;
             // The addresses check_norm needs first, the rest while it runs (each takes one or two
@@ -984,8 +1339,10 @@ impl DgcKernels {
                     s,
                     exact,
                 };
-                self.k_sample(a.g, a.u, a.v, n, &sp, a.sample, a.ctl)?;
-                self.k_kth(a.sample, s, rank, CTL_THR, a.ctl, a.hist, None, exact)?;
+                if !self.k_sample_select(a.g, a.u, a.v, n, &sp, rank, a.ctl, a.hist)? {
+                    self.k_sample(a.g, a.u, a.v, n, &sp, a.sample, a.ctl)?;
+                    self.k_kth(a.sample, s, rank, CTL_THR, a.ctl, a.hist, None, exact)?;
+                }
                 mark("sample + threshold")?;
                 let f = fused(0.0, Some(CTL_THR));
                 self.k_fused(a.g, a.u, a.v, n, &f, idx_cap, a.idx, a.val, a.ctl)?;
@@ -996,18 +1353,58 @@ impl DgcKernels {
                     // only wait.
                     // Either way, at most k pairs are kept, and masked by the same launch.
                     let (c, b, kk) = (idx_cap, Some(band), k.min(sel_cap));
-                    let m = Some((a.u, a.v, mm));
-                    self.k_kth(a.val, c, k, CTL_KTH, a.ctl, a.hist, b, true)?;
-                    self.k_filter(a.idx, a.val, c, kk, a.sel_idx, a.sel_val, a.ctl, b, m)?;
+                    let (cand, out) = ((a.idx, a.val), (a.sel_idx, a.sel_val, kk));
+                    let m = (a.u, a.v, mm);
+                    // The kernel writes the control words to host_ctl itself (host memory is
+                    // addressable from the device under unified addressing).
+                    let next = seq.wrapping_add(1).max(1);
+                    let hp = host_ctl
+                        .as_mut_ptr()
+                        .map_err(cuda("pinned control words"))?;
+                    let publish = (hp as Addr, next);
+                    if self.k_topk_select(cand, c, k, out, a.ctl, a.hist, band, m, publish)? {
+                        *seq = next;
+                        published = Some(next);
+                    } else {
+                        self.k_kth(a.val, c, k, CTL_KTH, a.ctl, a.hist, b, true)?;
+                        self.k_filter(
+                            a.idx,
+                            a.val,
+                            c,
+                            kk,
+                            a.sel_idx,
+                            a.sel_val,
+                            a.ctl,
+                            b,
+                            Some(m),
+                        )?;
+                    }
                     mark("top k + mask (speculative)")?;
                 }
             }
-            self.k_ctl_to_host(a.ctl, host_ctl)?;
+            if published.is_none() {
+                self.k_ctl_to_host(a.ctl, host_ctl)?;
+            }
         }
         out.dense = dense;
-        let ctl = self.host_ctl(&ws.host_ctl)?;
+        let ctl = match published {
+            Some(seq) => self.wait_published(&ws.host_ctl, seq)?,
+            None => self.host_ctl(&ws.host_ctl)?,
+        };
         // Every kernel of the step ran: dgc_check_norm and the radix rounds left their scratch zero.
         ws.clean = true;
+        if ctl[CTL_STUCK] != 0 {
+            // A one-launch select gave up on blocks that never became resident: its result is
+            // void. Later steps use one launch per round; this one is an error.
+            ws.clean = false;
+            self.set_one_launch_select(false);
+            return Err(Error::Cuda(
+                "dgc: a one-launch radix select timed out waiting for its own blocks (is the GPU \
+                 partitioned, e.g. by MPS?); this step's selection is void, later steps use one \
+                 launch per round (DgcKernels::set_one_launch_select(false))"
+                    .into(),
+            ));
+        }
         mark("count read-back")?;
         out.clip_scale = if from_ctl {
             f32::from_bits(ctl[CTL_SCALE])
