@@ -169,6 +169,17 @@ pub struct SampleParams {
     pub exact: bool,
 }
 
+impl SampleParams {
+    /// The kernels' integer flags: (momentum correction, scale from ctl, exact).
+    fn flags(&self) -> (i32, i32, i32) {
+        (
+            i32::from(self.up.momentum_correction),
+            i32::from(self.scale_from_ctl),
+            i32::from(self.exact),
+        )
+    }
+}
+
 /// `dgc_fused`'s scalar arguments.
 struct FusedParams {
     up: Update,
@@ -696,11 +707,7 @@ impl DgcKernels {
         ctl: Addr,
     ) -> Result<()> {
         let (n, s64) = (n as u64, p.s as u64);
-        let (mc, sfc, ex) = (
-            i32::from(p.up.momentum_correction),
-            i32::from(p.scale_from_ctl),
-            i32::from(p.exact),
-        );
+        let (mc, sfc, ex) = p.flags();
         let mut b = self.stream.launch_builder(&self.sample);
         b.arg(&g).arg(&u).arg(&v).arg(&n).arg(&p.up.scale).arg(&sfc);
         b.arg(&p.up.momentum)
@@ -739,11 +746,7 @@ impl DgcKernels {
             return Ok(false);
         }
         let (n, s64) = (n as u64, p.s as u64);
-        let (mc, sfc, ex) = (
-            i32::from(p.up.momentum_correction),
-            i32::from(p.scale_from_ctl),
-            i32::from(p.exact),
-        );
+        let (mc, sfc, ex) = p.flags();
         let rank32 = to_u32(rank.clamp(1, p.s.max(1)), "rank")?;
         let (last, slot) = (if p.exact { 2i32 } else { 1 }, CTL_THR as i32);
         if self.pdl_on() {
