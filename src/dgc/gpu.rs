@@ -319,6 +319,8 @@ pub struct DgcKernels {
     /// Host memory is addressable from the device (unified addressing): `dgc_topk_select` writes
     /// the control words there.
     uva: bool,
+    /// Bound on the wait for the step's control words (`FERROCCL_TIMEOUT`, read once).
+    timeout: std::time::Duration,
     /// Programmatic dependent launch between the step's kernels (sm_90+; see `pdl_wait` in
     /// cuda/dgc.cu).
     pdl: AtomicBool,
@@ -378,6 +380,8 @@ impl DgcKernels {
             sample_select,
             topk_select,
             one_launch: AtomicBool::new(true),
+            timeout: crate::Config::from_env()
+                .map_or(crate::config::DEFAULT_TIMEOUT, |c| c.timeout),
             uva: ctx
                 .attribute(
                     cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING,
@@ -566,7 +570,7 @@ impl DgcKernels {
             return Err(Error::Cuda("dgc: control buffer too short".into()));
         }
         let t0 = std::time::Instant::now();
-        let limit = crate::Config::from_env().map_or(crate::config::DEFAULT_TIMEOUT, |c| c.timeout);
+        let limit = self.timeout;
         let mut spins = 0u32;
         // SAFETY: `p` points to CTL_LEN u32 of page-locked memory that only the kernel writes
         // while we read; volatile reads see its PCIe writes, the sequence word last.
