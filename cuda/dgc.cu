@@ -308,10 +308,12 @@ __device__ __forceinline__ bool radix_merge(const u32* hist, u32* last_s, u32 nb
 }
 
 // The last block of a round: gather the global histogram into `hist` (clearing ghist for the next
-// round or call), pick the bin (radix_pick) and write CTL_PREFIX/CTL_WANT, and the result to
-// ctl[out_slot] when `last`; reset the ticket. Thread 0 writes the control words.
+// round or call), pick the bin (radix_pick) and write CTL_PREFIX/CTL_WANT, and the result plus
+// `add` to ctl[out_slot] when `last` (add: the base of offset keys, see topk_body); reset the
+// ticket. Thread 0 writes the control words.
 __device__ __forceinline__ void radix_gather_pick(u32* hist, u32 nbins, int shift, u32 prefix, u32 want,
-                                                  bool last, int out_slot, u32* ctl, u32* ghist) {
+                                                  bool last, u32 add, int out_slot, u32* ctl,
+                                                  u32* ghist) {
     // Plain L2 loads, eight in flight per thread before any is used: one atomicExch per bin, each
     // waited on before the next, made this ~8 us of every round.
     __threadfence();
@@ -339,7 +341,7 @@ __device__ __forceinline__ void radix_gather_pick(u32* hist, u32 nbins, int shif
             ctl[CTL_PREFIX] = p;
             ctl[CTL_WANT] = w;
             if (last) {
-                ctl[out_slot] = p;
+                ctl[out_slot] = p + add;
             }
             ctl[CTL_DONE] = 0u;
         }
@@ -352,7 +354,7 @@ __device__ __forceinline__ void radix_gather_pick(u32* hist, u32 nbins, int shif
 __device__ __forceinline__ void radix_finish(u32* hist, u32* last_s, u32 nbins, int shift, u32 prefix,
                                              u32 want, bool last, int out_slot, u32* ctl, u32* ghist) {
     if (radix_merge(hist, last_s, nbins, ctl, ghist)) {
-        radix_gather_pick(hist, nbins, shift, prefix, want, last, out_slot, ctl, ghist);
+        radix_gather_pick(hist, nbins, shift, prefix, want, last, 0u, out_slot, ctl, ghist);
     }
 }
 
@@ -364,15 +366,15 @@ __device__ __forceinline__ void radix_finish(u32* hist, u32* last_s, u32 nbins, 
 #define CTL_GEN 12    // rounds completed by one-launch selects: never reset, waited on relative to
                       // its value at entry (read before the block's first ticket, so before any bump)
 
-// One round over the register-held magnitude bits (valid: bit t of `valid`), on every thread of every
-// block: histogram, merge, the last block picks and bumps CTL_GEN, the others wait for it (when
-// `wait`). Updates *prefix and *want on every thread (when `wait` or in the last block).
-__device__ __forceinline__ void coop_round(const u32* bits, u32 valid, int round, int last_round,
-                                           int out_slot, bool wait, u32* hist, u32* sh, u32 gen0,
-                                           u32* prefix, u32* want, u32* ctl, u32* ghist) {
-    int shift;
-    u32 nbins, hi_mask;
-    radix_layout(round, &shift, &nbins, &hi_mask);
+// One round over the register-held keys (valid: bit t of `valid`), on every thread of every
+// block: the keys matching *prefix on hi_mask are histogrammed on bits [shift, shift + log2 nbins),
+// merged, the last block picks (writing key + add to ctl[out_slot] when `last`) and bumps CTL_GEN,
+// the others wait for it (when `wait`) until the one-launch select's `nth` round is done. Updates
+// *prefix and *want on every thread (when `wait` or in the last block).
+__device__ __forceinline__ void coop_round(const u32* bits, u32 valid, int shift, u32 nbins, u32 hi_mask,
+                                           bool last, u32 add, int out_slot, bool wait, u32 nth,
+                                           u32* hist, u32* sh, u32 gen0, u32* prefix, u32* want,
+                                           u32* ctl, u32* ghist) {
     for (u32 b = threadIdx.x; b < nbins; b += blockDim.x) {
         hist[b] = 0u;
     }
@@ -384,7 +386,7 @@ __device__ __forceinline__ void coop_round(const u32* bits, u32 valid, int round
         }
     }
     if (radix_merge(hist, sh, nbins, ctl, ghist)) {
-        radix_gather_pick(hist, nbins, shift, *prefix, *want, round == last_round, out_slot, ctl, ghist);
+        radix_gather_pick(hist, nbins, shift, *prefix, *want, last, add, out_slot, ctl, ghist);
         if (threadIdx.x == 0u) {
             __threadfence();
             atomicAdd(ctl + CTL_GEN, 1u);
@@ -396,7 +398,7 @@ __device__ __forceinline__ void coop_round(const u32* bits, u32 valid, int round
         const volatile u32* gen = ctl + CTL_GEN;
         u64 t0, t;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-        while (*gen - gen0 < (u32)round + 1u) {
+        while (*gen - gen0 < nth) {
             asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
             if (t - t0 > 4000000000ULL) {
                 atomicExch(ctl + CTL_STUCK, 1u);
@@ -485,8 +487,11 @@ extern "C" __global__ void dgc_sample_select(const float* __restrict__ g, const 
     const u32 gen0 = sh[1];
     u32 prefix = 0u, want = rank;
     for (int round = 0; round <= last_round; ++round) {
-        coop_round(bits, valid, round, last_round, out_slot, round < last_round, hist, sh, gen0, &prefix,
-                   &want, ctl, ghist);
+        int shift;
+        u32 nbins, hi_mask;
+        radix_layout(round, &shift, &nbins, &hi_mask);
+        coop_round(bits, valid, shift, nbins, hi_mask, round == last_round, 0u, out_slot,
+                   round < last_round, (u32)round + 1u, hist, sh, gen0, &prefix, &want, ctl, ghist);
     }
 }
 
@@ -526,10 +531,40 @@ __device__ __forceinline__ void topk_body(const u32* __restrict__ idx_in, const 
     __syncthreads();
     float thr = 0.0f;
     if (cnt > rank) {
+        // Two rounds instead of three, nearly always: every candidate passed the estimated
+        // threshold t (|x| >= t), and the k-th largest nearly always lies less than 2^22 ulps
+        // (a half binade, x1.25-1.5) above it, because the count is within the band. So the keys
+        // are the offsets bits - bits(t), clamped to 2^22 - 1: round A bins offset >> 11, round B
+        // the low 11 bits within A's bin; exact unless A picks the top (clamped) bin, which falls
+        // back to the three rounds over the bits themselves.
         const u32 gen0 = sh[1];
+        const u32 tb = ctl[CTL_THR];
+        const u32 top = (1u << 22) - 1u;
+#pragma unroll
+        for (u32 t = 0; t < COOP_PER; ++t) {
+            bits[t] = min(bits[t] - tb, top);  // bits >= tb: dgc_passes(x, t) held
+        }
         u32 prefix = 0u, want = rank;
-        for (int round = 0; round <= 2; ++round) {
-            coop_round(bits, valid, round, 2, CTL_KTH, true, hist, sh, gen0, &prefix, &want, ctl, ghist);
+        coop_round(bits, valid, 11, 2048u, 0u, false, 0u, CTL_KTH, true, 1u, hist, sh, gen0, &prefix,
+                   &want, ctl, ghist);
+        if ((prefix >> 11) != (top >> 11)) {
+            coop_round(bits, valid, 0, 2048u, ~2047u, true, tb, CTL_KTH, true, 2u, hist, sh, gen0,
+                       &prefix, &want, ctl, ghist);
+            prefix += tb;
+        } else {
+#pragma unroll
+            for (u32 t = 0; t < COOP_PER; ++t) {
+                bits[t] = __float_as_uint(fabsf(x[t]));
+            }
+            prefix = 0u;
+            want = rank;
+            for (int round = 0; round <= 2; ++round) {
+                int shift;
+                u32 nbins, hi_mask;
+                radix_layout(round, &shift, &nbins, &hi_mask);
+                coop_round(bits, valid, shift, nbins, hi_mask, round == 2, 0u, CTL_KTH, true,
+                           (u32)round + 2u, hist, sh, gen0, &prefix, &want, ctl, ghist);
+            }
         }
         thr = __uint_as_float(prefix);
     }

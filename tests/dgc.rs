@@ -501,6 +501,20 @@ fn gpu_compress_step_matches_host() {
     use ferroccl::dgc::gpu::DgcKernels;
     let kern = DgcKernels::new(0).unwrap();
     let n = 1 << 20;
+    let up = select::Update {
+        scale: 0.5,
+        momentum: 0.9,
+        momentum_correction: true,
+    };
+    let params = |step, lower, k| select::SelectParams {
+        k,
+        sample: Some(n / 100),
+        seed: 3,
+        step,
+        upper: 1.3,
+        lower,
+        max_adapt: 8,
+    };
     // Cases where the speculative top k had to drop candidates (more than k in the band).
     let mut dropped = [0; 3];
     // lower = 0.999 forces corrections on most steps; 0.8 is the paper's band.
@@ -516,57 +530,87 @@ fn gpu_compress_step_matches_host() {
     ] {
         let g = random_grad(n, 40 + step);
         let (u0, v0) = (random_grad(n, 50 + step), random_grad(n, 60 + step));
-        let up = select::Update {
-            scale: 0.5,
-            momentum: 0.9,
-            momentum_correction: true,
-        };
-        let p = select::SelectParams {
-            k,
-            sample: Some(n / 100),
-            seed: 3,
-            step,
-            upper: 1.3,
-            lower,
-            max_adapt: 8,
-        };
-        let (mut cu, mut cv) = (u0.clone(), v0.clone());
-        let sel = select::compress(&g, &mut cu, &mut cv, up, &p).unwrap();
-        select::mask_sent(&mut cu, &mut cv, &sel.idx, &sel.val, true);
-        // Every way of running the selects: one launch each with and without programmatic
-        // dependent launch (cooperative then), and one launch per round.
-        for (mode, (one_launch, pdl)) in [(true, true), (true, false), (false, false)]
-            .into_iter()
-            .enumerate()
-        {
-            kern.set_one_launch_select(one_launch);
-            kern.set_pdl(pdl);
-            {
-                let gd = kern.upload(&g).unwrap();
-                let (mut gu, mut gv) = (kern.upload(&u0).unwrap(), kern.upload(&v0).unwrap());
-                let mut ws = kern.workspace(p.k, 1300, n / 100).unwrap();
-                let (c, got) = kern
-                    .compress_step(&gd, &mut gu, &mut gv, up, None, &p, true, &mut ws, None)
-                    .unwrap();
-                let mut i = kern.download(&ws.sel_idx).unwrap();
-                let mut x = kern.download(&ws.sel_val).unwrap();
-                i.truncate(got);
-                x.truncate(got);
-                select::finish_selection(&mut i, &mut x, usize::MAX);
-                let ctx =
-                    format!("one launch {one_launch}, step {step}, lower {lower}, k {k}, {c:?}");
-                assert_eq!((&i, &x), (&sel.idx, &sel.val), "{ctx}");
-                assert_eq!(c.threshold, sel.threshold, "{ctx}");
-                assert!(kern.download(&gu).unwrap() == cu, "u, {ctx}");
-                assert!(kern.download(&gv).unwrap() == cv, "v, {ctx}");
-                dropped[mode] += usize::from(c.top_k_done && c.count > p.k);
-            }
-        }
+        compress_step_three_ways(&kern, &g, &u0, &v0, up, &params(step, lower, k), &mut dropped);
     }
     assert!(
         dropped.iter().all(|&d| d > 0),
         "no case selected among more than k candidates: {dropped:?}"
     );
+    // A gap at the k-th largest: k values of magnitude 100-199 and k/4 near 1, the rest tiny. When
+    // the sample catches fewer large ones than its rank, the estimated threshold is ~1, 1.25 k
+    // candidates pass (within the band) and the k-th of them (~100) lies far beyond the offsets that
+    // the two-round top k resolves above the threshold: the kernel must fall back to three rounds.
+    // The sample depends on the step, so find (on the host) a step where that happens.
+    let k = 1000;
+    let mut g: Vec<f32> = random_grad(n, 70).iter().map(|x| x * 1e-3).collect();
+    for j in 0..k + k / 4 {
+        let at = (j * 7919) % n;
+        let sign = if j % 2 == 0 { 1.0 } else { -1.0 };
+        g[at] = sign * if j < k { 100.0 + (j % 100) as f32 } else { 1.0 + j as f32 * 1e-6 };
+    }
+    let zeros = vec![0.0f32; n];
+    let step = (0..64)
+        .find(|&step| {
+            let (mut cu, mut cv) = (zeros.clone(), zeros.clone());
+            let p = params(step, 0.8, k);
+            let sel = select::compress(&g, &mut cu, &mut cv, up, &p).unwrap();
+            sel.adaptations == 0 && sel.first_count > k
+        })
+        .expect("no step whose sample misses enough of the large values");
+    let (mut cu, mut cv) = (zeros.clone(), zeros.clone());
+    let sel = select::compress(&g, &mut cu, &mut cv, up, &params(step, 0.8, k)).unwrap();
+    let smallest = sel.val.iter().map(|x| x.abs()).fold(f32::INFINITY, f32::min);
+    assert!(smallest > 10.0, "the k-th ({smallest}) is not beyond the two-round range");
+    let mut gap = [0; 3];
+    compress_step_three_ways(&kern, &g, &zeros, &zeros, up, &params(step, 0.8, k), &mut gap);
+    assert_eq!(gap, [1; 3], "the gap case must run the top k on the device");
+}
+
+/// One `compress_step` case against `select::compress` + `mask_sent` on the host, run each way the
+/// selects can run: one launch each with and without programmatic dependent launch (cooperative
+/// then), and one launch per round. `dropped[way]` counts the cases whose top k ran on the device
+/// and dropped candidates.
+#[cfg(feature = "cuda")]
+fn compress_step_three_ways(
+    kern: &ferroccl::dgc::gpu::DgcKernels,
+    g: &[f32],
+    u0: &[f32],
+    v0: &[f32],
+    up: select::Update,
+    p: &select::SelectParams,
+    dropped: &mut [usize; 3],
+) {
+    let n = g.len();
+    let (mut cu, mut cv) = (u0.to_vec(), v0.to_vec());
+    let sel = select::compress(g, &mut cu, &mut cv, up, p).unwrap();
+    select::mask_sent(&mut cu, &mut cv, &sel.idx, &sel.val, true);
+    for (mode, (one_launch, pdl)) in [(true, true), (true, false), (false, false)]
+        .into_iter()
+        .enumerate()
+    {
+        kern.set_one_launch_select(one_launch);
+        kern.set_pdl(pdl);
+        let gd = kern.upload(g).unwrap();
+        let (mut gu, mut gv) = (kern.upload(u0).unwrap(), kern.upload(v0).unwrap());
+        let mut ws = kern.workspace(p.k, 1300, n / 100).unwrap();
+        let (c, got) = kern
+            .compress_step(&gd, &mut gu, &mut gv, up, None, p, true, &mut ws, None)
+            .unwrap();
+        let mut i = kern.download(&ws.sel_idx).unwrap();
+        let mut x = kern.download(&ws.sel_val).unwrap();
+        i.truncate(got);
+        x.truncate(got);
+        select::finish_selection(&mut i, &mut x, usize::MAX);
+        let ctx = format!(
+            "one launch {one_launch}, pdl {pdl}, step {}, lower {}, k {}, {c:?}",
+            p.step, p.lower, p.k
+        );
+        assert_eq!((&i, &x), (&sel.idx, &sel.val), "{ctx}");
+        assert_eq!(c.threshold, sel.threshold, "{ctx}");
+        assert!(kern.download(&gu).unwrap() == cu, "u, {ctx}");
+        assert!(kern.download(&gv).unwrap() == cv, "v, {ctx}");
+        dropped[mode] += usize::from(c.top_k_done && c.count > p.k);
+    }
 }
 
 /// The device step (`DeviceDgc`, gradient and state on the GPU) against the host step (`Dgc`) on
