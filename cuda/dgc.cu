@@ -148,26 +148,30 @@ __device__ __forceinline__ void check_one(float x, u64 i, double* acc, u64* bad)
 extern "C" __global__ void dgc_check_norm(const float* __restrict__ g, u64 n, double limit, double* sumsq,
                                           u32* ctl, int self_clean) {
     __shared__ double part[32];
-    // The sample select may start now: it gathers while this pass streams g.
+    // The sample select may start now: its blocks gather while this pass's last blocks stream g.
     pdl_launch_dependents();
     double acc = 0.0;
     u64 bad = ~0ULL;
     const u64 nvec = n / 4u;
     const u64 stride = (u64)gridDim.x * blockDim.x;
     const float4* g4 = reinterpret_cast<const float4*>(g);
-    // Two loads in flight per thread (the grid may be half the GPU: see pdl_launch_dependents).
-    for (u64 q = (u64)blockIdx.x * blockDim.x + threadIdx.x; q < nvec; q += 2u * stride) {
-        const u64 q2 = q + stride;
-        const float4 x = g4[q];
-        const float4 y = q2 < nvec ? g4[q2] : make_float4(0.f, 0.f, 0.f, 0.f);
-        check_one(x.x, 4u * q, &acc, &bad);
-        check_one(x.y, 4u * q + 1u, &acc, &bad);
-        check_one(x.z, 4u * q + 2u, &acc, &bad);
-        check_one(x.w, 4u * q + 3u, &acc, &bad);
-        check_one(y.x, 4u * q2, &acc, &bad);
-        check_one(y.y, 4u * q2 + 1u, &acc, &bad);
-        check_one(y.z, 4u * q2 + 2u, &acc, &bad);
-        check_one(y.w, 4u * q2 + 3u, &acc, &bad);
+    // Four 16-byte loads in flight per thread before any is used: with two, this pass read g at
+    // ~2.5 TB/s on an H200 (benches/RESULTS.md).
+    for (u64 q = (u64)blockIdx.x * blockDim.x + threadIdx.x; q < nvec; q += 4u * stride) {
+        float4 x[4];
+#pragma unroll
+        for (u32 j = 0; j < 4u; ++j) {
+            const u64 qj = q + j * stride;
+            x[j] = qj < nvec ? g4[qj] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (u32 j = 0; j < 4u; ++j) {
+            const u64 qj = q + j * stride;
+            check_one(x[j].x, 4u * qj, &acc, &bad);
+            check_one(x[j].y, 4u * qj + 1u, &acc, &bad);
+            check_one(x[j].z, 4u * qj + 2u, &acc, &bad);
+            check_one(x[j].w, 4u * qj + 3u, &acc, &bad);
+        }
     }
     if (blockIdx.x == 0u && threadIdx.x < 4u) {
         const u64 i = nvec * 4u + threadIdx.x;
@@ -495,8 +499,9 @@ extern "C" __global__ void dgc_sample_select(const float* __restrict__ g, const 
     }
 }
 
-// The speculative top k of the candidates in one cooperative launch: dgc_radix_round's three rounds
-// (spec = 1) and dgc_filter (spec = 1), the candidates held in registers between them. Nothing
+// The speculative top k of the candidates in one cooperative launch: the k-th largest (two radix
+// rounds over offsets above the threshold, or dgc_radix_round's three; same result) and dgc_filter
+// (spec = 1), the candidates held in registers between them. Nothing
 // happens unless the count is in the band; with at most `rank` candidates every one is kept
 // (CTL_KTH stays 0). Needs gridDim.x * blockDim.x * COOP_PER >= cnt.
 __device__ __forceinline__ void topk_body(const u32* __restrict__ idx_in, const float* __restrict__ val_in,

@@ -530,7 +530,15 @@ fn gpu_compress_step_matches_host() {
     ] {
         let g = random_grad(n, 40 + step);
         let (u0, v0) = (random_grad(n, 50 + step), random_grad(n, 60 + step));
-        compress_step_three_ways(&kern, &g, &u0, &v0, up, &params(step, lower, k), &mut dropped);
+        compress_step_three_ways(
+            &kern,
+            &g,
+            &u0,
+            &v0,
+            up,
+            &params(step, lower, k),
+            &mut dropped,
+        );
     }
     assert!(
         dropped.iter().all(|&d| d > 0),
@@ -546,7 +554,12 @@ fn gpu_compress_step_matches_host() {
     for j in 0..k + k / 4 {
         let at = (j * 7919) % n;
         let sign = if j % 2 == 0 { 1.0 } else { -1.0 };
-        g[at] = sign * if j < k { 100.0 + (j % 100) as f32 } else { 1.0 + j as f32 * 1e-6 };
+        g[at] = sign
+            * if j < k {
+                100.0 + (j % 100) as f32
+            } else {
+                1.0 + j as f32 * 1e-6
+            };
     }
     let zeros = vec![0.0f32; n];
     let step = (0..64)
@@ -559,10 +572,25 @@ fn gpu_compress_step_matches_host() {
         .expect("no step whose sample misses enough of the large values");
     let (mut cu, mut cv) = (zeros.clone(), zeros.clone());
     let sel = select::compress(&g, &mut cu, &mut cv, up, &params(step, 0.8, k)).unwrap();
-    let smallest = sel.val.iter().map(|x| x.abs()).fold(f32::INFINITY, f32::min);
-    assert!(smallest > 10.0, "the k-th ({smallest}) is not beyond the two-round range");
+    let smallest = sel
+        .val
+        .iter()
+        .map(|x| x.abs())
+        .fold(f32::INFINITY, f32::min);
+    assert!(
+        smallest > 10.0,
+        "the k-th ({smallest}) is not beyond the two-round range"
+    );
     let mut gap = [0; 3];
-    compress_step_three_ways(&kern, &g, &zeros, &zeros, up, &params(step, 0.8, k), &mut gap);
+    compress_step_three_ways(
+        &kern,
+        &g,
+        &zeros,
+        &zeros,
+        up,
+        &params(step, 0.8, k),
+        &mut gap,
+    );
     assert_eq!(gap, [1; 3], "the gap case must run the top k on the device");
 }
 

@@ -29,16 +29,18 @@
 //! count is outside the band (`> upper·k` or `< lower·k`) does it correct the threshold with
 //! read-only `dgc_select` passes, exactly as [`select::compress`] does.
 //! [`DgcKernels::compress_step`] adds the top k of the candidates: `dgc_topk_select`, one launch
-//! (three radix rounds among the candidates held in registers, the filter and the masking), whose
+//! (two radix rounds over the candidates' offsets above the estimated threshold, held in
+//! registers — three when the k-th lies more than a half binade above it — the filter and the
+//! masking), whose
 //! last block writes the control words straight to page-locked host memory, so the read-back is a
 //! spin on one host word rather than a device-to-host copy and a stream synchronisation (or,
 //! where it does not fit, three `dgc_radix_round`s and `dgc_filter`, then a copy).
 //!
 //! On compute capability 9.0 and later the step uses programmatic dependent launch
-//! ([`DgcKernels::set_pdl`]): `dgc_check_norm` runs on half the GPU and lets the sample select start
-//! at once, which gathers its runs while `g` streams and waits (`griddepcontrol.wait`) only before
-//! it needs the clip scale; the fused pass loads its first vectors before waiting for the select.
-//! Measured on an H200 (benches/RESULTS.md): 0.225 → 0.207 ms per step at 25.5 M parameters.
+//! ([`DgcKernels::set_pdl`]): `dgc_check_norm` lets the sample select start at once, whose blocks
+//! gather their runs as the check's blocks retire and wait (`griddepcontrol.wait`) only before
+//! they need the clip scale; the fused pass loads its first vectors before waiting for the select.
+//! Measured on an H200 (benches/RESULTS.md): 0.225 → 0.202 ms per step at 25.5 M parameters.
 //!
 //! Every launch takes plain device addresses, taken once per step (`StepAddrs`), not `&CudaSlice`
 //! arguments (each of which costs event waits and records per launch).
@@ -660,11 +662,9 @@ impl DgcKernels {
         let sc = i32::from(self_clean);
         let mut b = self.stream.launch_builder(&self.check_norm);
         b.arg(&g).arg(&n).arg(&limit).arg(&sumsq).arg(&ctl).arg(&sc);
-        let mut cfg = self.grid(n / 8 + 1);
-        if self.pdl_on() {
-            // Half the GPU, so that the sample select, launched early, fits beside it.
-            cfg.grid_dim.0 = cfg.grid_dim.0.min(self.sms * 4);
-        }
+        // The whole GPU: capped at half of it (so that the sample select, launched early under
+        // PDL, fits beside it) this pass was ~2 µs slower at 25.5 M (benches/RESULTS.md).
+        let cfg = self.grid(n / 16 + 1);
         unsafe { b.launch(cfg) }
             .map(drop)
             .map_err(cuda("check_norm"))
@@ -787,8 +787,8 @@ impl DgcKernels {
             .map_err(cuda("sample_select"))
     }
 
-    /// `dgc_topk_select`: the speculative top k of `cnt` candidates (three radix rounds and the
-    /// filter, masking with `mask = Some((u, v, mask_momentum))`) in one cooperative launch.
+    /// `dgc_topk_select`: the speculative top k of `cnt` candidates (two or three radix rounds and
+    /// the filter, masking with `mask = Some((u, v, mask_momentum))`) in one cooperative launch.
     /// `Ok(false)`: it does not fit, nothing was launched.
     #[allow(clippy::too_many_arguments)]
     fn k_topk_select(
