@@ -32,10 +32,11 @@ pub(crate) const MAX_BYTES: usize = i32::MAX as usize;
 /// Scratch buffers up to this size are kept for the next call on the same thread.
 const CACHE_BYTES: usize = 256 << 20;
 
-/// Up to this many bytes whole vectors are exchanged (recursive doubling, `log p` messages of `S`);
-/// above, Rabenseifner's halving/doubling (`2 log p` messages of `S/2, S/4, …`). Chosen by
-/// measurement (`benches/run_mpi_bench.sh`, 2 and 4 ranks): at 8 KiB one whole exchange beat two
-/// half-size ones.
+/// Up to this many bytes (at up to 4 ranks; `RD_BYTES · 4 / p` at `p` > 4) whole vectors are
+/// exchanged (recursive doubling, `log p` messages of `S`); above, Rabenseifner's halving/doubling
+/// (`2 log p` messages of `S/2, S/4, …`). Chosen by measurement (`benches/run_mpi_bench.sh` and the
+/// 16-core device host): at 2 and 4 ranks 8 KiB whole exchanges beat halving/doubling; at 8 ranks
+/// the three whole 8 KiB exchanges were 6–8 % slower than `MPI_Allreduce` (Rabenseifner there).
 const RD_BYTES: usize = 8192;
 
 thread_local! {
@@ -137,7 +138,7 @@ impl P2p<'_> {
                 p,
                 rem,
             };
-            if out.len() <= RD_BYTES || out.len() / dtype.size() < p {
+            if out.len() <= RD_BYTES * 4 / p.max(4) || out.len() / dtype.size() < p {
                 self.recursive_doubling(cur, out, scratch, &plan)?;
             } else {
                 self.halving_doubling(cur, out, scratch, &plan)?;
