@@ -727,8 +727,18 @@ fn device_step_matches_host_step() {
 /// dgc.cu compiles with NVRTC without errors or warnings (no GPU needed, only libnvrtc).
 #[cfg(feature = "cuda")]
 #[test]
-#[ignore = "needs libnvrtc (set LD_LIBRARY_PATH)"]
 fn dgc_cu_compiles_with_nvrtc() {
+    // Runs wherever libnvrtc loads (CI installs it from PyPI); skips otherwise, except that
+    // FERROCCL_REQUIRE_NVRTC=1 (CI) turns the skip into a failure, as tests/kernels.rs does.
+    if !ferroccl::kernels::cuda::nvrtc_available() {
+        assert_ne!(
+            std::env::var("FERROCCL_REQUIRE_NVRTC").as_deref(),
+            Ok("1"),
+            "FERROCCL_REQUIRE_NVRTC=1 but libnvrtc.so.13 cannot be loaded (LD_LIBRARY_PATH)"
+        );
+        eprintln!("SKIPPED dgc_cu_compiles_with_nvrtc: libnvrtc.so.13 not found");
+        return;
+    }
     for arch in ["sm_80", "sm_90"] {
         let ptx = ferroccl::dgc::gpu::compile_ptx(arch).unwrap().to_src();
         // Every kernel the host loads is defined (a missing one only fails at load time on a GPU).
