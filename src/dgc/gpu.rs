@@ -31,10 +31,10 @@
 //! [`DgcKernels::compress_step`] adds the top k of the candidates: `dgc_topk_select`, one launch
 //! (two radix rounds over the candidates' offsets above the estimated threshold, held in
 //! registers — three when the k-th lies more than a half binade above it — the filter and the
-//! masking), whose
-//! last block writes the control words straight to page-locked host memory, so the read-back is a
-//! spin on one host word rather than a device-to-host copy and a stream synchronisation (or,
-//! where it does not fit, three `dgc_radix_round`s and `dgc_filter`, then a copy).
+//! masking), whose last block writes the control words straight to page-locked host memory, so
+//! the read-back is a spin on one host word rather than a device-to-host copy and a stream
+//! synchronisation (or, where it does not fit, three `dgc_radix_round`s and `dgc_filter`, then a
+//! copy).
 //!
 //! On compute capability 9.0 and later the step uses programmatic dependent launch
 //! ([`DgcKernels::set_pdl`]): `dgc_check_norm` lets the sample select start at once, whose blocks
