@@ -416,6 +416,22 @@ __device__ __forceinline__ void coop_round(const u32* bits, u32 valid, int shift
     *want = __ldcg(ctl + CTL_WANT);
 }
 
+// The radix rounds 0..last_round of radix_layout (the bits themselves, from *prefix = 0 and
+// *want = the rank) as rounds nth0, nth0 + 1, ... of a one-launch select; every round but the
+// last waits for the pick, the last only when `wait_last`. Result in ctl[out_slot].
+__device__ __forceinline__ void coop_radix(const u32* bits, u32 valid, int last_round, int out_slot,
+                                           bool wait_last, u32 nth0, u32* hist, u32* sh, u32 gen0,
+                                           u32* prefix, u32* want, u32* ctl, u32* ghist) {
+    for (int round = 0; round <= last_round; ++round) {
+        int shift;
+        u32 nbins, hi_mask;
+        radix_layout(round, &shift, &nbins, &hi_mask);
+        coop_round(bits, valid, shift, nbins, hi_mask, round == last_round, 0u, out_slot,
+                   round < last_round || wait_last, nth0 + (u32)round, hist, sh, gen0, prefix, want,
+                   ctl, ghist);
+    }
+}
+
 // dgc_sample and the radix rounds (dgc_radix_round, rounds 0..last_round) in one cooperative launch:
 // the sampled |v'| stay in registers. Needs gridDim.x * blockDim.x * COOP_PER >= s rounded up to
 // whole runs, and g, u, v 16-byte aligned. Result in ctl[out_slot].
@@ -490,13 +506,7 @@ extern "C" __global__ void dgc_sample_select(const float* __restrict__ g, const 
     __syncthreads();
     const u32 gen0 = sh[1];
     u32 prefix = 0u, want = rank;
-    for (int round = 0; round <= last_round; ++round) {
-        int shift;
-        u32 nbins, hi_mask;
-        radix_layout(round, &shift, &nbins, &hi_mask);
-        coop_round(bits, valid, shift, nbins, hi_mask, round == last_round, 0u, out_slot,
-                   round < last_round, (u32)round + 1u, hist, sh, gen0, &prefix, &want, ctl, ghist);
-    }
+    coop_radix(bits, valid, last_round, out_slot, false, 1u, hist, sh, gen0, &prefix, &want, ctl, ghist);
 }
 
 // The speculative top k of the candidates in one cooperative launch: the k-th largest (two radix
@@ -563,13 +573,7 @@ __device__ __forceinline__ void topk_body(const u32* __restrict__ idx_in, const 
             }
             prefix = 0u;
             want = rank;
-            for (int round = 0; round <= 2; ++round) {
-                int shift;
-                u32 nbins, hi_mask;
-                radix_layout(round, &shift, &nbins, &hi_mask);
-                coop_round(bits, valid, shift, nbins, hi_mask, round == 2, 0u, CTL_KTH, true,
-                           (u32)round + 2u, hist, sh, gen0, &prefix, &want, ctl, ghist);
-            }
+            coop_radix(bits, valid, 2, CTL_KTH, true, 2u, hist, sh, gen0, &prefix, &want, ctl, ghist);
         }
         thr = __uint_as_float(prefix);
     }
