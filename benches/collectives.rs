@@ -1022,10 +1022,10 @@ impl Store {
             Store::Dev(d) => Buf {
                 dtype,
                 len: d.bytes / dtype.size(),
-                mem: ferroccl::buffer::Mem::Device(ferroccl::buffer::DevPtr {
-                    ptr: d.ptr,
-                    bytes: d.bytes,
-                    stream: d.mem.stream(),
+                // SAFETY: `d.mem` owns `d.bytes` bytes at `d.ptr` on that stream for as long as the
+                // view borrows `self`.
+                mem: ferroccl::buffer::Mem::Device(unsafe {
+                    ferroccl::buffer::DevPtr::new(d.ptr, d.bytes, d.mem.stream())
                 }),
             },
         }
@@ -1038,10 +1038,10 @@ impl Store {
             Store::Dev(d) => BufMut {
                 dtype,
                 len: d.bytes / dtype.size(),
-                mem: ferroccl::buffer::MemMut::Device(ferroccl::buffer::DevPtr {
-                    ptr: d.ptr,
-                    bytes: d.bytes,
-                    stream: d.mem.stream(),
+                // SAFETY: `d.mem` owns `d.bytes` bytes at `d.ptr` on that stream for as long as the
+                // view borrows `self`.
+                mem: ferroccl::buffer::MemMut::Device(unsafe {
+                    ferroccl::buffer::DevPtr::new(d.ptr, d.bytes, d.mem.stream())
                 }),
             },
         }

@@ -163,6 +163,15 @@ impl<'c, T: Element, C: Communicator + ?Sized, H: BucketHook<T>> Bucketer<'c, T,
         self.launch()?;
         for f in self.flights.drain(..) {
             let bucket = f.work.wait()?;
+            // a custom hook may hand back fewer values than were launched: an error, not a panic
+            let want = f.slots.last().map_or(0, |s| s.offset + s.len);
+            if bucket.len() != want {
+                return Err(Error::LengthMismatch {
+                    what: "bucketer: values the hook returned for a bucket".into(),
+                    expected: want,
+                    got: bucket.len(),
+                });
+            }
             for s in f.slots {
                 sink(s.id, &bucket[s.offset..s.offset + s.len]);
             }

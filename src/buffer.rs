@@ -47,19 +47,45 @@ pub enum MemMut<'a> {
 
 /// A span of device memory and the stream that orders work on it. Collectives on it are enqueued on
 /// that stream (as NCCL's are), so they are ordered after the kernels that produced the data.
+///
+/// The fields are private: a backend hands the address to NCCL or to a copy engine, so a span made
+/// up in safe code could have the device write anywhere. `CudaSlice` builds them; anything else
+/// goes through the `unsafe` [`DevPtr::new`].
 #[cfg(feature = "cuda")]
 #[derive(Debug, Clone, Copy)]
 pub struct DevPtr<'a> {
-    /// Device address.
-    pub ptr: u64,
-    /// Size in bytes.
-    pub bytes: usize,
-    /// The buffer's stream (and through it, its context and device).
-    pub stream: &'a std::sync::Arc<cudarc::driver::CudaStream>,
+    pub(crate) ptr: u64,
+    pub(crate) bytes: usize,
+    pub(crate) stream: &'a std::sync::Arc<cudarc::driver::CudaStream>,
 }
 
 #[cfg(feature = "cuda")]
-impl DevPtr<'_> {
+impl<'a> DevPtr<'a> {
+    /// A span of `bytes` bytes at device address `ptr`, ordered by `stream`.
+    ///
+    /// # Safety
+    /// `ptr..ptr + bytes` must be device memory allocated in `stream`'s context that stays allocated,
+    /// and is not written by anything else, for as long as a collective may use the view (until the
+    /// call returns, or until `synchronize` in stream-ordered mode).
+    pub unsafe fn new(
+        ptr: u64,
+        bytes: usize,
+        stream: &'a std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> DevPtr<'a> {
+        DevPtr { ptr, bytes, stream }
+    }
+    /// Device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// The buffer's stream (and through it, its context and device).
+    pub fn stream(&self) -> &'a std::sync::Arc<cudarc::driver::CudaStream> {
+        self.stream
+    }
     /// The CUDA ordinal of the device.
     pub fn ordinal(&self) -> usize {
         self.stream.context().ordinal()
@@ -89,7 +115,8 @@ pub struct BufMut<'a> {
 }
 
 impl<'a> Buf<'a> {
-    /// View host bytes as `len` elements of `dtype`.
+    /// View host bytes as elements of `dtype` (`bytes.len() / dtype.size()` of them; a length that
+    /// is not a multiple of the element size is refused by every collective with a named error).
     pub fn host(dtype: DType, bytes: &'a [u8]) -> Buf<'a> {
         Buf {
             dtype,
@@ -121,14 +148,22 @@ impl<'a> Buf<'a> {
             Mem::Host(_) => None,
         }
     }
-    /// Size in bytes.
+    /// Size in bytes (`len × dtype size`; saturates instead of overflowing on a made-up `len`).
     pub fn byte_len(&self) -> usize {
-        self.len * self.dtype.size()
+        self.len.saturating_mul(self.dtype.size())
+    }
+    /// Bytes of memory actually behind the view (what [`Buf::byte_len`] must equal).
+    pub fn mem_bytes(&self) -> usize {
+        match self.mem {
+            Mem::Host(b) => b.len(),
+            #[cfg(feature = "cuda")]
+            Mem::Device(d) => d.bytes,
+        }
     }
 }
 
 impl<'a> BufMut<'a> {
-    /// View host bytes as `len` elements of `dtype`.
+    /// View host bytes as elements of `dtype`; see [`Buf::host`].
     pub fn host(dtype: DType, bytes: &'a mut [u8]) -> BufMut<'a> {
         BufMut {
             dtype,
@@ -184,9 +219,17 @@ impl<'a> BufMut<'a> {
             MemMut::Host(_) => None,
         }
     }
-    /// Size in bytes.
+    /// Size in bytes (`len × dtype size`; saturates instead of overflowing on a made-up `len`).
     pub fn byte_len(&self) -> usize {
-        self.len * self.dtype.size()
+        self.len.saturating_mul(self.dtype.size())
+    }
+    /// Bytes of memory actually behind the view (what [`BufMut::byte_len`] must equal).
+    pub fn mem_bytes(&self) -> usize {
+        match &self.mem {
+            MemMut::Host(b) => b.len(),
+            #[cfg(feature = "cuda")]
+            MemMut::Device(d) => d.bytes,
+        }
     }
 }
 

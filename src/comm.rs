@@ -347,6 +347,21 @@ impl CollectiveRef<'_> {
                 })
             }
         };
+        self.check_views()?;
+        // `a × b` elements, or a named error where it would overflow (made-up lengths)
+        let times = |what: &'static str, a: usize, b: usize| {
+            a.checked_mul(b).ok_or_else(|| {
+                Error::InvalidArgument(format!("{what}: {a} x {b} elements overflow usize"))
+            })
+        };
+        let total = |what: &'static str, counts: &[usize]| {
+            counts
+                .iter()
+                .try_fold(0usize, |acc, &c| acc.checked_add(c))
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("{what}: the counts' sum overflows usize"))
+                })
+        };
         match self {
             C::AllReduce { send, recv, .. } => {
                 if let Some(s) = send {
@@ -365,7 +380,7 @@ impl CollectiveRef<'_> {
                         "reduce_scatter: send must hold world_size ({world}) x recv ({})",
                         recv.len
                     ),
-                    recv.len * world,
+                    times("reduce_scatter", recv.len, world)?,
                     send.len,
                 )?;
             }
@@ -376,7 +391,7 @@ impl CollectiveRef<'_> {
                         "all_gather: recv must hold world_size ({world}) x send ({})",
                         send.len
                     ),
-                    send.len * world,
+                    times("all_gather", send.len, world)?,
                     recv.len,
                 )?;
             }
@@ -432,12 +447,12 @@ impl CollectiveRef<'_> {
                 )?;
                 len(
                     "all_to_allv: send must hold sum(send_counts)".into(),
-                    send_counts.iter().sum(),
+                    total("all_to_allv send_counts", send_counts)?,
                     send.len,
                 )?;
                 len(
                     "all_to_allv: recv must hold sum(recv_counts)".into(),
-                    recv_counts.iter().sum(),
+                    total("all_to_allv recv_counts", recv_counts)?,
                     recv.len,
                 )?;
             }
@@ -446,6 +461,54 @@ impl CollectiveRef<'_> {
             C::Barrier => {}
         }
         Ok(())
+    }
+
+    /// Every view's element count must describe exactly the memory behind it: backends index and
+    /// hand pointers to MPI/NCCL by `len`, so a view built by hand with a larger `len` than its
+    /// slice (or a byte length that is not a multiple of the element size) is refused here.
+    fn check_views(&self) -> Result<()> {
+        use Collective as C;
+        let op = self.name();
+        let one = |role: &'static str, dtype: DType, len: usize, mem: usize| {
+            let want = len.checked_mul(dtype.size());
+            if want == Some(mem) {
+                Ok(())
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "{op}: the {role} view claims {len} {} elements but has {mem} bytes of \
+                     memory (a whole number of elements is needed; build views with \
+                     Buf::host/BufMut::host or pass slices)",
+                    dtype.name()
+                )))
+            }
+        };
+        let src = |role, b: &Buf<'_>| one(role, b.dtype, b.len, b.mem_bytes());
+        let dst = |role, b: &BufMut<'_>| one(role, b.dtype, b.len, b.mem_bytes());
+        match self {
+            C::AllReduce { send, recv, .. } => {
+                if let Some(s) = send {
+                    src("send", s)?;
+                }
+                dst("recv", recv)
+            }
+            C::ReduceScatter { send, recv, .. }
+            | C::AllGather { send, recv }
+            | C::AllToAll { send, recv }
+            | C::AllToAllv { send, recv, .. } => {
+                src("send", send)?;
+                dst("recv", recv)
+            }
+            C::Reduce { send, recv, .. } => {
+                src("send", send)?;
+                match recv {
+                    Some(r) => dst("recv", r),
+                    None => Ok(()),
+                }
+            }
+            C::Broadcast { buf, .. } | C::Recv { buf, .. } => dst("buffer", buf),
+            C::Send { buf, .. } => src("buffer", buf),
+            C::Barrier => Ok(()),
+        }
     }
 
     /// The signature compared in checked mode: (operation, dtype, count, root, reduction).
@@ -608,17 +671,24 @@ pub trait Communicator: Send + Sync {
             }
             (v.name(), v.bytes())
         };
-        let backend = self.backend();
+        // One span per collective here too: opened now, closed when the work completes (a span may
+        // outlive the call that entered it), with the time from start to completion.
+        let span = tracing::debug_span!(
+            "collective",
+            op = name,
+            bytes,
+            backend = self.backend(),
+            nonblocking = true,
+            duration_us = tracing::field::Empty
+        );
+        if span.is_disabled() {
+            return self.exec_async(c);
+        }
         let t0 = Instant::now();
-        let w = self.exec_async(c)?;
+        let w = span.in_scope(|| self.exec_async(c))?;
         Ok(w.map(move |c| {
-            tracing::debug!(
-                op = name,
-                bytes,
-                backend,
-                duration_us = t0.elapsed().as_secs_f64() * 1e6,
-                "non-blocking collective done"
-            );
+            span.record("duration_us", t0.elapsed().as_secs_f64() * 1e6);
+            drop(span);
             Ok(c)
         }))
     }

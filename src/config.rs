@@ -7,6 +7,17 @@ use std::time::Duration;
 /// is in the same range and a hung job is far costlier than a slow one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Largest timeout accepted (about three years): deadlines are `now + timeout`, and an `Instant` that
+/// far out still fits; [`Config::with_timeout`] clamps to it, `FERROCCL_TIMEOUT` refuses more.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(100_000_000);
+
+/// `now + d`, saturating: a timeout too large for an `Instant` (a `Duration::MAX` set on
+/// [`Config::timeout`] by hand) waits [`MAX_TIMEOUT`] instead of panicking.
+pub fn deadline_after(d: Duration) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_add(d.min(MAX_TIMEOUT)).unwrap_or(now)
+}
+
 /// Settings shared by every backend.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -48,11 +59,14 @@ impl Config {
                 value: v.clone(),
                 why: "expected a number of seconds, e.g. 300 or 0.5".into(),
             })?;
-            if !(secs.is_finite() && secs > 0.0) {
+            if !(secs.is_finite() && secs > 0.0 && secs <= MAX_TIMEOUT.as_secs_f64()) {
                 return Err(Error::Config {
                     var: "FERROCCL_TIMEOUT".into(),
                     value: v,
-                    why: "must be a positive number of seconds".into(),
+                    why: format!(
+                        "must be a positive number of seconds, at most {}",
+                        MAX_TIMEOUT.as_secs()
+                    ),
                 });
             }
             c.timeout = Duration::from_secs_f64(secs);
@@ -66,9 +80,9 @@ impl Config {
         Ok(c)
     }
 
-    /// Builder: set the timeout.
+    /// Builder: set the timeout (clamped to [`MAX_TIMEOUT`]).
     pub fn with_timeout(mut self, t: Duration) -> Self {
-        self.timeout = t;
+        self.timeout = t.min(MAX_TIMEOUT);
         self
     }
 
@@ -119,6 +133,19 @@ mod tests {
             Config::from_lookup(|k| (k == "FERROCCL_TIMEOUT").then(|| "soon".into())).unwrap_err();
         assert!(e.to_string().contains("FERROCCL_TIMEOUT"), "{e}");
         assert!(Config::from_lookup(|k| (k == "FERROCCL_TIMEOUT").then(|| "-1".into())).is_err());
+        for huge in ["1e300", "inf", "NaN", "200000000"] {
+            let e = Config::from_lookup(|k| (k == "FERROCCL_TIMEOUT").then(|| huge.into()));
+            assert!(
+                e.is_err(),
+                "FERROCCL_TIMEOUT={huge} must be refused, not panic"
+            );
+        }
+        assert_eq!(
+            Config::default().with_timeout(Duration::MAX).timeout,
+            MAX_TIMEOUT
+        );
+        let far = deadline_after(Duration::MAX);
+        assert!(far > std::time::Instant::now() + Duration::from_secs(1000));
         assert!(Config::from_lookup(|k| (k == "FERROCCL_CHECK").then(|| "maybe".into())).is_err());
         let e = Config::from_lookup(|k| (k == "FERROCCL_STREAM_ORDERED").then(|| "2".into()))
             .unwrap_err();

@@ -208,8 +208,9 @@ macro_rules! arith_int {
                 ReduceOp::Max => self.max(o),
             }
         }
+        // In i128: `n as u8` would be 0 at 256 ranks (a division by zero) and wrong above.
         #[inline(always)]
-        fn div_n(self, n: usize) -> Self { self / (n as $t) }
+        fn div_n(self, n: usize) -> Self { (self as i128 / n.max(1) as i128) as $t }
     })*};
 }
 arith_int!(i32, i64, u8);
@@ -389,6 +390,39 @@ mod tests {
         )
         .unwrap();
         assert_eq!(avg, [2, 2]);
+    }
+
+    #[test]
+    fn integer_avg_over_many_ranks_does_not_divide_by_zero() {
+        // 256 ranks: `n as u8` is 0; 300 ranks: `n as u8` is 44.
+        for (n, sum, want) in [
+            (256usize, 255u8, 0u8),
+            (300, 200, 0),
+            (2, 201, 100),
+            (255, 255, 1),
+        ] {
+            let mut u = [sum];
+            finish_avg(DType::U8, ReduceOp::Avg, &mut u, n).unwrap();
+            assert_eq!(u, [want], "u8 avg of sum {sum} over {n} ranks");
+        }
+        let mut i = [-7i32, 1 << 30];
+        finish_avg(
+            DType::I32,
+            ReduceOp::Avg,
+            bytemuck::cast_slice_mut(&mut i),
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(i, [0, 1 << 10], "truncates toward zero like ncclAvg");
+        let mut l = [i64::MIN];
+        finish_avg(
+            DType::I64,
+            ReduceOp::Avg,
+            bytemuck::cast_slice_mut(&mut l),
+            3,
+        )
+        .unwrap();
+        assert_eq!(l, [i64::MIN / 3]);
     }
 
     #[test]

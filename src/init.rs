@@ -46,16 +46,27 @@ impl Backend {
 
     /// What the environment asks for (see the module docs), before anything is started.
     pub fn detect() -> Result<Backend> {
-        if let Ok(v) = std::env::var("FERROCCL_BACKEND") {
+        #[cfg(feature = "cuda")]
+        let gpus = crate::device::device_count();
+        #[cfg(not(feature = "cuda"))]
+        let gpus = 0;
+        Self::detect_from(|k| std::env::var(k).ok(), gpus)
+    }
+
+    /// [`Backend::detect`] over variables read through `get`, with `gpus` CUDA devices visible
+    /// (only the `cuda` feature looks at them): the same rules, testable without touching the
+    /// process environment.
+    pub fn detect_from(get: impl Fn(&str) -> Option<String>, gpus: usize) -> Result<Backend> {
+        if let Some(v) = get("FERROCCL_BACKEND") {
             return Backend::parse(&v);
         }
         #[cfg(feature = "mpi")]
-        let mpirun = crate::mpi::launched_by_mpirun();
+        let mpirun = crate::mpi::LAUNCHER_VARS.iter().any(|v| get(v).is_some());
         #[cfg(not(feature = "mpi"))]
         let mpirun = false;
         // torchrun-style variables, or (without the `mpi` feature) Open MPI's / PMI's own, which
         // the env rendezvous reads in their place
-        let env_launch = EnvRendezvous::from_env()?.is_some();
+        let env_launch = EnvRendezvous::from_lookup(&get)?.is_some();
         #[cfg(feature = "cuda")]
         {
             if mpirun || env_launch {
@@ -66,14 +77,15 @@ impl Backend {
                     "SLURM_NTASKS_PER_NODE",
                 ]
                 .iter()
-                .find_map(|v| std::env::var(v).ok()?.parse().ok())
+                .find_map(|v| get(v)?.parse().ok())
                 .unwrap_or(1);
-                let gpus = crate::device::device_count();
                 if gpus > 0 && local <= gpus {
                     return Ok(Backend::Nccl);
                 }
             }
         }
+        #[cfg(not(feature = "cuda"))]
+        let _ = gpus;
         if mpirun {
             return Ok(Backend::Mpi);
         }
@@ -159,5 +171,70 @@ pub fn init_with(b: Backend) -> Result<Box<dyn Communicator>> {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn detect(vars: &[(&str, &str)], gpus: usize) -> Result<Backend> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Backend::detect_from(|k| m.get(k).cloned(), gpus)
+    }
+
+    #[test]
+    fn the_environment_picks_the_backend_in_the_documented_order() {
+        let torchrun = [
+            ("RANK", "1"),
+            ("WORLD_SIZE", "4"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ];
+        let mpirun = [
+            ("OMPI_COMM_WORLD_RANK", "0"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "4"),
+        ];
+        // nothing set: one in-process rank
+        assert_eq!(detect(&[], 0).unwrap(), Backend::Local);
+        // an explicit choice wins over any launcher, and a bad one is a named error
+        let forced: Vec<_> = torchrun
+            .iter()
+            .copied()
+            .chain([("FERROCCL_BACKEND", " Local ")])
+            .collect();
+        assert_eq!(detect(&forced, 8).unwrap(), Backend::Local);
+        let e = detect(&[("FERROCCL_BACKEND", "gloo")], 0).unwrap_err();
+        assert!(e.to_string().contains("FERROCCL_BACKEND"), "{e}");
+        // torchrun-style without GPUs: the env rendezvous and TCP
+        assert_eq!(detect(&torchrun, 0).unwrap(), Backend::Tcp);
+        // mpirun: MPI with the feature, else the env rendezvous reads mpirun's variables
+        let want = if cfg!(feature = "mpi") {
+            Backend::Mpi
+        } else {
+            Backend::Tcp
+        };
+        assert_eq!(detect(&mpirun, 0).unwrap(), want);
+        // GPUs and at most one rank per GPU: NCCL (feature cuda); more ranks than GPUs: not NCCL
+        let gpu = if cfg!(feature = "cuda") {
+            Backend::Nccl
+        } else {
+            Backend::Tcp
+        };
+        assert_eq!(detect(&torchrun, 4).unwrap(), gpu);
+        let crowded: Vec<_> = torchrun
+            .iter()
+            .copied()
+            .chain([("LOCAL_WORLD_SIZE", "8")])
+            .collect();
+        assert_eq!(detect(&crowded, 4).unwrap(), Backend::Tcp);
+        // a malformed launcher variable is an error, not a silent fallback to world size 1
+        assert!(detect(&[("RANK", "x"), ("WORLD_SIZE", "4")], 0).is_err());
     }
 }

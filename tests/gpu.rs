@@ -186,3 +186,40 @@ fn init_picks_nccl_when_forced_and_a_gpu_is_present() {
     assert_eq!(c.backend(), "nccl");
     assert_eq!(c.world_size(), 1);
 }
+
+#[test]
+#[ignore = "needs a GPU"]
+fn nccl_init_times_out_when_a_rank_never_joins_and_bad_colors_are_refused() {
+    use std::time::{Duration, Instant};
+    // rank 0 of 2; rank 1 never calls ncclCommInitRank
+    let id = ferroccl::nccl::unique_id().unwrap();
+    let cfg = Config::default().with_timeout(Duration::from_secs(3));
+    let t0 = Instant::now();
+    let e = ferroccl::nccl::NcclComm::new(0, 2, id, 0, cfg)
+        .err()
+        .expect("a world of 2 with one rank must not initialise");
+    let waited = t0.elapsed();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    println!("nccl init with a missing rank: {e} after {waited:.2?}");
+    // the abandoned init does not stand in the way of a new communicator
+    let c = ferroccl::nccl::NcclComm::single(0, Config::default()).unwrap();
+    let s = c.stream().clone();
+    let mut v = up(&s, &[1.5f32, -2.0]);
+    c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+    assert_eq!(down(&s, &v), vec![1.5, -2.0]);
+    // a color beyond NCCL's int range is an error, not NCCL_SPLIT_NOCOLOR in disguise
+    let e = c
+        .split(Some(u32::MAX), 0)
+        .err()
+        .expect("color out of range");
+    assert!(e.to_string().contains("color"), "{e}");
+    let sub = c
+        .split(Some(7), 0)
+        .unwrap()
+        .expect("color 7 keeps this rank");
+    assert_eq!((sub.rank(), sub.world_size()), (0, 1));
+}

@@ -406,7 +406,9 @@ impl<P: Planner> SequentialRuntime<P> {
         for w in (0..n).filter(|&w| w != me && owed[w] == 0 && !self.lost[w]) {
             self.planner.complete(w); // nothing to send this round
         }
-        let deadline = t0 + comm.config().timeout;
+        let deadline = t0
+            .checked_add(comm.config().timeout.min(crate::config::MAX_TIMEOUT))
+            .unwrap_or(t0);
         let mut failure = None;
         loop {
             let mut progressed = false;
@@ -560,7 +562,7 @@ impl<P: Planner> SequentialRuntime<P> {
     /// are still pending afterwards (they are drained, each bounded by the timeout, on drop).
     pub fn finish<C: Communicator + ?Sized>(&mut self, comm: &C, limit: Duration) -> Result<usize> {
         let _ = comm;
-        let end = Instant::now() + limit;
+        let end = crate::config::deadline_after(limit);
         loop {
             self.sweep()?;
             self.sends.reap()?;

@@ -350,7 +350,9 @@ impl CodedAllReduce {
         }
         let mut got: Vec<(usize, Vec<f32>)> = vec![(rank, coded.to_vec())];
         let need = self.code.min_responders();
-        let deadline = t0 + comm.config().timeout;
+        let deadline = t0
+            .checked_add(comm.config().timeout.min(crate::config::MAX_TIMEOUT))
+            .unwrap_or(t0);
         let mut decoded: Option<Vec<f32>> = None;
         let mut last_lost = None;
         let mut failure = None;
@@ -468,7 +470,7 @@ impl CodedAllReduce {
     /// that nothing is left posted; returns how many are still missing afterwards (the posted ones
     /// are then drained, each bounded by the communicator timeout, when `self` is dropped).
     pub fn finish<C: Communicator + ?Sized>(&mut self, comm: &C, limit: Duration) -> Result<usize> {
-        let end = Instant::now() + limit;
+        let end = crate::config::deadline_after(limit);
         self.sweep(comm)?;
         while self.pending_stale() > 0 && Instant::now() < end {
             std::thread::sleep(Duration::from_micros(200));

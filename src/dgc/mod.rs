@@ -639,8 +639,13 @@ pub(crate) fn exchange<C: Communicator + ?Sized>(
             lens.iter().copied().max().unwrap_or(0).max(0) as usize
         }
     };
+    let total = max_len.checked_mul(world).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "dgc exchange: a peer announced a {max_len}-byte message; x {world} ranks overflows"
+        ))
+    })?;
     msg.resize(max_len, 0);
-    gathered.resize(max_len * world, 0);
+    gathered.resize(total, 0);
     comm.all_gather(&*msg, gathered)?;
     msg.truncate(mlen);
     let any_skip = gathered.chunks(max_len.max(1)).any(|m| {

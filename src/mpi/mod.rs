@@ -205,12 +205,14 @@ impl MpiComm {
     /// must call it.
     pub fn world(cfg: Config) -> Result<MpiComm> {
         let session = session::session()?;
-        // SAFETY: reading rsmpi's exported handles.
-        let (world, mut dup) = unsafe { (ffi::RSMPI_COMM_WORLD, ffi::RSMPI_COMM_NULL) };
-        // SAFETY: MPI is initialised; `dup` is an out-parameter.
-        session.call("MPI_Comm_dup(MPI_COMM_WORLD)", || unsafe {
-            ffi::MPI_Comm_dup(world, &mut dup)
-        })?;
+        // SAFETY: reading rsmpi's exported handle.
+        let world = unsafe { ffi::RSMPI_COMM_WORLD };
+        let dup = timed_dup(
+            &session,
+            world,
+            cfg.timeout,
+            "MPI_Comm_idup(MPI_COMM_WORLD)",
+        )?;
         MpiComm::adopt(session, dup, cfg)
     }
 
@@ -262,12 +264,8 @@ impl MpiComm {
             // SAFETY: MPI returned a pointer to the attribute's int value.
             inner.tag_ub = unsafe { *val }.max(32767);
         }
-        let mut p2p = inner.p2p;
-        // SAFETY: `comm` is live; `p2p` is an out-parameter (it inherits MPI_ERRORS_RETURN).
-        s.call("MPI_Comm_dup", || unsafe {
-            ffi::MPI_Comm_dup(comm, &mut p2p)
-        })?;
-        inner.p2p = p2p;
+        // it inherits MPI_ERRORS_RETURN
+        inner.p2p = timed_dup(&s, comm, cfg.timeout, "MPI_Comm_idup")?;
         Ok(MpiComm {
             inner: Arc::new(inner),
             cfg,
@@ -342,6 +340,54 @@ impl MpiComm {
             }
             backoff(&mut spins);
         }
+    }
+}
+
+/// Duplicate `comm` (collective over its ranks) by `MPI_Comm_idup` polled under `timeout`: a rank that
+/// never arrives is a `Timeout`, not a hang (the blocking `MPI_Comm_dup` has no bound). On timeout the
+/// request stays in flight, so the session is poisoned and the request's memory leaked, as for any
+/// abandoned operation.
+fn timed_dup(
+    s: &Session,
+    comm: ffi::MPI_Comm,
+    timeout: std::time::Duration,
+    during: &'static str,
+) -> Result<ffi::MPI_Comm> {
+    // On the heap: MPI writes both when the request completes, which may be after a timeout.
+    // SAFETY: reading rsmpi's exported handles.
+    let mut slot = Box::new(unsafe { (ffi::RSMPI_COMM_NULL, ffi::RSMPI_REQUEST_NULL) });
+    let (dup_p, req_p) = (
+        &mut slot.0 as *mut ffi::MPI_Comm,
+        &mut slot.1 as *mut ffi::MPI_Request,
+    );
+    // SAFETY: `comm` is live; `slot` outlives the request (freed only once it completed).
+    s.call(during, || unsafe { ffi::MPI_Comm_idup(comm, dup_p, req_p) })?;
+    let deadline = Instant::now().checked_add(timeout);
+    let mut spins = 0u32;
+    loop {
+        let mut flag: c_int = 0;
+        // SAFETY: `req_p` is the live request above.
+        let r = s.call("MPI_Test(MPI_Comm_idup)", || unsafe {
+            ffi::MPI_Test(req_p, &mut flag, ffi::RSMPI_STATUS_IGNORE)
+        });
+        if let Err(e) = r {
+            s.poison();
+            Box::leak(slot);
+            return Err(e);
+        }
+        if flag != 0 {
+            return Ok(slot.0);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            s.poison();
+            Box::leak(slot);
+            return Err(Error::Timeout {
+                during,
+                after: timeout,
+                waiting_for: None,
+            });
+        }
+        backoff(&mut spins);
     }
 }
 

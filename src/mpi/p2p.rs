@@ -282,18 +282,41 @@ impl P2p<'_> {
                 return Err(e);
             }
         }
+        let posted_recv = reqs[0] != null;
+        // SAFETY: a zeroed status is a valid MPI_Status.
+        let mut statuses = unsafe { std::mem::zeroed::<[ffi::MPI_Status; 2]>() };
         let mut spins = 0u32;
         loop {
             let mut flag: c_int = 0;
-            // SAFETY: two request handles (null ones are ignored by MPI); statuses ignored.
+            // SAFETY: two request handles (null ones are ignored by MPI) and two statuses.
             let r = s.call("MPI_Testall", || unsafe {
-                ffi::MPI_Testall(2, reqs.as_mut_ptr(), &mut flag, ffi::RSMPI_STATUSES_IGNORE)
+                ffi::MPI_Testall(2, reqs.as_mut_ptr(), &mut flag, statuses.as_mut_ptr())
             });
             if let Err(e) = r {
                 s.poison();
                 return Err(e);
             }
             if flag != 0 {
+                // A longer message fails the receive (MPI_ERR_TRUNCATE, above); a shorter one
+                // completes it silently, and the rest of the buffer would be combined as stale bytes.
+                if posted_recv {
+                    let mut got: c_int = 0;
+                    // SAFETY: the status of the completed receive.
+                    s.call("MPI_Get_count", || unsafe {
+                        ffi::MPI_Get_count(&statuses[0], byte, &mut got)
+                    })?;
+                    if got != nr {
+                        // both requests completed: MPI holds no buffer, nothing to poison
+                        return Err(Error::LengthMismatch {
+                            what: format!(
+                                "all_reduce: bytes from rank {peer} (every rank must pass the \
+                                 same length)"
+                            ),
+                            expected: nr as usize,
+                            got: usize::try_from(got).unwrap_or(0),
+                        });
+                    }
+                }
                 return Ok(());
             }
             spins = spins.wrapping_add(1);

@@ -111,6 +111,59 @@ pub fn default_nvls_off() {
     }
 }
 
+/// `ncclCommInitRank` under a timeout. The call blocks until every rank of the id has joined, and a
+/// rank that died after the rendezvous would hang the others for good, so it runs on a helper thread
+/// and the caller waits at most `timeout`. On a timeout the helper is left behind: when (if ever) its
+/// init returns, it finds nobody waiting and destroys the communicator itself.
+fn init_rank(
+    ctx: &Arc<CudaContext>,
+    rank: usize,
+    size: usize,
+    id: [u8; 128],
+    timeout: std::time::Duration,
+) -> Result<sys::ncclComm_t> {
+    let too_big = |what: &str, v: usize| {
+        Error::InvalidArgument(format!("NCCL {what} {v} does not fit NCCL's int"))
+    };
+    let nranks = i32::try_from(size).map_err(|_| too_big("world size", size))?;
+    let me = i32::try_from(rank).map_err(|_| too_big("rank", rank))?;
+    let uid = sys::ncclUniqueId {
+        internal: id.map(|b| b as std::ffi::c_char),
+    };
+    let (tx, rx) = crossbeam::channel::bounded::<Result<Raw>>(1);
+    let ctx = ctx.clone();
+    std::thread::Builder::new()
+        .name(format!("ferroccl-nccl-init-{rank}"))
+        .spawn(move || {
+            let r = ctx
+                .bind_to_thread()
+                .map_err(|e| drv("binding the CUDA context", e))
+                .and_then(|_| {
+                    let mut raw: sys::ncclComm_t = std::ptr::null_mut();
+                    // SAFETY: valid out-pointer; id from ncclGetUniqueId on some rank.
+                    ck(
+                        unsafe { sys::ncclCommInitRank(&mut raw, nranks, uid, me) },
+                        "ncclCommInitRank",
+                    )
+                    .map(|_| Raw(raw))
+                });
+            if let Err(crossbeam::channel::SendError(Ok(late))) = tx.send(r) {
+                // the caller timed out and left: nobody else will ever free this communicator
+                // SAFETY: a communicator this thread created and nobody else holds.
+                let _ = unsafe { sys::ncclCommDestroy(late.0) };
+            }
+        })
+        .map_err(|e| Error::io("spawning the NCCL init thread", e))?;
+    match rx.recv_timeout(timeout) {
+        Ok(r) => r.map(|raw| raw.0),
+        Err(_) => Err(Error::Timeout {
+            during: "ncclCommInitRank (every rank must join; one did not)",
+            after: timeout,
+            waiting_for: None,
+        }),
+    }
+}
+
 /// A fresh NCCL unique id (128 bytes), made by one rank and shared with the others.
 pub fn unique_id() -> Result<[u8; 128]> {
     probe(&[Lib::Cuda, Lib::Nccl])?;
@@ -179,15 +232,7 @@ impl NcclComm {
         ctx.bind_to_thread()
             .map_err(|e| drv("binding the CUDA context", e))?;
         let stream = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
-        let uid = sys::ncclUniqueId {
-            internal: id.map(|b| b as std::ffi::c_char),
-        };
-        let mut raw: sys::ncclComm_t = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; id from ncclGetUniqueId on some rank.
-        ck(
-            unsafe { sys::ncclCommInitRank(&mut raw, size as i32, uid, rank as i32) },
-            "ncclCommInitRank",
-        )?;
+        let raw = init_rank(&ctx, rank, size, id, cfg.timeout)?;
         Ok(NcclComm {
             rank,
             size,
@@ -634,6 +679,19 @@ impl Communicator for NcclComm {
         if self.h.broken.load(Ordering::Acquire) {
             return Err(self.lost("split of an aborted NCCL communicator"));
         }
+        let col = match color {
+            None => -1, // NCCL_SPLIT_NOCOLOR
+            Some(c) => i32::try_from(c).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "split: color {c} does not fit NCCL's non-negative int colors (max {})",
+                    i32::MAX
+                ))
+            })?,
+        };
+        // A timed collective first, so that every rank has arrived before the untimed
+        // ncclCommSplit (a missing rank then aborts the communicator instead of hanging it).
+        let mut all = vec![0i64; 2 * self.size];
+        self.exchange_signatures(&[i64::from(col), i64::from(key)], &mut all)?;
         p2p::launch(&self.h, None)?; // issue order: posted send/recv go before the split
         self.h
             .ctx
@@ -641,8 +699,7 @@ impl Communicator for NcclComm {
             .map_err(|e| drv("binding the CUDA context", e))?;
         let g = self.h.comm.lock().unwrap_or_else(|e| e.into_inner());
         let mut new: sys::ncclComm_t = std::ptr::null_mut();
-        let col = color.map(|c| c as i32).unwrap_or(-1); // NCCL_SPLIT_NOCOLOR
-                                                         // SAFETY: valid communicator and out-pointer; NULL config = inherit.
+        // SAFETY: valid communicator and out-pointer; NULL config = inherit.
         ck(
             unsafe { sys::ncclCommSplit(g.0, col, key, &mut new, std::ptr::null_mut()) },
             "ncclCommSplit",
