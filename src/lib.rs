@@ -1,10 +1,11 @@
 //! # ferroccl
 //!
-//! Collective communication for distributed training, in Rust. One [`Communicator`] trait over three
-//! kinds of backend — in-process threads ([`local`], the default, no system dependencies), MPI (feature
-//! `mpi`) and NCCL (feature `cuda`) — and, on top, primitives that compose: bucketed all-reduce
-//! ([`bucket`]), and in later modules Deep Gradient Compression, local SGD, gradient coding and MoE
-//! all-to-all scheduling.
+//! Collective communication for distributed training, in Rust. One [`Communicator`] trait over four
+//! backends — in-process threads ([`local`], the default, no system dependencies), TCP for
+//! torchrun-style launches ([`tcp`]), MPI (feature `mpi`) and NCCL (feature `cuda`) — and, on top,
+//! primitives that compose: bucketed all-reduce ([`bucket`]), Deep Gradient Compression ([`dgc`]),
+//! gradient coding for stragglers ([`coding`]) and a virtual-time cluster simulator ([`sim`]); local
+//! SGD and MoE all-to-all scheduling are to come (ARCHITECTURE.md says where).
 //!
 //! ```
 //! use ferroccl::prelude::*;
