@@ -8,17 +8,20 @@ use crate::{Error, Result};
 use std::time::{Duration, Instant};
 
 /// How a backend reports progress of one pending operation.
+///
+/// Dropping one must be safe at any time, finished or not (own the buffers until the backend is done
+/// with them, or leak them): [`Work::wait`] drops it without waiting once it timed out.
 pub trait Pending<T>: Send {
     /// Return the result if the operation has finished, without blocking.
     fn poll(&mut self) -> Option<Result<T>>;
     /// Block up to `d` for the result.
     fn wait_for(&mut self, d: Duration) -> Option<Result<T>> {
-        let end = Instant::now() + d;
+        let end = Instant::now().checked_add(d); // None: "forever" (d does not fit an Instant)
         loop {
             if let Some(r) = self.poll() {
                 return Some(r);
             }
-            if Instant::now() >= end {
+            if end.is_some_and(|end| Instant::now() >= end) {
                 return None;
             }
             std::thread::sleep(Duration::from_micros(50));
@@ -27,20 +30,38 @@ pub trait Pending<T>: Send {
 }
 
 /// A pending operation delivered through a one-shot channel (worker-thread backends).
-pub struct ChannelPending<T>(pub crossbeam::channel::Receiver<Result<T>>);
+///
+/// The worker owns the operation's buffers, so dropping this early is safe: the worker finishes (or
+/// fails) the operation on its own and drops the result nobody takes.
+pub struct ChannelPending<T> {
+    rx: crossbeam::channel::Receiver<Result<T>>,
+    rank: usize,
+}
+
+impl<T> ChannelPending<T> {
+    /// The result of an operation of rank `rank`'s worker arrives on `rx`; if the worker drops the
+    /// sender without replying (it stopped or panicked), the result is [`Error::PeerLost`] naming
+    /// `rank`, which is fatal: that communicator is broken.
+    pub fn new(rx: crossbeam::channel::Receiver<Result<T>>, rank: usize) -> Self {
+        ChannelPending { rx, rank }
+    }
+}
 
 impl<T: Send> Pending<T> for ChannelPending<T> {
     fn poll(&mut self) -> Option<Result<T>> {
-        match self.0.try_recv() {
+        match self.rx.try_recv() {
             Ok(r) => Some(r),
             Err(crossbeam::channel::TryRecvError::Empty) => None,
-            Err(crossbeam::channel::TryRecvError::Disconnected) => Some(Err(Error::Unsupported(
-                "the communicator's worker stopped before completing this operation (was the communicator dropped?)".into(),
-            ))),
+            Err(crossbeam::channel::TryRecvError::Disconnected) => Some(Err(Error::PeerLost {
+                rank: self.rank,
+                during:
+                    "a non-blocking operation (this rank's worker stopped before completing it: \
+                         the communicator was dropped or the worker panicked)",
+            })),
         }
     }
     fn wait_for(&mut self, d: Duration) -> Option<Result<T>> {
-        match self.0.recv_timeout(d) {
+        match self.rx.recv_timeout(d) {
             Ok(r) => Some(r),
             Err(crossbeam::channel::RecvTimeoutError::Timeout) => None,
             Err(crossbeam::channel::RecvTimeoutError::Disconnected) => self.poll(),
@@ -84,6 +105,14 @@ enum State<T> {
 
 /// A non-blocking collective in flight. Dropping it without waiting blocks until the operation has
 /// finished (bounded by the timeout), because the backend may still be reading or writing the buffers.
+///
+/// [`Work::wait`] is bounded by one timeout in total: when it times out, the pending operation is
+/// dropped at once rather than waited for a second time. That is safe with every built-in backend,
+/// whose pending operations own their buffers and make dropping safe by themselves: the in-process
+/// and TCP workers own the buffers of the jobs they run (a dropped `irecv` is also cancelled, so a
+/// late message waits for the next receive instead of vanishing); MPI leaks buffers that MPI may
+/// still use; NCCL waits for the operation's event in its own `Drop`. A [`Pending`] of another
+/// backend must do the same.
 pub struct Work<T: Send + 'static> {
     state: State<T>,
     timeout: Duration,
@@ -139,14 +168,14 @@ impl<T: Send + 'static> Work<T> {
             State::Pending(mut p) => match p.wait_for(self.timeout) {
                 Some(r) => r,
                 None => {
-                    let err = Error::Timeout {
+                    // Dropped here, not drained again by `Drop` (that was a second timeout): a
+                    // `Pending` makes its own drop safe (see the type docs).
+                    drop(p);
+                    Err(Error::Timeout {
                         during: self.during,
                         after: self.timeout,
                         waiting_for: None,
-                    };
-                    // Put it back so Drop still drains it (the backend may hold our buffers).
-                    self.state = State::Pending(p);
-                    Err(err)
+                    })
                 }
             },
         }

@@ -51,16 +51,51 @@ pub(super) fn check_len(src: usize, got: usize, want: usize) -> Result<()> {
     }
 }
 
+fn rank_in(what: &'static str, rank: usize, world: usize) -> Result<()> {
+    if rank < world {
+        Ok(())
+    } else {
+        Err(Error::RankOutOfRange { what, rank, world })
+    }
+}
+
+/// Byte lengths must agree (`want` is `None` when it overflowed, which no real buffer matches).
+fn bytes_eq(what: &'static str, want: Option<usize>, got: usize) -> Result<()> {
+    if want == Some(got) {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            what: format!("{what} (bytes; the buffer's length and its byte size disagree?)"),
+            expected: want.unwrap_or(usize::MAX),
+            got,
+        })
+    }
+}
+
 impl Engine {
-    /// Run one (validated) collective.
+    /// Run one collective as one operation: a single deadline, `Config::timeout` from now, bounds
+    /// every wait inside it (see the module docs of [`super`]).
+    ///
+    /// `Communicator::exec` is public and skips `Communicator::run`'s validation, so the few facts
+    /// the algorithms index by — ranks and byte lengths — are checked here (a handful of integer
+    /// comparisons), and a bad call is an error rather than a panic on the worker.
     pub fn execute(&mut self, c: CollectiveRef<'_>) -> Result<()> {
+        self.with_deadline(|e| e.execute_op(c))
+    }
+
+    fn execute_op(&mut self, c: CollectiveRef<'_>) -> Result<()> {
         // A broken group fails every collective; point-to-point only fails with its own peer.
         if !matches!(c, Collective::Send { .. } | Collective::Recv { .. }) {
             self.health.check(c.name())?;
         }
+        let n = self.size;
         match c {
-            Collective::Send { buf, peer, tag } => self.send_copy(peer, Tag::P2p(tag), host(&buf)?),
+            Collective::Send { buf, peer, tag } => {
+                rank_in("send peer", peer, n)?;
+                self.send_copy(peer, Tag::P2p(tag), host(&buf)?)
+            }
             Collective::Recv { buf, peer, tag } => {
+                rank_in("recv peer", peer, n)?;
                 let m = self.recv(peer, Tag::P2p(tag), "recv")?;
                 copy_in(buf, &m)
             }
@@ -76,6 +111,9 @@ impl Engine {
                     None => None,
                 };
                 let out = Raw::from_mut(host_mut(&mut recv)?);
+                if let Some(i) = inp {
+                    bytes_eq("all_reduce: recv vs send", Some(i.len()), out.len())?;
+                }
                 let count = out.len() / dtype.size();
                 if self.size == 1 {
                     if let Some(i) = inp {
@@ -95,6 +133,11 @@ impl Engine {
                 let dtype = recv.dtype;
                 let inp = Raw::from_ref(host(&send)?);
                 let out = Raw::from_mut(host_mut(&mut recv)?);
+                bytes_eq(
+                    "reduce_scatter: send vs world_size x recv",
+                    out.len().checked_mul(n),
+                    inp.len(),
+                )?;
                 if self.direct_ok() {
                     self.direct_reduce_scatter(seq, inp, out, dtype, op)?;
                 } else {
@@ -106,6 +149,11 @@ impl Engine {
                 let seq = self.next_seq();
                 let inp = host(&send)?;
                 let out = Raw::from_mut(host_mut(&mut recv)?);
+                bytes_eq(
+                    "all_gather: recv vs world_size x send",
+                    inp.len().checked_mul(n),
+                    out.len(),
+                )?;
                 if self.direct_ok() {
                     self.direct_all_gather(seq, inp, out)
                 } else {
@@ -113,6 +161,7 @@ impl Engine {
                 }
             }
             Collective::Broadcast { mut buf, root } => {
+                rank_in("broadcast root", root, n)?;
                 let seq = self.next_seq();
                 let out = Raw::from_mut(host_mut(&mut buf)?);
                 self.tree_broadcast(seq, out, root)
@@ -123,6 +172,7 @@ impl Engine {
                 op,
                 root,
             } => {
+                rank_in("reduce root", root, n)?;
                 let seq = self.next_seq();
                 let dtype = send.dtype;
                 let inp = host(&send)?;
@@ -131,6 +181,9 @@ impl Engine {
                     (true, Some(r)) => Some(Raw::from_mut(host_mut(r)?)),
                     _ => None,
                 };
+                if let Some(o) = out {
+                    bytes_eq("reduce: recv vs send", Some(inp.len()), o.len())?;
+                }
                 self.tree_reduce(seq, inp, out, dtype, op, root)?;
                 if let Some(o) = out {
                     finish_avg(dtype, op, o.get_mut(0, o.len()), self.size)?;
@@ -139,8 +192,8 @@ impl Engine {
             }
             Collective::AllToAll { send, mut recv } => {
                 let seq = self.next_seq();
-                let block = send.len / self.size;
-                let counts = vec![block; self.size];
+                let block = send.len / n;
+                let counts = vec![block; n];
                 let es = send.dtype.size();
                 let inp = host(&send)?;
                 let out = Raw::from_mut(host_mut(&mut recv)?);
@@ -152,6 +205,19 @@ impl Engine {
                 mut recv,
                 recv_counts,
             } => {
+                let world = |what: String, got: usize| {
+                    if got == n {
+                        Ok(())
+                    } else {
+                        Err(Error::LengthMismatch {
+                            what,
+                            expected: n,
+                            got,
+                        })
+                    }
+                };
+                world("all_to_allv: send_counts entries".into(), send_counts.len())?;
+                world("all_to_allv: recv_counts entries".into(), recv_counts.len())?;
                 let seq = self.next_seq();
                 let es = send.dtype.size();
                 let inp = host(&send)?;
@@ -479,8 +545,24 @@ impl Engine {
         es: usize,
     ) -> Result<()> {
         let (n, r) = (self.size, self.rank);
-        let sd: Vec<usize> = offsets(sc, es);
-        let rd: Vec<usize> = offsets(rc, es);
+        // One entry per rank (checked by the caller); the blocks must fill the buffers exactly.
+        let sd = offsets(sc, es);
+        let rd = offsets(rc, es);
+        bytes_eq(
+            "all_to_all(v): send vs sum of send counts",
+            sd.as_ref().and_then(|o| o.last().copied()),
+            inp.len(),
+        )?;
+        bytes_eq(
+            "all_to_all(v): recv vs sum of recv counts",
+            rd.as_ref().and_then(|o| o.last().copied()),
+            out.len(),
+        )?;
+        let (Some(sd), Some(rd)) = (sd, rd) else {
+            return Err(Error::InvalidArgument(
+                "internal: all_to_all(v) offsets".into(),
+            ));
+        };
         out.get_mut(rd[r], rd[r + 1])
             .copy_from_slice(&inp[sd[r]..sd[r + 1]]);
         let mut guards = Vec::with_capacity(n);
@@ -504,13 +586,15 @@ impl Engine {
     }
 }
 
-fn offsets(counts: &[usize], es: usize) -> Vec<usize> {
+/// Byte offsets of blocks of `counts` elements of `es` bytes; `None` if they overflow (counts come
+/// from the caller: they may be anything).
+fn offsets(counts: &[usize], es: usize) -> Option<Vec<usize>> {
     let mut o = Vec::with_capacity(counts.len() + 1);
-    let mut acc = 0;
-    o.push(0);
-    for c in counts {
-        acc += c * es;
+    let mut acc = 0usize;
+    o.push(acc);
+    for &c in counts {
+        acc = acc.checked_add(c.checked_mul(es)?)?;
         o.push(acc);
     }
-    o
+    Some(o)
 }

@@ -9,6 +9,12 @@
 //!
 //! Transports only differ in how a message reaches a peer's inbox: a crossbeam channel (in-process) or
 //! a socket pumped by reader/writer threads (TCP). The algorithms live in [`algo`].
+//!
+//! Time: every operation has one deadline, `Config::timeout` after [`Engine::execute`] started it;
+//! every wait inside it (a message, a loan's acknowledgement, a real-time link-model sleep) ends at
+//! that deadline, so a collective of many steps still fails after about one timeout, never
+//! steps × timeout. Failure: a panic on the worker (a buffer that panics, an internal assertion)
+//! stops the worker and marks this rank gone, so the caller and the peers get `PeerLost` promptly.
 
 pub(crate) mod algo;
 pub(crate) mod direct;
@@ -21,9 +27,23 @@ use crate::{Collective, Config, Error, Result};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use msg::{Lend, LendGuard, Msg, Payload, Tag};
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// `now + t`, saturating far in the future: `Instant + Duration` panics on overflow, and a
+/// `Config::with_timeout(Duration::MAX)` is a legitimate "wait forever".
+pub(crate) fn deadline_after(t: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(t)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
+fn out_of_range(what: &'static str, rank: usize, world: usize) -> Error {
+    Error::RankOutOfRange { what, rank, world }
+}
 
 /// Liveness of the ranks of one communicator.
 #[derive(Debug)]
@@ -63,6 +83,36 @@ struct Posted {
     tag: u32,
     op: CollectiveOwned,
     reply: Sender<Result<CollectiveOwned>>,
+    /// Set when the caller's `Work` was dropped (waited out or abandoned): the entry must not take a
+    /// message any more (nobody would see it), and is swept.
+    cancel: Arc<AtomicBool>,
+}
+
+impl Posted {
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+}
+
+/// The pending side of an `irecv`: dropping it cancels the posted receive (see [`Posted::cancel`]).
+struct RecvPending {
+    inner: crate::work::ChannelPending<CollectiveOwned>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl crate::work::Pending<CollectiveOwned> for RecvPending {
+    fn poll(&mut self) -> Option<Result<CollectiveOwned>> {
+        self.inner.poll()
+    }
+    fn wait_for(&mut self, d: Duration) -> Option<Result<CollectiveOwned>> {
+        self.inner.wait_for(d)
+    }
+}
+
+impl Drop for RecvPending {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Release);
+    }
 }
 
 /// One rank's engine. See the module docs.
@@ -83,6 +133,8 @@ pub(crate) struct Engine {
     stash: VecDeque<Msg>,
     posted: Vec<Posted>,
     seq: u64,
+    /// The deadline of the operation being executed (`None` while idle); see the module docs.
+    op_deadline: Option<Instant>,
 }
 
 /// Raw view of a host buffer for the algorithms: sub-slices can be lent and written independently.
@@ -167,15 +219,60 @@ impl Engine {
             stash: VecDeque::new(),
             posted: Vec::new(),
             seq: 0,
+            op_deadline: None,
         }
     }
 
     /// The worker loop: run jobs in order, file incoming messages while idle.
+    ///
+    /// A panic in a job (user buffer code, an internal assertion) must not leave the peers waiting
+    /// for their timeout: it is caught, the communicator is broken for this rank and the rank is
+    /// marked gone (it will send nothing more: only this thread sends for it), then the worker stops.
+    /// Unwinding already dropped the job's reply sender (the caller gets `PeerLost` naming this rank)
+    /// and its loan guards (every loan of the caller's buffers is revoked); dropping `jobs` discards
+    /// the queued jobs, whose callers get `PeerLost` the same way.
     pub fn serve(mut self, jobs: Receiver<Job>) {
+        let served = std::panic::catch_unwind(AssertUnwindSafe(|| self.serve_jobs(&jobs)));
+        let lost = match served {
+            Ok(()) => None,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic".into());
+                tracing::error!(
+                    rank = self.rank,
+                    "ferroccl: this rank's worker panicked ({msg}); the communicator is broken"
+                );
+                self.health.break_for(self.rank);
+                if let Some(g) = self.health.gone.get(self.rank) {
+                    g.store(true, Ordering::Release);
+                }
+                Some(self.rank)
+            }
+        };
+        drop(jobs);
+        // Fail what is still posted: nobody will complete it.
+        for p in self.posted.drain(..) {
+            let _ = p.reply.send(Err(match lost {
+                None => Error::PeerLost {
+                    rank: p.src,
+                    during: "irecv (communicator dropped)",
+                },
+                Some(rank) => Error::PeerLost {
+                    rank,
+                    during: "irecv (this rank's worker panicked)",
+                },
+            }));
+        }
+    }
+
+    fn serve_jobs(&mut self, jobs: &Receiver<Job>) {
         loop {
             crossbeam::select! {
                 recv(jobs) -> j => match j {
-                    Ok(job) => job(&mut self),
+                    Ok(job) => job(self),
                     Err(_) => break,
                 },
                 recv(self.inbox) -> m => {
@@ -186,13 +283,6 @@ impl Engine {
                 default(Duration::from_millis(20)) => self.sweep_posted(),
             }
         }
-        // Fail what is still posted: nobody will complete it.
-        for p in self.posted.drain(..) {
-            let _ = p.reply.send(Err(Error::PeerLost {
-                rank: p.src,
-                during: "irecv (communicator dropped)",
-            }));
-        }
     }
 
     pub fn next_seq(&mut self) -> u64 {
@@ -200,11 +290,36 @@ impl Engine {
         self.seq
     }
 
+    /// The deadline every wait uses: the current operation's, or (outside one: the worker completing
+    /// a posted receive while idle) one timeout from now.
     fn deadline(&self) -> Instant {
-        Instant::now() + self.cfg.timeout
+        self.op_deadline
+            .unwrap_or_else(|| deadline_after(self.cfg.timeout))
+    }
+
+    /// Run `f` as one operation: one deadline for every wait inside it (see the module docs).
+    pub(crate) fn with_deadline<R>(&mut self, f: impl FnOnce(&mut Engine) -> R) -> R {
+        self.op_deadline = Some(deadline_after(self.cfg.timeout));
+        let r = f(self);
+        self.op_deadline = None;
+        r
+    }
+
+    fn timeout(&self, during: &'static str, waiting_for: Option<usize>) -> Error {
+        Error::Timeout {
+            during,
+            after: self.cfg.timeout,
+            waiting_for,
+        }
     }
 
     fn post(&mut self, dst: usize, tag: Tag, payload: Payload) -> Result<()> {
+        // Checked: `Communicator::exec` is public and does not validate, so `dst` may be anything.
+        let size = self.size;
+        let peer = self
+            .peers
+            .get(dst)
+            .ok_or_else(|| out_of_range("destination rank", dst, size))?;
         let n = payload.len();
         let arrive = match &self.clock {
             Some(c) => c.lock().unwrap_or_else(|e| e.into_inner()).send(dst, n),
@@ -213,22 +328,21 @@ impl Engine {
         if dst != self.rank {
             self.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
         }
-        self.peers[dst]
-            .send(Msg {
-                src: self.rank,
-                tag,
-                payload,
-                arrive,
-            })
-            .map_err(|_| {
-                if !matches!(tag, Tag::P2p(_)) {
-                    self.health.break_for(dst);
-                }
-                Error::PeerLost {
-                    rank: dst,
-                    during: "send",
-                }
-            })
+        peer.send(Msg {
+            src: self.rank,
+            tag,
+            payload,
+            arrive,
+        })
+        .map_err(|_| {
+            if !matches!(tag, Tag::P2p(_)) {
+                self.health.break_for(dst);
+            }
+            Error::PeerLost {
+                rank: dst,
+                during: "send",
+            }
+        })
     }
 
     /// Send a copy of `bytes` (eager: returns at once).
@@ -268,7 +382,7 @@ impl Engine {
         Ok(Some(g))
     }
 
-    /// Wait until a loan was read.
+    /// Wait until a loan was read (until the operation's deadline).
     pub fn wait_guard(&self, g: &Option<LendGuard>) -> Result<()> {
         match g {
             None => Ok(()),
@@ -277,7 +391,12 @@ impl Engine {
                 let peer = g.peer;
                 g.wait(self.deadline(), &|| {
                     health.check("waiting for a peer to read")?;
-                    if health.gone[peer].load(Ordering::Acquire) {
+                    // peer < size: the guard was made by `post`, which checked it
+                    if health
+                        .gone
+                        .get(peer)
+                        .is_some_and(|g| g.load(Ordering::Acquire))
+                    {
                         health.break_for(peer);
                         return Err(Error::PeerLost {
                             rank: peer,
@@ -302,41 +421,66 @@ impl Engine {
         }
     }
 
-    fn take_clock(&self, m: &Msg) {
-        if let Some(c) = &self.clock {
-            c.lock().unwrap_or_else(|e| e.into_inner()).recv(m.arrive);
+    /// Charge the link model for taking `m`; false if, in real time, it would arrive after `limit`
+    /// (the real-time sleep stops there).
+    fn take_clock(&self, m: &Msg, limit: Instant) -> bool {
+        match &self.clock {
+            Some(c) => crate::local::link::take(c, m.arrive, limit),
+            None => true,
         }
     }
 
     /// Put an incoming message where it belongs: a posted receive or the stash.
-    fn file(&mut self, m: Msg) {
+    ///
+    /// Cancelled receives (their `Work` is gone) never take a message: it goes to the next posted
+    /// receive for `(src, tag)` or to the stash, where a later `recv`/`irecv` finds it. The same holds
+    /// when the cancellation races with the completion (the reply fails) and, in real time, when the
+    /// message would arrive after the deadline (that receive fails with `Timeout`). One deadline
+    /// bounds all the real-time sleeps of one call.
+    fn file(&mut self, mut m: Msg) {
         if let Tag::P2p(t) = m.tag {
-            if let Some(i) = self
+            let mut limit = None;
+            while let Some(i) = self
                 .posted
                 .iter()
-                .position(|p| p.src == m.src && p.tag == t)
+                .position(|p| p.src == m.src && p.tag == t && !p.cancelled())
             {
                 let p = self.posted.remove(i);
-                self.complete_posted(p, m);
-                return;
+                let l = *limit.get_or_insert_with(|| self.deadline());
+                match self.complete_posted(p, m, l) {
+                    None => return,
+                    Some(back) => m = back,
+                }
             }
         }
         self.stash.push_back(m);
     }
 
-    fn complete_posted(&mut self, mut p: Posted, m: Msg) {
-        self.take_clock(&m);
+    /// Complete `p` with `m`; gives `m` back if nobody received it (the `Work` was dropped meanwhile,
+    /// or in real time it arrives after `limit`). A copy-in error (length mismatch) consumes it, as a
+    /// truncated MPI receive does, unless nobody saw the error.
+    fn complete_posted(&mut self, mut p: Posted, m: Msg, limit: Instant) -> Option<Msg> {
+        if !self.take_clock(&m, limit) {
+            let _ = p.reply.send(Err(self.timeout("irecv", Some(p.src))));
+            return Some(m);
+        }
         let r = match &mut p.op {
             Collective::Recv { buf, .. } => copy_in(buf.buf_mut(), &m),
             _ => Err(Error::InvalidArgument(
                 "internal: posted op is not a receive".into(),
             )),
         };
-        let _ = p.reply.send(r.map(|_| p.op));
+        match p.reply.send(r.map(|_| p.op)) {
+            Ok(()) => None,
+            // Nobody saw it: give it back. Only point-to-point copies are posted, and reading a
+            // copy leaves it intact.
+            Err(_) => Some(m),
+        }
     }
 
-    /// Fail posted receives whose sender is gone or whose communicator broke.
+    /// Fail posted receives whose sender is gone; drop cancelled ones.
     fn sweep_posted(&mut self) {
+        self.posted.retain(|p| !p.cancelled());
         if self.posted.is_empty() {
             return;
         }
@@ -348,7 +492,12 @@ impl Engine {
         // receive from the lost rank itself fails, and the group is not broken for it.
         let mut keep = Vec::new();
         for p in self.posted.drain(..) {
-            if self.health.gone[p.src].load(Ordering::Acquire) {
+            // p.src < size: checked by `post_recv` (an unknown rank would count as gone)
+            let gone = match self.health.gone.get(p.src) {
+                Some(g) => g.load(Ordering::Acquire),
+                None => true,
+            };
+            if gone {
                 let _ = p.reply.send(Err(Error::PeerLost {
                     rank: p.src,
                     during: "irecv",
@@ -360,8 +509,14 @@ impl Engine {
         self.posted = keep;
     }
 
-    /// Post a non-blocking receive (never blocks the worker).
-    pub fn post_recv(&mut self, op: CollectiveOwned, reply: Sender<Result<CollectiveOwned>>) {
+    /// Post a non-blocking receive (never blocks the worker). `cancel` is set when the caller's
+    /// `Work` is dropped (see [`Posted::cancel`]).
+    pub fn post_recv(
+        &mut self,
+        op: CollectiveOwned,
+        reply: Sender<Result<CollectiveOwned>>,
+        cancel: Arc<AtomicBool>,
+    ) {
         let (src, tag) = match &op {
             Collective::Recv { peer, tag, .. } => (*peer, *tag),
             _ => {
@@ -371,11 +526,18 @@ impl Engine {
                 return;
             }
         };
+        if src >= self.size {
+            let _ = reply.send(Err(out_of_range("irecv peer", src, self.size)));
+            return;
+        }
+        // Cancelled entries would otherwise only go at the next idle sweep.
+        self.posted.retain(|p| !p.cancelled());
         let p = Posted {
             src,
             tag,
             op,
             reply,
+            cancel,
         };
         if let Some(i) = self
             .stash
@@ -383,31 +545,40 @@ impl Engine {
             .position(|m| m.src == src && m.tag == Tag::P2p(tag))
         {
             if let Some(m) = self.stash.remove(i) {
-                self.complete_posted(p, m);
+                let limit = self.deadline();
+                if let Some(m) = self.complete_posted(p, m, limit) {
+                    // Not delivered (the Work is already gone, or in real time the message arrives
+                    // after the deadline and this receive failed): it stays first in line.
+                    self.stash.insert(i, m);
+                }
                 return;
             }
         }
         self.posted.push(p);
     }
 
-    /// Block (bounded) for the message `(src, tag)`.
+    /// Block (until the operation's deadline) for the message `(src, tag)`.
     pub fn recv(&mut self, src: usize, tag: Tag, during: &'static str) -> Result<Msg> {
-        if let Some(i) = self.stash.iter().position(|m| m.src == src && m.tag == tag) {
-            if let Some(m) = self.stash.remove(i) {
-                self.take_clock(&m);
-                return Ok(m);
-            }
+        // Checked: `Communicator::exec` is public and does not validate, so `src` may be anything;
+        // `gone[src]` below is in range from here on.
+        if src >= self.health.gone.len() {
+            return Err(out_of_range("source rank", src, self.size));
         }
         let deadline = self.deadline();
+        if let Some(i) = self.stash.iter().position(|m| m.src == src && m.tag == tag) {
+            if let Some(m) = self.stash.remove(i) {
+                return self.take_in_time(m, deadline, Some(i), during);
+            }
+        }
         let p2p = matches!(tag, Tag::P2p(_));
         loop {
             if !p2p {
                 self.health.check(during)?;
             }
-            match self.inbox.recv_timeout(Duration::from_millis(10)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.inbox.recv_timeout(left.min(Duration::from_millis(10))) {
                 Ok(m) if m.src == src && m.tag == tag => {
-                    self.take_clock(&m);
-                    return Ok(m);
+                    return self.take_in_time(m, deadline, None, during);
                 }
                 Ok(m) => {
                     self.file(m);
@@ -425,8 +596,7 @@ impl Engine {
                 // Everything src sent before leaving is already queued: drain once more.
                 while let Ok(m) = self.inbox.try_recv() {
                     if m.src == src && m.tag == tag {
-                        self.take_clock(&m);
-                        return Ok(m);
+                        return self.take_in_time(m, deadline, None, during);
                     }
                     self.file(m);
                 }
@@ -436,13 +606,30 @@ impl Engine {
                 return Err(Error::PeerLost { rank: src, during });
             }
             if Instant::now() >= deadline {
-                return Err(Error::Timeout {
-                    during,
-                    after: self.cfg.timeout,
-                    waiting_for: Some(src),
-                });
+                return Err(self.timeout(during, Some(src)));
             }
         }
+    }
+
+    /// Take the matched message `m` under the link model; if in real time it arrives after the
+    /// deadline, it goes back to the stash (at `at`, where it was, or in front: it is the oldest of
+    /// its `(src, tag)`) for a later receive, and this one times out.
+    fn take_in_time(
+        &mut self,
+        m: Msg,
+        deadline: Instant,
+        at: Option<usize>,
+        during: &'static str,
+    ) -> Result<Msg> {
+        if self.take_clock(&m, deadline) {
+            return Ok(m);
+        }
+        let src = m.src;
+        match at {
+            Some(i) => self.stash.insert(i, m),
+            None => self.stash.push_front(m),
+        }
+        Err(self.timeout(during, Some(src)))
     }
 }
 
@@ -507,8 +694,20 @@ impl Worker {
     }
 
     /// Run a blocking collective on the worker. The worker borrows the caller's buffers; the caller
-    /// blocks until the worker replied, or until the job was dropped (worker gone) — in both cases the
-    /// worker no longer touches the buffers, and every loan made from them was revoked or returned.
+    /// blocks until the worker replied, or until the job was dropped (worker gone, or it panicked) —
+    /// in both cases the worker no longer touches the buffers, and every loan made from them was
+    /// revoked or returned.
+    ///
+    /// That is why the wait below has no timeout of its own: returning early would free buffers the
+    /// worker may still use. It is bounded all the same, by this invariant: **every wait inside a
+    /// job ends at the operation's deadline** (`Config::timeout` after the job started, see
+    /// [`Engine::with_deadline`]): message receives, loan acknowledgements and real-time link-model
+    /// sleeps; sends into the in-process and TCP transports are unbounded channels that never block,
+    /// locks (loans, the link-model clock) are only held for a copy or a reduction, never across a
+    /// wait or a sleep, and a panic ends the job at once. So this returns within about one timeout
+    /// after the job starts, plus the time of the computation itself; jobs queued before it (earlier
+    /// non-blocking operations) each have their own deadline. (The TCP writer threads' socket
+    /// writes are not covered: a loan read by a writer stuck in `write` holds its lock.)
     pub fn exec(&self, c: crate::CollectiveRef<'_>) -> Result<()> {
         let mut c = Some(c);
         let (tx, rx) = crossbeam::channel::bounded::<Result<()>>(1);
@@ -523,6 +722,7 @@ impl Worker {
             };
             let _ = tx.send(r);
         }))?;
+        // Bounded by the invariant in the docs above.
         match rx.recv() {
             Ok(r) => r,
             Err(_) => Err(self.lost("this rank's worker stopped during a collective")),
@@ -532,17 +732,26 @@ impl Worker {
     /// Start a non-blocking collective; receives are posted without blocking the worker.
     pub fn exec_async(&self, c: CollectiveOwned) -> Result<crate::Work<CollectiveOwned>> {
         let (tx, rx) = crossbeam::channel::bounded(1);
-        if matches!(c, Collective::Recv { .. }) {
-            self.submit(Box::new(move |e: &mut Engine| e.post_recv(c, tx)))?;
-        } else {
-            let mut c = c;
-            self.submit(Box::new(move |e: &mut Engine| {
-                let r = e.execute(c.views());
-                let _ = tx.send(r.map(|_| c));
-            }))?;
-        }
+        let pending = crate::work::ChannelPending::new(rx, self.rank);
+        let pending: Box<dyn crate::work::Pending<CollectiveOwned>> =
+            if matches!(c, Collective::Recv { .. }) {
+                let cancel = Arc::new(AtomicBool::new(false));
+                let flag = cancel.clone();
+                self.submit(Box::new(move |e: &mut Engine| e.post_recv(c, tx, flag)))?;
+                Box::new(RecvPending {
+                    inner: pending,
+                    cancel,
+                })
+            } else {
+                let mut c = c;
+                self.submit(Box::new(move |e: &mut Engine| {
+                    let r = e.execute(c.views());
+                    let _ = tx.send(r.map(|_| c));
+                }))?;
+                Box::new(pending)
+            };
         Ok(crate::Work::new(
-            Box::new(crate::work::ChannelPending(rx)),
+            pending,
             self.timeout,
             "non-blocking collective",
         ))
@@ -560,5 +769,90 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(n: usize, rank: usize) -> (Engine, Vec<Receiver<Msg>>) {
+        let (senders, inboxes): (Vec<_>, Vec<_>) =
+            (0..n).map(|_| crossbeam::channel::unbounded()).unzip();
+        let mut inboxes: Vec<Option<Receiver<Msg>>> = inboxes.into_iter().map(Some).collect();
+        let inbox = inboxes[rank].take().unwrap();
+        let e = Engine::new(
+            rank,
+            n,
+            senders,
+            inbox,
+            Health::new(n),
+            None,
+            Config::default().with_timeout(Duration::from_secs(1)),
+            Arc::new(AtomicU64::new(0)),
+            true,
+        );
+        (e, inboxes.into_iter().flatten().collect())
+    }
+
+    fn irecv(
+        e: &mut Engine,
+        src: usize,
+        tag: u32,
+    ) -> (Receiver<Result<CollectiveOwned>>, Arc<AtomicBool>) {
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let op: CollectiveOwned = Collective::Recv {
+            buf: Box::new(vec![0u8; 2]),
+            peer: src,
+            tag,
+        };
+        e.post_recv(op, tx, cancel.clone());
+        (rx, cancel)
+    }
+
+    fn msg(src: usize, tag: u32, b: &[u8]) -> Msg {
+        Msg {
+            src,
+            tag: Tag::P2p(tag),
+            payload: Payload::Bytes(msg::Aligned::copy_of(b)),
+            arrive: 0.0,
+        }
+    }
+
+    #[test]
+    fn cancelled_receives_are_swept_and_never_take_a_message() {
+        let (mut e, _keep) = engine(2, 0);
+        let (rx1, c1) = irecv(&mut e, 1, 4);
+        let (rx2, _c2) = irecv(&mut e, 1, 4);
+        assert_eq!(e.posted.len(), 2);
+        // the first is abandoned: the message goes to the second
+        c1.store(true, Ordering::Release);
+        drop(rx1);
+        e.file(msg(1, 4, &[1, 2]));
+        match rx2.try_recv() {
+            Ok(Ok(Collective::Recv { buf, .. })) => {
+                let v = buf.into_any().downcast::<Vec<u8>>().unwrap();
+                assert_eq!(*v, vec![1, 2]);
+            }
+            Ok(Ok(_)) => panic!("not a receive"),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(e) => panic!("the live receive got nothing: {e}"),
+        }
+        // a cancelled entry left alone is swept, and a message for it goes to the stash
+        let (_rx3, c3) = irecv(&mut e, 1, 5);
+        c3.store(true, Ordering::Release);
+        e.sweep_posted();
+        assert!(e.posted.is_empty(), "{} left", e.posted.len());
+        e.file(msg(1, 5, &[3, 4]));
+        assert_eq!(e.stash.len(), 1);
+        // a receiver that vanished without the flag (raced): the message is given back
+        let (rx4, _c4) = irecv(&mut e, 1, 6);
+        drop(rx4);
+        e.file(msg(1, 6, &[5, 6]));
+        assert_eq!(e.stash.len(), 2);
+        assert!(e.posted.is_empty());
+        let m = e.recv(1, Tag::P2p(6), "recv").unwrap();
+        m.payload.with(1, |b| assert_eq!(b, &[5, 6])).unwrap();
     }
 }

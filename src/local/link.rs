@@ -13,8 +13,16 @@
 //! Two clocks: [`TimeMode::Virtual`] advances per-rank virtual clocks only (fast, deterministic; read them
 //! with [`crate::Communicator::virtual_time`]); [`TimeMode::Real`] sleeps so wall-clock measurements see
 //! the modelled network (use it to show overlap of real compute with modelled communication).
+//!
+//! A model is validated when a world is created ([`LinkModel::validate`]): a zero, negative or NaN
+//! bandwidth or an infinite slowdown would make times infinite or NaN. Valid values can still make
+//! times very large (a latency of years); conversions to [`Duration`] saturate instead of panicking,
+//! and real-mode sleeps on the worker are bounded by the operation's deadline, so a modelled arrival
+//! later than the timeout is a [`crate::Error::Timeout`], not a sleep past it.
 
-use std::time::Duration;
+use crate::{Error, Result};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// How modelled time is charged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,10 +113,46 @@ impl LinkModel {
             .unwrap_or(self.default)
     }
 
-    /// Compute time charged to `rank` for nominal `d`.
+    /// Compute time charged to `rank` for nominal `d`; saturates at [`Duration::MAX`] (a huge
+    /// slowdown times a long compute does not fit a `Duration`; `Duration::mul_f64` would panic).
     pub fn compute_cost(&self, rank: usize, d: Duration) -> Duration {
         let s = self.slowdown.get(rank).copied().unwrap_or(1.0).max(0.0);
-        d.mul_f64(s) + self.delay.get(rank).copied().unwrap_or(Duration::ZERO)
+        secs(d.as_secs_f64() * s)
+            .saturating_add(self.delay.get(rank).copied().unwrap_or(Duration::ZERO))
+    }
+
+    /// Check every value the model computes with: each bandwidth (default and overrides) must be
+    /// positive (`f64::INFINITY` is allowed: no bandwidth cost), each slowdown finite and `>= 0`.
+    /// Latencies and delays are `Duration`s and always valid. Called when a world is created, so a bad
+    /// model is an [`Error::InvalidArgument`] naming the field rather than a panic on a worker.
+    /// Overrides and per-rank entries for ranks outside a world are allowed (they never apply; one
+    /// model serves a world and its smaller `split` groups).
+    pub fn validate(&self) -> Result<()> {
+        fn bandwidth(field: String, bw: f64) -> Result<()> {
+            if bw > 0.0 {
+                return Ok(()); // false for NaN, zero and negatives
+            }
+            Err(Error::InvalidArgument(format!(
+                "link model: {field} = {bw} bytes/s; a bandwidth must be a positive number of \
+                 bytes per second (Link::gbit(10.0, ..) is 1.25e9)"
+            )))
+        }
+        bandwidth("default.bandwidth".into(), self.default.bandwidth)?;
+        for (i, ((src, dst), l)) in self.overrides.iter().enumerate() {
+            bandwidth(
+                format!("overrides[{i}] (link {src} -> {dst}) bandwidth"),
+                l.bandwidth,
+            )?;
+        }
+        for (rank, &f) in self.slowdown.iter().enumerate() {
+            if !(f.is_finite() && f >= 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "link model: slowdown[{rank}] = {f}; a compute slowdown must be a finite \
+                     factor >= 0 (1.0 = nominal speed)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Model time (seconds) for `n` bytes over a link: `latency + n / bandwidth`.
@@ -157,30 +201,64 @@ impl Clock {
         self.link_free[dst] + link.latency.as_secs_f64()
     }
 
-    /// Take a message that arrives at `arrive`.
-    pub fn recv(&mut self, arrive: f64) {
+    /// Take a message that arrives at `arrive`: virtual time advances to it; real time returns how
+    /// long to sleep until it (the caller sleeps without holding the clock's lock).
+    fn recv(&mut self, arrive: f64) -> Option<Duration> {
         match self.model.mode {
-            TimeMode::Virtual => self.now = self.now.max(arrive),
+            TimeMode::Virtual => {
+                self.now = self.now.max(arrive);
+                None
+            }
             TimeMode::Real => {
                 let now = self.current();
-                if arrive > now {
-                    std::thread::sleep(Duration::from_secs_f64(arrive - now));
-                }
-                self.current();
+                (arrive > now).then(|| secs(arrive - now))
             }
         }
     }
+}
 
-    /// Charge nominal compute `d`.
-    pub fn compute(&mut self, d: Duration) {
-        let c = self.model.compute_cost(self.rank, d);
-        match self.model.mode {
-            TimeMode::Virtual => self.now += c.as_secs_f64(),
-            TimeMode::Real => {
-                std::thread::sleep(c);
-                self.current();
+/// Take a message arriving at model time `arrive` on `clock`. In real time this sleeps until the
+/// arrival, but never past `limit`: it returns false when the arrival lies beyond it (the caller
+/// reports a timeout). The sleep is taken without the lock, so the rank's user thread can charge
+/// compute meanwhile (overlap) and the worker never waits on a user-chosen compute sleep.
+pub(crate) fn take(clock: &Mutex<Clock>, arrive: f64, limit: Instant) -> bool {
+    let wait = clock.lock().unwrap_or_else(|e| e.into_inner()).recv(arrive);
+    let Some(wait) = wait else { return true };
+    let left = limit.saturating_duration_since(Instant::now());
+    let in_time = wait <= left;
+    std::thread::sleep(wait.min(left));
+    clock.lock().unwrap_or_else(|e| e.into_inner()).current();
+    in_time
+}
+
+/// Charge nominal compute `d` on `clock` (the user thread's [`crate::Communicator::compute`]). In
+/// real time this sleeps the charged time, without holding the lock (see [`take`]); that sleep is what
+/// the caller asked for, not a wait on a peer, so it is not bounded by the timeout.
+pub(crate) fn charge(clock: &Mutex<Clock>, d: Duration) {
+    let sleep = {
+        let mut c = clock.lock().unwrap_or_else(|e| e.into_inner());
+        let cost = c.model.compute_cost(c.rank, d);
+        match c.model.mode {
+            TimeMode::Virtual => {
+                c.now += cost.as_secs_f64();
+                None
             }
+            TimeMode::Real => Some(cost),
         }
+    };
+    if let Some(s) = sleep {
+        std::thread::sleep(s);
+        clock.lock().unwrap_or_else(|e| e.into_inner()).current();
+    }
+}
+
+/// Seconds as a `Duration`, saturating: negative and NaN give zero, too large gives `Duration::MAX`
+/// (`Duration::from_secs_f64` panics on all three).
+pub(crate) fn secs(x: f64) -> Duration {
+    if x > 0.0 {
+        Duration::try_from_secs_f64(x).unwrap_or(Duration::MAX)
+    } else {
+        Duration::ZERO
     }
 }
 
@@ -205,8 +283,9 @@ mod tests {
         let b = c.send(1, 1_000_000);
         assert!((a - 0.002).abs() < 1e-12, "{a}");
         assert!((b - 0.003).abs() < 1e-12, "{b}");
-        c.recv(0.010);
-        assert_eq!(c.now, 0.010);
+        let c = Mutex::new(c);
+        assert!(take(&c, 0.010, std::time::Instant::now()));
+        assert_eq!(c.lock().unwrap().now, 0.010);
         let m = LinkModel::uniform(TimeMode::Virtual, link)
             .with_slowdown(1, 3.0)
             .with_delay(1, Duration::from_millis(5));

@@ -18,7 +18,10 @@
 //!
 //! Failure semantics: if a rank's closure panics or a rank drops its communicator while others still
 //! wait on it, the others' pending and later collectives return [`crate::Error::PeerLost`] (never a
-//! hang); [`run`] returns the first rank's error or panic message.
+//! hang); [`run`] returns the first rank's error or panic message. The same holds when something
+//! panics on a rank's worker thread (a buffer implementation, an internal assertion): that rank's
+//! call returns `PeerLost` naming itself and the peers see the rank gone at once, not after their
+//! timeout. A bad [`LinkModel`] or a zero timeout is rejected by [`world`]/[`run_with`].
 
 pub mod link;
 
@@ -201,13 +204,14 @@ impl Communicator for LocalComm {
 
     fn compute(&self, d: Duration) -> Result<()> {
         if let Some(c) = &self.clock {
-            c.lock().unwrap_or_else(|e| e.into_inner()).compute(d);
+            link::charge(c, d);
         }
         Ok(())
     }
 
     fn virtual_time(&self) -> Option<Duration> {
-        self.now().map(Duration::from_secs_f64)
+        // A valid model can still drive virtual time past what a Duration holds: saturate.
+        self.now().map(link::secs)
     }
 }
 
@@ -233,6 +237,7 @@ pub fn world(n: usize, opts: &Options) -> Result<Vec<LocalComm>> {
         Some(c) => c.clone(),
         None => Config::from_env()?,
     };
+    validate(&cfg, opts)?;
     let shared = Arc::new(WorldShared {
         next_id: AtomicU64::new(1),
         splits: Mutex::new(HashMap::new()),
@@ -242,6 +247,22 @@ pub fn world(n: usize, opts: &Options) -> Result<Vec<LocalComm>> {
     (0..n)
         .map(|r| LocalComm::spawn(r, &setup, cfg.clone(), opts, shared.clone()))
         .collect()
+}
+
+/// Check what a world computes with before any worker starts, so bad values are a named
+/// [`Error::InvalidArgument`] here rather than a panic (or an infinite sleep) on a worker later.
+fn validate(cfg: &Config, opts: &Options) -> Result<()> {
+    if cfg.timeout.is_zero() {
+        return Err(Error::InvalidArgument(
+            "options.config.timeout is 0 s: every wait would fail at once; use a positive timeout \
+             (Config::with_timeout, or FERROCCL_TIMEOUT seconds)"
+                .into(),
+        ));
+    }
+    if let Some(m) = &opts.link {
+        m.validate()?;
+    }
+    Ok(())
 }
 
 /// Run `f` on `n` ranks (one thread each) and return every rank's result, in rank order.
