@@ -661,7 +661,11 @@ impl Communicator for NcclComm {
                 })
             }
         };
-        let p = NcclPending { state, op: Some(c) };
+        let p = NcclPending {
+            state,
+            op: Some(c),
+            timeout: self.cfg.timeout,
+        };
         Ok(Work::new(
             Box::new(p),
             self.cfg.timeout,

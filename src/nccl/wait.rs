@@ -141,6 +141,9 @@ pub(super) enum State {
 pub(super) struct NcclPending {
     pub(super) state: State,
     pub(super) op: Option<CollectiveOwned>,
+    /// The communicator's timeout: how long a drop waits before aborting (so that the buffers can
+    /// be freed safely).
+    pub(super) timeout: Duration,
 }
 
 impl NcclPending {
@@ -194,7 +197,7 @@ impl Drop for NcclPending {
         // the device may still read/write the buffers: never free them before the event
         if self.op.is_some() && self.poll_launched().is_none() {
             if let State::Launched(w) = &self.state {
-                let _ = w.wait(Duration::from_secs(30), "dropping a pending NCCL operation");
+                let _ = w.wait(self.timeout, "dropping a pending NCCL operation");
             }
         }
     }
