@@ -40,6 +40,10 @@ pub const HEADER_LEN: usize = 7;
 /// Largest payload accepted (64 MiB): a rendezvous value is an id or an address, not a tensor, and the
 /// cap keeps a corrupt length prefix from allocating gigabytes.
 pub const MAX_PAYLOAD: usize = 64 << 20;
+/// Longest token (`FERROCCL_TOKEN`) accepted, in bytes: the largest payload of an `AUTH` frame, and of
+/// the TCP transport's hello. Before a connection has authenticated, the store reads no frame longer
+/// than this, so an unauthenticated peer cannot make it allocate more.
+pub const MAX_TOKEN_LEN: usize = 4096;
 /// "Wait forever" on the wire (a GET with this wait never times out on the server).
 pub const WAIT_FOREVER_MS: u64 = u64::MAX;
 
