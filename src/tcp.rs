@@ -774,14 +774,20 @@ impl Communicator for TcpComm {
 }
 
 impl Drop for TcpComm {
-    /// Bounded: the worker finishes what is queued (each job is bounded by the timeout), a healthy
-    /// communicator waits up to [`CLOSE_WAIT`] (or the timeout, if shorter) for its peers to reach
-    /// their drop, so nobody closes a socket a peer still reads from; then every socket is shut
-    /// down, which also wakes a writer blocked on a peer that stopped reading, and the I/O threads
-    /// are joined.
+    /// Bounded: the worker finishes what is queued, for at most one timeout (after that a watchdog
+    /// shuts the sockets down, every peer counts as lost and the rest of the queue fails at once); a
+    /// healthy communicator then waits up to [`CLOSE_WAIT`] (or the timeout, if shorter) for its peers
+    /// to reach their drop, so nobody closes a socket a peer still reads from; then every socket is
+    /// shut down, which also wakes a writer blocked on a peer that stopped reading, and the I/O
+    /// threads are joined.
     fn drop(&mut self) {
+        let watchdog = self.watchdog();
         // The engine (and the writers' channels) drop here: writers flush what is queued and exit.
         self.worker.stop();
+        if let Some((done, t)) = watchdog {
+            drop(done);
+            let _ = t.join();
+        }
         // A broken communicator runs no more collectives: arrive at the barrier (so healthy peers
         // are not kept waiting for us) but do not wait.
         let wait = if self.health.check("closing").is_ok() {
@@ -798,5 +804,36 @@ impl Drop for TcpComm {
         for t in self.io_threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+impl TcpComm {
+    /// A thread that shuts the sockets down unless the returned sender is dropped within the
+    /// timeout (`None` if it cannot be started: drop is then bounded by the queued jobs' timeouts).
+    fn watchdog(&self) -> Option<(Sender<()>, JoinHandle<()>)> {
+        let socks = self
+            .sockets
+            .iter()
+            .map(TcpStream::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .ok()?;
+        let (done, wait) = crossbeam::channel::bounded::<()>(0);
+        let (timeout, rank) = (self.cfg.timeout, self.rank);
+        let t = std::thread::Builder::new()
+            .name(format!("ferroccl-tcp-close{rank}"))
+            .spawn(move || {
+                if let Err(crossbeam::channel::RecvTimeoutError::Timeout) =
+                    wait.recv_timeout(timeout)
+                {
+                    tracing::warn!(
+                        "TCP transport: rank {rank}'s queued operations did not finish within {timeout:?} of dropping the communicator; closing its connections"
+                    );
+                    for s in &socks {
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                }
+            })
+            .ok()?;
+        Some((done, t))
     }
 }

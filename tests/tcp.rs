@@ -394,6 +394,41 @@ fn a_peer_that_stops_reading_fails_the_collective_and_drop_returns() {
 }
 
 #[test]
+fn dropping_with_work_queued_for_a_hung_peer_is_bounded() {
+    // Rank 1 reads everything but never sends (a hung process): each all_reduce queued on rank 0
+    // would wait the whole timeout for it. Dropping the communicator waits for the queue at most
+    // one timeout, then closes the connections so the rest fails at once: about 1.5 s, not 5 × 1.5.
+    let cfg = Config::default().with_timeout(Duration::from_millis(1500));
+    let (works, dropped) = with_raw_rank1(
+        "hung",
+        cfg,
+        Duration::from_secs(40),
+        |mut s| {
+            let mut sink = vec![0u8; 1 << 16];
+            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+        },
+        |c| {
+            let works: Vec<_> = (0..5)
+                .map(|_| c.iall_reduce(vec![1.0f32; 1000], ReduceOp::Sum).unwrap())
+                .collect();
+            let t = Instant::now();
+            drop(c);
+            (works, t.elapsed())
+        },
+    );
+    eprintln!("hung peer: drop with 5 queued all_reduces took {dropped:?}");
+    assert!(dropped < Duration::from_secs(5), "drop took {dropped:?}");
+    for w in works {
+        let r = w.wait();
+        assert!(
+            matches!(r, Err(Error::Timeout { .. } | Error::PeerLost { .. })),
+            "{:?}",
+            r.map(|v| v.len())
+        );
+    }
+}
+
+#[test]
 fn a_frame_declaring_a_terabyte_is_not_allocated_up_front() {
     // A frame header declaring 1 TiB - 1 (under the sanity bound), 3 MiB of it, then a close:
     // allocating the declared length would abort this process; instead rank 0 loses the peer.
