@@ -19,7 +19,8 @@
 //! Frames: `[magic "FCC1"][kind u8][seq u64][step/tag u32][len u64][payload]`, little-endian. A frame
 //! with a bad magic, kind or oversize length ends that peer's connection: the peer counts as lost and
 //! collectives waiting on it fail with `PeerLost`. The reader grows a frame's buffer as its payload
-//! arrives, so a garbage length cannot make it allocate more than about twice what was really sent.
+//! arrives (past a first 16 MiB), so a garbage length cannot make it allocate more than that plus
+//! twice what was really sent.
 //!
 //! Large blocks reach the writer as loans of the caller's memory (no copy into a message). The writer
 //! copies a loan into its socket buffer piece by piece under the loan's lock and writes to the socket
@@ -54,9 +55,10 @@ const KIND_P2P: u8 = 2;
 /// Largest payload accepted in one frame (1 TiB: a sanity bound against garbage, not a quota; the
 /// reader allocates as bytes arrive, never the declared length up front).
 const MAX_FRAME: u64 = 1 << 40;
-/// A frame's payload buffer grows by this much at a time as bytes arrive, so a garbage length
-/// costs at most about twice what the peer really sent.
-const READ_PIECE: usize = 1 << 20;
+/// A frame's payload buffer starts at most this large (one zeroed allocation, as cheap as sizing it
+/// from the header for typical blocks) and beyond it doubles as bytes arrive, so a garbage length
+/// costs at most this much plus twice what the peer really sent.
+const FIRST_PIECE: usize = 16 << 20;
 /// The writer's buffer in front of the socket; lent payloads are copied into it piece by piece.
 const WRITE_BUF: usize = 1 << 20;
 /// How long an accepted connection may take to deliver its hello (bounded by the setup deadline).
@@ -505,24 +507,21 @@ fn read_msg(r: &mut impl Read, src: usize) -> std::result::Result<Msg, ReadEnd> 
         ))
     })?;
     // Grow the buffer as the payload arrives instead of trusting the declared length.
-    let mut a = Aligned::new();
+    let mut a = Aligned::zeroed(len.min(FIRST_PIECE));
     let mut got = 0;
     while got < len {
-        let n = (len - got).min(READ_PIECE);
-        a.try_resize(got + n).map_err(|e| {
+        let end = len.min(got.saturating_mul(2)).max(a.as_bytes().len());
+        a.try_resize(end).map_err(|e| {
             ReadEnd::Bad(format!(
-                "cannot allocate {} bytes for a {len}-byte frame: {e}",
-                got + n
+                "cannot allocate {end} bytes for a {len}-byte frame: {e}"
             ))
         })?;
-        r.read_exact(&mut a.as_bytes_mut()[got..got + n])
-            .map_err(|e| {
-                ReadEnd::Bad(format!(
-                    "truncated frame: at most {} of {len} payload bytes arrived ({e})",
-                    got + n
-                ))
-            })?;
-        got += n;
+        r.read_exact(&mut a.as_bytes_mut()[got..end]).map_err(|e| {
+            ReadEnd::Bad(format!(
+                "truncated frame: fewer than {end} of {len} payload bytes arrived ({e})"
+            ))
+        })?;
+        got = end;
     }
     Ok(Msg {
         src,

@@ -258,13 +258,6 @@ pub(crate) struct Aligned {
 }
 
 impl Aligned {
-    /// An empty buffer (no allocation); grow it with [`Aligned::try_resize`].
-    pub fn new() -> Aligned {
-        Aligned {
-            words: Vec::new(),
-            len: 0,
-        }
-    }
     /// Resize to `len` bytes (new bytes are zero), reporting an allocation failure instead of
     /// aborting. Growth is amortised (the capacity at most doubles past what is asked for), so a
     /// buffer grown piece by piece as bytes arrive costs linear time and never holds more than about
