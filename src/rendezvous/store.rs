@@ -540,7 +540,9 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
 }
 
 /// Whether the client at the other end of `s` has closed (or reset) its connection. Peeks without
-/// blocking; bytes it sent ahead (a pipelined request) are left for the next read.
+/// blocking; bytes it sent ahead (a pipelined request) are left for the next read. A client that
+/// only half-closes (shuts down its writing side and waits for the reply) counts as gone; the
+/// [`StoreClient`] never does that.
 fn client_gone(s: &TcpStream) -> bool {
     if s.set_nonblocking(true).is_err() {
         return true;
