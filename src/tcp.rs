@@ -784,7 +784,7 @@ impl Communicator for TcpComm {
 impl Drop for TcpComm {
     /// Bounded: the worker finishes what is queued, for at most one timeout (after that a watchdog
     /// shuts the sockets down, every peer counts as lost and the rest of the queue fails at once); a
-    /// healthy communicator then waits up to [`CLOSE_WAIT`] (or the timeout, if shorter) for its peers
+    /// healthy communicator then waits up to 10 s (or the timeout, if shorter) for its peers
     /// to reach their drop, so nobody closes a socket a peer still reads from; then every socket is
     /// shut down, which also wakes a writer blocked on a peer that stopped reading, and the I/O
     /// threads are joined.
