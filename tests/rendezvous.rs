@@ -1,5 +1,6 @@
 //! Integration tests of the rendezvous store: round trips, blocking gets, barriers, authentication,
-//! hostile peers and the torchrun-style environment.
+//! hostile peers, the server's limits (connections, keys, bytes, waits), the client's reply bound and
+//! the torchrun-style environment.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use ferroccl::rendezvous::{EnvRendezvous, StoreClient, StoreServer};
+use ferroccl::rendezvous::{EnvRendezvous, StoreClient, StoreLimits, StoreServer};
 use ferroccl::Error;
 use rand::{Rng, SeedableRng};
 
@@ -483,6 +484,239 @@ fn concurrent_hostile_and_good_traffic() {
     for a in attackers {
         a.join().unwrap();
     }
+}
+
+/// Raw connection that has authenticated (the OK reply consumed).
+fn raw_authed(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&auth_frame(TOKEN)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut ok = [0u8; 7];
+    s.read_exact(&mut ok).unwrap();
+    assert_eq!(ok, [0xFC, 1, 0x80, 0, 0, 0, 0], "OK reply to AUTH");
+    s
+}
+
+#[test]
+fn before_auth_only_a_token_sized_auth_frame_is_read() {
+    // A long auth timeout, so that only refusing on the header (not a deadline) can answer quickly.
+    let s =
+        StoreServer::bind_with_auth_timeout("127.0.0.1:0", TOKEN, Duration::from_secs(30)).unwrap();
+    let addr = s.local_addr();
+    let good = client(&s);
+    // An AUTH header declaring 64 MiB (the general frame limit) and no payload: refused at once
+    // with the token limit in the message, without waiting for (or allocating) the payload.
+    let mut big = TcpStream::connect(addr).unwrap();
+    big.write_all(&[0xFC, 1, 0x01, 0x04, 0, 0, 0]).unwrap();
+    let start = Instant::now();
+    let (reply, closed) = read_until_close(&mut big);
+    assert!(
+        closed && start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(reply.get(..3), Some(&[0xFC, 1, 0x85][..]));
+    let msg = String::from_utf8_lossy(&reply[7..]).to_string();
+    assert!(msg.contains("4096") && msg.contains("exceeds"), "{msg}");
+    // A SET header declaring 1 MiB before AUTH: refused on the header too.
+    let mut set = TcpStream::connect(addr).unwrap();
+    set.write_all(&[0xFC, 1, 0x02, 0, 0x10, 0, 0]).unwrap();
+    let start = Instant::now();
+    let (reply, closed) = read_until_close(&mut set);
+    assert!(closed && start.elapsed() < Duration::from_secs(3));
+    let msg = String::from_utf8_lossy(reply.get(7..).unwrap_or_default()).to_string();
+    assert!(msg.contains("SET before AUTH"), "{msg}");
+    // A token at the limit still authenticates; one byte more is refused by the client itself.
+    let long = "t".repeat(4096);
+    let ls = StoreServer::bind("127.0.0.1:0", &long).unwrap();
+    StoreClient::connect(&ls.local_addr().to_string(), &long, T).unwrap();
+    assert!(matches!(
+        StoreClient::connect(&ls.local_addr().to_string(), &"t".repeat(4097), T),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_serving(&good, "after-pre-auth");
+}
+
+#[test]
+fn connections_over_the_limit_are_refused_and_the_store_keeps_serving() {
+    let limits = StoreLimits {
+        max_connections: 3,
+        auth_timeout: Duration::from_secs(30),
+        ..StoreLimits::default()
+    };
+    let s = StoreServer::bind_with_limits("127.0.0.1:0", TOKEN, limits).unwrap();
+    let addr = s.local_addr();
+    let good = client(&s);
+    let silent: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    // Let the accept thread take the two silent connections.
+    std::thread::sleep(Duration::from_millis(200));
+    // Full: a fourth client is refused with an error naming the limit, promptly.
+    let start = Instant::now();
+    match StoreClient::connect(&addr.to_string(), TOKEN, Duration::from_secs(2)) {
+        Err(Error::Rendezvous(m)) => assert!(m.contains("max_connections"), "{m}"),
+        other => panic!("expected a refusal naming max_connections, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(3));
+    let mut extra = TcpStream::connect(addr).unwrap();
+    let (reply, closed) = read_until_close(&mut extra);
+    assert!(closed, "a connection over the limit was kept open");
+    assert_eq!(reply.get(..3), Some(&[0xFC, 1, 0x85][..]));
+    // The clients already in are served as before.
+    good.set("k", b"v").unwrap();
+    assert_eq!(good.get("k", T).unwrap(), b"v");
+    // Once the silent ones leave, there is room again.
+    drop(silent);
+    let start = Instant::now();
+    let c = loop {
+        match StoreClient::connect(&addr.to_string(), TOKEN, T) {
+            Ok(c) => break c,
+            Err(e) if start.elapsed() < Duration::from_secs(5) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("no room after two connections closed: {e}"),
+        }
+    };
+    assert_eq!(c.get("k", T).unwrap(), b"v");
+}
+
+#[test]
+fn stored_keys_and_bytes_are_capped_with_a_named_error() {
+    let limits = StoreLimits {
+        max_keys: 4,
+        max_bytes: 64,
+        ..StoreLimits::default()
+    };
+    let s = StoreServer::bind_with_limits("127.0.0.1:0", TOKEN, limits).unwrap();
+    let c = client(&s);
+    let refused = |r: ferroccl::Result<()>, limit: &str| match r {
+        Err(Error::Rendezvous(m)) => assert!(m.contains(limit), "{m}"),
+        other => panic!("expected a refusal naming {limit}, got {other:?}"),
+    };
+    // Bytes are key + value lengths: a, b, c hold 11 each, the counter n 2: 35 bytes in 4 keys.
+    for k in ["a", "b", "c"] {
+        c.set(k, &[b'x'; 10]).unwrap();
+    }
+    assert_eq!(c.add("n", 5).unwrap(), 5);
+    refused(c.set("d", b""), "max_keys");
+    refused(c.add("m", 1).map(|_| ()), "max_keys");
+    // Replacing a value is not a new key: a grows to 31 bytes, 55 in all.
+    c.set("a", &[b'y'; 30]).unwrap();
+    // b growing to 31 would make 75 > 64: refused, and b keeps its value.
+    refused(c.set("b", &[b'z'; 30]), "max_bytes");
+    assert_eq!(c.get("b", T).unwrap(), vec![b'x'; 10]);
+    // A counter growing past the limit is refused the same way (n = "1000000000005": 67 bytes).
+    refused(c.add("n", 1_000_000_000_000).map(|_| ()), "max_bytes");
+    assert_eq!(c.get("n", T).unwrap(), b"5");
+    // Deleting makes room: 44 bytes in 3 keys; d with 19 bytes makes exactly the limit, 64 in 4 keys.
+    assert!(c.delete("c").unwrap());
+    c.set("d", &[b'w'; 19]).unwrap();
+    refused(c.set("e", b""), "max_keys");
+    assert!(c.delete("d").unwrap());
+    refused(c.set("d", &[b'w'; 20]), "max_bytes");
+    // The connection was never broken by the refusals.
+    assert_eq!(c.get("a", T).unwrap(), vec![b'y'; 30]);
+    assert!(!c.check("d").unwrap(), "a refused SET stored nothing");
+    c.set("d", &[b'w'; 19]).unwrap();
+}
+
+#[test]
+fn get_waits_are_bounded_by_the_server() {
+    let limits = StoreLimits {
+        max_wait: Duration::from_millis(300),
+        ..StoreLimits::default()
+    };
+    let s = StoreServer::bind_with_limits("127.0.0.1:0", TOKEN, limits).unwrap();
+    // A raw GET asking to wait forever gets TIMEOUT once the server's limit passed.
+    let mut r = raw_authed(s.local_addr());
+    let mut get = 0xFFFF_FFFF_FFFF_FFFFu64.to_be_bytes().to_vec();
+    get.extend_from_slice(b"never");
+    r.write_all(&raw_frame(0x03, &get)).unwrap();
+    let start = Instant::now();
+    let mut reply = [0u8; 7];
+    r.read_exact(&mut reply).unwrap();
+    assert_eq!(reply, [0xFC, 1, 0x84, 0, 0, 0, 0], "TIMEOUT reply");
+    let el = start.elapsed();
+    assert!(
+        el >= Duration::from_millis(250) && el < Duration::from_secs(3),
+        "{el:?}"
+    );
+    // A client asking for longer is cut at the server's limit too, and its connection stays usable.
+    let c = client(&s);
+    let start = Instant::now();
+    assert!(matches!(c.get("never", T), Err(Error::Timeout { .. })));
+    assert!(start.elapsed() < Duration::from_secs(3));
+    c.set("never", b"now").unwrap();
+    assert_eq!(c.get("never", T).unwrap(), b"now");
+}
+
+#[test]
+fn a_waiting_get_ends_when_its_client_leaves() {
+    // Room for two connections: the good client and one that waits forever and then leaves. If the
+    // server kept waiting for the departed client, nobody else could connect.
+    let limits = StoreLimits {
+        max_connections: 2,
+        max_wait: Duration::from_secs(120),
+        ..StoreLimits::default()
+    };
+    let s = StoreServer::bind_with_limits("127.0.0.1:0", TOKEN, limits).unwrap();
+    let addr = s.local_addr();
+    let good = client(&s);
+    let mut r = raw_authed(addr);
+    let mut get = 0xFFFF_FFFF_FFFF_FFFFu64.to_be_bytes().to_vec();
+    get.extend_from_slice(b"never");
+    r.write_all(&raw_frame(0x03, &get)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        StoreClient::connect(&addr.to_string(), TOKEN, T).is_err(),
+        "the limit of 2 connections did not apply"
+    );
+    drop(r);
+    let start = Instant::now();
+    let c = loop {
+        match StoreClient::connect(&addr.to_string(), TOKEN, T) {
+            Ok(c) => break c,
+            Err(_) if start.elapsed() < Duration::from_secs(3) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("the abandoned GET still holds its connection: {e}"),
+        }
+    };
+    c.set("never", b"late").unwrap();
+    assert_eq!(good.get("never", T).unwrap(), b"late");
+}
+
+#[test]
+fn a_store_that_stops_answering_times_out_within_the_client_timeout() {
+    // A fake store: it accepts AUTH, then reads requests and never answers.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 7 + 6];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&[0xFC, 1, 0x80, 0, 0, 0, 0]).unwrap();
+        let mut sink = [0u8; 256];
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        while let Ok(n) = s.read(&mut sink) {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let c = StoreClient::connect(&addr, TOKEN, Duration::from_millis(500)).unwrap();
+    let start = Instant::now();
+    match c.set("k", b"v") {
+        Err(Error::Timeout { during, .. }) => assert_eq!(during, "rendezvous store reply"),
+        other => panic!("expected a reply timeout, got {other:?}"),
+    }
+    let el = start.elapsed();
+    assert!(
+        el >= Duration::from_millis(400) && el < Duration::from_secs(5),
+        "{el:?}"
+    );
+    drop(c);
+    h.join().unwrap();
 }
 
 #[test]

@@ -89,8 +89,39 @@ impl Lend {
     }
 
     pub fn len(&self) -> usize {
+        self.live_len().unwrap_or(0)
+    }
+
+    /// The lent length; `None` once the lender revoked the loan.
+    pub fn live_len(&self) -> Option<usize> {
         let g = self.0.mem.lock().unwrap_or_else(|e| e.into_inner());
-        g.map(|(_, l)| l).unwrap_or(0)
+        g.map(|(_, l)| l)
+    }
+
+    /// Run `f` on bytes `[offset, offset + len)` of the loan *without* acknowledging it; `None` if
+    /// the lender revoked the loan or the range is outside it.
+    ///
+    /// For a reader that consumes a loan in pieces (the TCP writer copies one chunk at a time into
+    /// its socket buffer, so that the revocation lock is never held across a socket write): `f` runs
+    /// under the loan's lock, so it must be short and must not block. Call [`Lend::ack`] after the
+    /// last piece.
+    pub fn with_part<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let g = self.0.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let (ptr, total) = (*g)?;
+        if offset.checked_add(len)? > total {
+            return None;
+        }
+        // SAFETY: as in `with`: the lender keeps [ptr, ptr+total) valid and unmodified until it has
+        // our ack or has revoked the loan (under this lock, which we hold); the range is in bounds.
+        let bytes = unsafe { std::slice::from_raw_parts((ptr as *const u8).add(offset), len) };
+        let r = f(bytes);
+        drop(g);
+        Some(r)
+    }
+
+    /// Tell the lender we are done with its memory (after the last [`Lend::with_part`]).
+    pub fn ack(&self) {
+        let _ = self.0.ack.try_send(());
     }
 }
 
@@ -227,6 +258,27 @@ pub(crate) struct Aligned {
 }
 
 impl Aligned {
+    /// Resize to `len` bytes (new bytes are zero), reporting an allocation failure instead of
+    /// aborting. Growth is amortised (the capacity at most doubles past what is asked for), so a
+    /// buffer grown piece by piece as bytes arrive costs linear time and never holds more than about
+    /// twice the bytes that did arrive.
+    pub fn try_resize(
+        &mut self,
+        len: usize,
+    ) -> std::result::Result<(), std::collections::TryReserveError> {
+        if len < self.len {
+            // keep the promise that bytes past `len` read as zero if the buffer grows again
+            let old = self.len;
+            bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[len..old].fill(0);
+        }
+        let words = len.div_ceil(8);
+        if words > self.words.len() {
+            self.words.try_reserve(words - self.words.len())?;
+        }
+        self.words.resize(words, 0);
+        self.len = len;
+        Ok(())
+    }
     pub fn zeroed(len: usize) -> Aligned {
         Aligned {
             words: vec![0u64; len.div_ceil(8)],

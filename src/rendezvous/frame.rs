@@ -9,7 +9,8 @@
 //! +-------+---------+--------+----------------+-----------------+
 //! ```
 //!
-//! The payload length is at most [`MAX_PAYLOAD`] (64 MiB). Requests (client → server) use opcodes
+//! The payload length is at most [`MAX_PAYLOAD`] (64 MiB), and at most [`MAX_TOKEN_LEN`] (4 KiB) for
+//! `AUTH`, the only frame a server reads before a connection has authenticated. Requests (client → server) use opcodes
 //! `0x01..=0x06`, replies (server → client) use `0x80..=0x86`; each request gets exactly one reply.
 //! Integers inside payloads are big-endian, keys are UTF-8.
 //!
@@ -40,7 +41,13 @@ pub const HEADER_LEN: usize = 7;
 /// Largest payload accepted (64 MiB): a rendezvous value is an id or an address, not a tensor, and the
 /// cap keeps a corrupt length prefix from allocating gigabytes.
 pub const MAX_PAYLOAD: usize = 64 << 20;
-/// "Wait forever" on the wire (a GET with this wait never times out on the server).
+/// Longest token (`FERROCCL_TOKEN`) accepted, in bytes: the largest payload of an `AUTH` frame, and of
+/// the TCP transport's hello. Before a connection has authenticated, the store reads no frame longer
+/// than this, so an unauthenticated peer cannot make it allocate more.
+pub const MAX_TOKEN_LEN: usize = 4096;
+/// "Wait forever" on the wire. Servers bound every wait by their own limit
+/// ([`StoreLimits::max_wait`](super::StoreLimits::max_wait)), so this asks for the longest wait the
+/// server allows.
 pub const WAIT_FOREVER_MS: u64 = u64::MAX;
 
 const OP_AUTH: u8 = 0x01;
@@ -140,6 +147,25 @@ pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(u8, usize), String> {
 /// True for opcodes a client may send (checked before reading the payload).
 pub fn is_request_op(op: u8) -> bool {
     (OP_AUTH..=OP_DELETE).contains(&op)
+}
+
+/// True for the AUTH opcode, the only one a server accepts before a connection has authenticated
+/// (checked before reading the payload).
+pub fn is_auth_op(op: u8) -> bool {
+    op == OP_AUTH
+}
+
+/// The name of a request opcode, for logs and error messages.
+pub fn request_name(op: u8) -> &'static str {
+    match op {
+        OP_AUTH => "AUTH",
+        OP_SET => "SET",
+        OP_GET => "GET",
+        OP_ADD => "ADD",
+        OP_CHECK => "CHECK",
+        OP_DELETE => "DELETE",
+        _ => "an unknown request",
+    }
 }
 
 /// True for opcodes a server may send.
@@ -375,6 +401,10 @@ fn read_exact_counting(r: &mut impl Read, buf: &mut [u8], base: usize) -> Result
     Ok(())
 }
 
+/// A payload buffer grows by this much at a time as bytes arrive, so a length prefix alone (garbage,
+/// or a peer that stops sending) never makes the reader allocate more than about twice what arrived.
+pub const READ_PIECE: usize = 64 << 10;
+
 /// Read one reply frame from a blocking reader (the reader's own timeout bounds the wait).
 pub fn read_response(r: &mut impl Read) -> Result<Response, ReadError> {
     let mut h = [0u8; HEADER_LEN];
@@ -383,8 +413,12 @@ pub fn read_response(r: &mut impl Read) -> Result<Response, ReadError> {
     if !is_response_op(op) {
         return Err(ReadError::Bad(format!("unknown reply opcode 0x{op:02x}")));
     }
-    let mut p = vec![0u8; len];
-    read_exact_counting(r, &mut p, HEADER_LEN)?;
+    let mut p = Vec::new();
+    while p.len() < len {
+        let start = p.len();
+        p.resize(start + (len - start).min(READ_PIECE), 0);
+        read_exact_counting(r, &mut p[start..], HEADER_LEN + start)?;
+    }
     Response::decode(op, p).map_err(ReadError::Bad)
 }
 

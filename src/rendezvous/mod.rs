@@ -41,19 +41,26 @@
 //! `[magic 0xFC][version 1][opcode u8][payload length u32 BE][payload]` with payloads of at most
 //! 64 MiB (see the [`frame`] module for the opcode table). Each request gets exactly one reply.
 //!
-//! * The first frame of a connection must be `AUTH` carrying the shared token (`FERROCCL_TOKEN`),
-//!   which the server compares in constant time. A wrong token is answered with `AUTH_FAILED`
-//!   ([`Error::BadToken`] on the client) and the connection is closed. The
+//! * The first frame of a connection must be `AUTH` carrying the shared token (`FERROCCL_TOKEN`, at
+//!   most 4 KiB), which the server compares in constant time. A wrong token is answered with
+//!   `AUTH_FAILED` ([`Error::BadToken`] on the client) and the connection is closed. The
 //!   empty token means "no secret"; it only keeps mismatched jobs apart, it does not keep anyone out.
-//! * A connection that sends nothing within 10 s, sends a frame before `AUTH`, an unknown opcode, an
-//!   oversize length, a truncated frame, a key that is not UTF-8 or plain garbage is answered with an
-//!   `ERROR` frame where possible and closed, with a `tracing::warn!`; every other connection keeps
-//!   being served (one thread per connection).
+//! * A connection that sends nothing within 10 s, sends a frame before `AUTH` or an `AUTH` longer than
+//!   a token (refused on the header, before anything is allocated), an unknown opcode, an oversize
+//!   length, a truncated frame, a key that is not UTF-8 or plain garbage is answered with an `ERROR`
+//!   frame where possible and closed, with a `tracing::warn!`; every other connection keeps being
+//!   served (one thread per connection).
+//! * [`StoreLimits`] bound what clients can take: concurrent connections (1024; one more is sent an
+//!   `ERROR` frame and closed), stored keys and bytes (a `SET`/`ADD` over the limit gets an `ERROR`
+//!   reply, [`Error::Rendezvous`] on the client, and the connection stays usable), and the longest
+//!   wait of one `GET`.
 //! * `GET` waits on the server (a condition variable woken by every `SET`/`ADD`; the map lock is not
-//!   held while waiting) and replies `TIMEOUT` when its wait runs out.
-//! * On the client, every socket read has a timeout; a store that goes away gives
-//!   [`Error::Rendezvous`] or [`Error::Io`] saying the
-//!   store at ADDR closed, and a garbled reply gives [`Error::BadFrame`].
+//!   held while waiting) and replies `TIMEOUT` when its wait, or the server's limit, runs out; a
+//!   waiting `GET` whose client disconnects ends within 50 ms.
+//! * On the client, every socket read and write has a timeout (the client's timeout beyond the wait
+//!   a request asked for); a store that goes away gives [`Error::Rendezvous`] or [`Error::Io`] saying
+//!   the store at ADDR closed, one that stops answering gives [`Error::Timeout`], and a garbled reply
+//!   gives [`Error::BadFrame`].
 //!
 //! The store is meant for a handful of small values per rank, not for data: there is no persistence,
 //! no replication, and everything lives in rank 0's memory.
@@ -61,7 +68,10 @@
 pub mod frame;
 mod store;
 
-pub use store::{StoreClient, StoreServer, DEFAULT_AUTH_TIMEOUT};
+pub use store::{
+    StoreClient, StoreLimits, StoreServer, DEFAULT_AUTH_TIMEOUT, DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_KEYS,
+};
 
 use std::time::Duration;
 
@@ -239,13 +249,21 @@ impl EnvRendezvous {
     /// every rank is done with the store (dropping it closes every client's connection). Every rank then
     /// connects a [`StoreClient`] to `master_addr:master_port`, retrying for up to `timeout`.
     ///
+    /// Pass `Config::timeout` (`FERROCCL_TIMEOUT`): it also bounds every store reply to the client
+    /// (beyond the wait a request asks for) and, on rank 0, the longest wait of one `GET` on the
+    /// server ([`StoreLimits::max_wait`]).
+    ///
     /// If `bind` asks for port 0, rank 0's server gets an ephemeral port and rank 0's own client
     /// connects to `master_addr:<the port actually bound>`; read it from
     /// [`StoreServer::local_addr`] and hand it to the other ranks as their `MASTER_PORT` (this is how
     /// single-machine tests avoid fixed ports).
     pub fn connect(&self, timeout: Duration) -> Result<(Option<StoreServer>, StoreClient)> {
         if self.rank == 0 {
-            let server = StoreServer::bind(&self.bind, &self.token)?;
+            let limits = StoreLimits {
+                max_wait: timeout,
+                ..StoreLimits::default()
+            };
+            let server = StoreServer::bind_with_limits(&self.bind, &self.token, limits)?;
             let port = match bind_port(&self.bind) {
                 Some(0) | None => server.local_addr().port(),
                 Some(_) => self.master_port,

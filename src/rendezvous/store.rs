@@ -8,32 +8,118 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::frame::{self, ReadError, Request, Response, HEADER_LEN, MAX_PAYLOAD, WAIT_FOREVER_MS};
+use super::frame::{
+    self, ReadError, Request, Response, HEADER_LEN, MAX_PAYLOAD, MAX_TOKEN_LEN, READ_PIECE,
+    WAIT_FOREVER_MS,
+};
 use crate::{Error, Result};
 
 /// How long a new connection may take to send its AUTH frame before the server drops it.
 pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`StoreLimits::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default [`StoreLimits::max_keys`].
+pub const DEFAULT_MAX_KEYS: usize = 1 << 20;
+/// Default [`StoreLimits::max_bytes`] (256 MiB).
+pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
 /// Once the first byte of a frame arrived, the rest must follow within this time.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
-/// Granularity at which server threads notice shutdown while idle or waiting.
+/// Granularity at which server threads notice shutdown (and a waiting GET a vanished client).
 const POLL: Duration = Duration::from_millis(50);
 /// Server-side write timeout, so a peer that stops reading cannot pin a thread.
 const SERVER_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Client-side bound on how long the store may take to answer, beyond any wait the request asked for.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Smallest client reply bound (a zero socket timeout would mean "none" to the OS).
+const MIN_REPLY_TIMEOUT: Duration = Duration::from_millis(10);
+
+/// What one [`StoreServer`] is willing to hold for its job. Each limit turns a runaway or hostile
+/// client into a named error instead of exhausting rank 0's threads, memory or descriptors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// A new connection that has not sent its AUTH frame within this time is dropped (default
+    /// [`DEFAULT_AUTH_TIMEOUT`], 10 s).
+    pub auth_timeout: Duration,
+    /// Connections served at once (default [`DEFAULT_MAX_CONNECTIONS`]); one more is sent an ERROR
+    /// frame and closed. A job needs one per rank (plus one per split communicator's client, if any).
+    pub max_connections: usize,
+    /// Keys stored at once (default [`DEFAULT_MAX_KEYS`]); a SET or ADD that would create one more
+    /// gets an ERROR reply, and the connection stays usable.
+    pub max_keys: usize,
+    /// Bytes of keys plus values stored at once (default [`DEFAULT_MAX_BYTES`], 256 MiB); a SET or ADD
+    /// that would exceed it gets an ERROR reply, and the connection stays usable.
+    pub max_bytes: usize,
+    /// Longest one GET waits on the server, whatever it asks for ([`WAIT_FOREVER_MS`] included);
+    /// the GET then gets a TIMEOUT reply (default [`crate::config::DEFAULT_TIMEOUT`], 300 s;
+    /// [`EnvRendezvous::connect`](super::EnvRendezvous::connect) uses its timeout, i.e.
+    /// `FERROCCL_TIMEOUT`). A waiting GET whose client disconnects ends at once either way.
+    pub max_wait: Duration,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            auth_timeout: DEFAULT_AUTH_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_keys: DEFAULT_MAX_KEYS,
+            max_bytes: DEFAULT_MAX_BYTES,
+            max_wait: crate::config::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// The stored keys and values, and their size.
+#[derive(Default)]
+struct Data {
+    map: HashMap<String, Vec<u8>>,
+    /// Sum of `key.len() + value.len()` over `map`.
+    bytes: usize,
+}
+
+impl Data {
+    /// Store `value` under `key` if the limits allow it (the caller wakes waiters).
+    fn put(&mut self, key: String, value: Vec<u8>, limits: &StoreLimits) -> Response {
+        let old = self.map.get(&key).map(|v| key.len() + v.len());
+        let new = key.len() + value.len();
+        if old.is_none() && self.map.len() >= limits.max_keys {
+            return Response::Error(format!(
+                "storing key {key:?} would exceed the store's limit of {} keys (StoreLimits::max_keys on rank 0); delete keys that are no longer needed",
+                limits.max_keys
+            ));
+        }
+        let total = self.bytes - old.unwrap_or(0) + new;
+        if total > limits.max_bytes {
+            return Response::Error(format!(
+                "storing {new} bytes under key {key:?} would bring the store to {total} bytes, over its limit of {} (StoreLimits::max_bytes on rank 0); the store is for small values such as ids and addresses: delete keys that are no longer needed",
+                limits.max_bytes
+            ));
+        }
+        self.bytes = total;
+        self.map.insert(key, value);
+        Response::Ok
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        match self.map.remove(key) {
+            Some(v) => {
+                self.bytes -= key.len() + v.len();
+                true
+            }
+            None => false,
+        }
+    }
+}
 
 /// State shared by the accept thread and every connection thread.
 struct Shared {
-    map: Mutex<HashMap<String, Vec<u8>>>,
+    map: Mutex<Data>,
     /// Signalled on every SET/ADD (and on shutdown) so blocked GETs re-check their key.
     changed: Condvar,
     shutdown: AtomicBool,
     token: Vec<u8>,
-    auth_timeout: Duration,
+    limits: StoreLimits,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Vec<u8>>> {
+    fn lock(&self) -> MutexGuard<'_, Data> {
         // A panic while holding the lock cannot leave the map half-updated (each operation is a single
         // insert/remove), so poisoning is safe to ignore.
         self.map.lock().unwrap_or_else(|e| e.into_inner())
@@ -47,7 +133,8 @@ impl Shared {
 /// The rendezvous key/value store server that rank 0 hosts.
 ///
 /// It accepts connections on a background thread and serves each connection on its own thread, so a
-/// slow, silent or malicious peer only ever ties up its own thread. Dropping the server stops it: the
+/// slow, silent or malicious peer only ever ties up its own thread; [`StoreLimits`] caps the
+/// connections, the stored keys and bytes, and how long a GET waits. Dropping the server stops it: the
 /// listener closes, blocked `get`s are released, every connection is closed and all threads are joined
 /// (this takes up to ~50 ms).
 pub struct StoreServer {
@@ -81,6 +168,26 @@ impl StoreServer {
         token: &str,
         auth_timeout: Duration,
     ) -> Result<StoreServer> {
+        Self::bind_with_limits(
+            addr,
+            token,
+            StoreLimits {
+                auth_timeout,
+                ..StoreLimits::default()
+            },
+        )
+    }
+
+    /// Like [`StoreServer::bind`], with explicit [`StoreLimits`].
+    pub fn bind_with_limits(addr: &str, token: &str, limits: StoreLimits) -> Result<StoreServer> {
+        if limits.max_connections == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "rendezvous store on {addr}: StoreLimits::max_connections is 0, so no client could connect; use at least one per rank (default {DEFAULT_MAX_CONNECTIONS})"
+            )));
+        }
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(token_too_long(token));
+        }
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::io(format!("rendezvous store: cannot bind {addr}"), e))?;
         let local_addr = listener
@@ -94,11 +201,11 @@ impl StoreServer {
             )
         })?;
         let shared = Arc::new(Shared {
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(Data::default()),
             changed: Condvar::new(),
             shutdown: AtomicBool::new(false),
             token: token.as_bytes().to_vec(),
-            auth_timeout,
+            limits,
         });
         let s = Arc::clone(&shared);
         let accept_thread = std::thread::Builder::new()
@@ -135,11 +242,41 @@ impl Drop for StoreServer {
     }
 }
 
+fn token_too_long(token: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "the rendezvous token (FERROCCL_TOKEN) is {} bytes; at most {MAX_TOKEN_LEN} are allowed",
+        token.len()
+    ))
+}
+
+/// Turn away a connection over [`StoreLimits::max_connections`]: an ERROR frame if the socket takes
+/// it at once (it is fresh, so it does), then close. Never blocks the accept thread.
+fn refuse(stream: TcpStream, peer: SocketAddr, max: usize, refused: &mut u64) {
+    *refused += 1;
+    // A flood would otherwise log a line per connection.
+    if refused.is_power_of_two() {
+        tracing::warn!(%peer, refused = *refused, "rendezvous store: {max} connections open (StoreLimits::max_connections); refusing new ones");
+    }
+    let msg = Response::Error(format!(
+        "the store already serves {max} connections, its limit (StoreLimits::max_connections on rank 0); close idle clients or raise the limit"
+    ));
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = (&stream).write(&msg.encode());
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+}
+
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    let mut refused = 0u64;
     while !shared.stopping() {
         match listener.accept() {
             Ok((stream, peer)) => {
+                conns.retain(|h| !h.is_finished());
+                if conns.len() >= shared.limits.max_connections {
+                    refuse(stream, peer, shared.limits.max_connections, &mut refused);
+                    continue;
+                }
                 let s = Arc::clone(&shared);
                 let spawned = std::thread::Builder::new()
                     .name(format!("ferroccl-store-conn-{peer}"))
@@ -213,10 +350,15 @@ fn read_full(
 
 /// Read one request. `first_deadline` bounds the wait for the frame to start (None: idle forever);
 /// once it has started, the rest must arrive within [`FRAME_TIMEOUT`] (and by `first_deadline`).
+///
+/// Before authentication (`authed == false`) only an AUTH frame of at most [`MAX_TOKEN_LEN`] bytes
+/// is read: anything else is refused on its header, before any payload is allocated. The payload
+/// buffer grows as bytes arrive, so a length prefix alone cannot allocate [`MAX_PAYLOAD`] either.
 fn read_request(
     stream: &mut TcpStream,
     first_deadline: Option<Instant>,
     shared: &Shared,
+    authed: bool,
 ) -> std::result::Result<Request, Stop> {
     let mut h = [0u8; HEADER_LEN];
     read_full(stream, &mut h[..1], 0, first_deadline, shared)?;
@@ -236,8 +378,31 @@ fn read_request(
     if !frame::is_request_op(op) {
         return Err(Stop::Bad(format!("unknown request opcode 0x{op:02x}")));
     }
-    let mut payload = vec![0u8; len];
-    read_full(stream, &mut payload, HEADER_LEN, deadline, shared)?;
+    if !authed {
+        if !frame::is_auth_op(op) {
+            return Err(Stop::Bad(format!(
+                "{} before AUTH: the first frame must authenticate",
+                frame::request_name(op)
+            )));
+        }
+        if len > MAX_TOKEN_LEN {
+            return Err(Stop::Bad(format!(
+                "AUTH payload of {len} bytes exceeds the {MAX_TOKEN_LEN}-byte token limit"
+            )));
+        }
+    }
+    let mut payload = Vec::new();
+    while payload.len() < len {
+        let start = payload.len();
+        payload.resize(start + (len - start).min(READ_PIECE), 0);
+        read_full(
+            stream,
+            &mut payload[start..],
+            HEADER_LEN + start,
+            deadline,
+            shared,
+        )?;
+    }
     Request::decode(op, payload).map_err(Stop::Bad)
 }
 
@@ -309,8 +474,8 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
     }
 
     // Authentication: the very first frame must be AUTH with the right token.
-    let deadline = Some(Instant::now() + shared.auth_timeout);
-    match read_request(&mut stream, deadline, &shared) {
+    let deadline = Instant::now().checked_add(shared.limits.auth_timeout);
+    match read_request(&mut stream, deadline, &shared, false) {
         Ok(Request::Auth(tok)) => {
             if !frame::constant_time_eq(&tok, &shared.token) {
                 tracing::warn!(%peer, "rendezvous store: wrong token; dropping connection");
@@ -337,7 +502,7 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
     tracing::debug!(%peer, "rendezvous store: client authenticated");
 
     loop {
-        let req = match read_request(&mut stream, None, &shared) {
+        let req = match read_request(&mut stream, None, &shared, true) {
             Ok(r) => r,
             Err(stop) => return reject(&mut stream, peer, "request", stop),
         };
@@ -351,18 +516,21 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
                 return;
             }
             Request::Set { key, value } => {
-                let mut map = shared.lock();
-                map.insert(key, value);
-                shared.changed.notify_all();
-                Response::Ok
+                let mut data = shared.lock();
+                let r = data.put(key, value, &shared.limits);
+                if r == Response::Ok {
+                    shared.changed.notify_all();
+                }
+                r
             }
-            Request::Get { key, wait_ms } => match wait_for(&shared, &key, wait_ms) {
+            Request::Get { key, wait_ms } => match wait_for(&shared, &key, wait_ms, &stream) {
                 Some(r) => r,
-                None => return, // shutting down: closing tells the client
+                // shutting down (closing tells the client), or the client is gone
+                None => return,
             },
             Request::Add { key, delta } => add(&shared, key, delta),
-            Request::Check { key } => Response::Bool(shared.lock().contains_key(&key)),
-            Request::Delete { key } => Response::Bool(shared.lock().remove(&key).is_some()),
+            Request::Check { key } => Response::Bool(shared.lock().map.contains_key(&key)),
+            Request::Delete { key } => Response::Bool(shared.lock().remove(&key)),
         };
         if let Err(e) = send(&mut stream, &resp) {
             tracing::warn!(%peer, error = %e, "rendezvous store: cannot send reply; dropping connection");
@@ -371,42 +539,73 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
     }
 }
 
-/// Wait until `key` exists; `None` when the server is shutting down. Releases the map lock while waiting.
-fn wait_for(shared: &Shared, key: &str, wait_ms: u64) -> Option<Response> {
-    let deadline = if wait_ms == WAIT_FOREVER_MS {
-        None
+/// Whether the client at the other end of `s` has closed (or reset) its connection. Peeks without
+/// blocking; bytes it sent ahead (a pipelined request) are left for the next read. A client that
+/// only half-closes (shuts down its writing side and waits for the reply) counts as gone; the
+/// [`StoreClient`] never does that.
+fn client_gone(s: &TcpStream) -> bool {
+    if s.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let mut b = [0u8; 1];
+    let r = s.peek(&mut b);
+    // A socket left non-blocking would make every later read spin: give up on it instead.
+    if s.set_nonblocking(false).is_err() {
+        return true;
+    }
+    match r {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted),
+    }
+}
+
+/// Wait until `key` exists, for `wait_ms` but at most [`StoreLimits::max_wait`]. `None` when the
+/// server is shutting down or `client` went away (checked every [`POLL`], so an abandoned wait does
+/// not keep its thread). Releases the map lock while waiting.
+fn wait_for(shared: &Shared, key: &str, wait_ms: u64, client: &TcpStream) -> Option<Response> {
+    let asked = if wait_ms == WAIT_FOREVER_MS {
+        shared.limits.max_wait
     } else {
-        Instant::now().checked_add(Duration::from_millis(wait_ms))
+        Duration::from_millis(wait_ms).min(shared.limits.max_wait)
     };
-    let mut map = shared.lock();
+    // None: a limit too far in the future to represent, i.e. no limit.
+    let deadline = Instant::now().checked_add(asked);
+    let mut checked = Instant::now();
+    let mut data = shared.lock();
     loop {
-        if let Some(v) = map.get(key) {
+        if let Some(v) = data.map.get(key) {
             return Some(Response::Value(v.clone()));
         }
         if shared.stopping() {
             return None;
         }
-        let slice = match deadline {
-            Some(d) => {
-                let now = Instant::now();
-                if now >= d {
-                    return Some(Response::Timeout);
-                }
-                (d - now).min(POLL)
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            return Some(Response::Timeout);
+        }
+        if now.duration_since(checked) >= POLL {
+            drop(data);
+            if client_gone(client) {
+                tracing::debug!(key, "rendezvous store: client left while its GET waited");
+                return None;
             }
-            None => POLL,
-        };
-        map = shared
+            checked = Instant::now();
+            data = shared.lock();
+            continue;
+        }
+        let slice = deadline.map_or(POLL, |d| (d - now).min(POLL));
+        data = shared
             .changed
-            .wait_timeout(map, slice)
+            .wait_timeout(data, slice)
             .unwrap_or_else(|e| e.into_inner())
             .0;
     }
 }
 
 fn add(shared: &Shared, key: String, delta: i64) -> Response {
-    let mut map = shared.lock();
-    let old = match map.get(&key) {
+    let mut data = shared.lock();
+    let old = match data.map.get(&key) {
         None => 0,
         Some(v) => match std::str::from_utf8(v)
             .ok()
@@ -425,9 +624,13 @@ fn add(shared: &Shared, key: String, delta: i64) -> Response {
             "ADD {delta} to counter {key:?} = {old} overflows i64"
         ));
     };
-    map.insert(key, new.to_string().into_bytes());
-    shared.changed.notify_all();
-    Response::Int(new)
+    match data.put(key, new.to_string().into_bytes(), &shared.limits) {
+        Response::Ok => {
+            shared.changed.notify_all();
+            Response::Int(new)
+        }
+        refused => refused,
+    }
 }
 
 /// One connection to the rendezvous store.
@@ -441,6 +644,8 @@ fn add(shared: &Shared, key: String, delta: i64) -> Response {
 pub struct StoreClient {
     addr: String,
     conn: Mutex<Conn>,
+    /// How long the store may take to answer, beyond any wait the request asked for.
+    reply_timeout: Duration,
 }
 
 struct Conn {
@@ -470,7 +675,15 @@ impl StoreClient {
     /// `timeout`, because rank 0 may start its server after other ranks start connecting. A wrong token
     /// gives [`Error::BadToken`]; running out of time gives [`Error::Rendezvous`] quoting the last
     /// connect error.
+    ///
+    /// `timeout` also bounds every reply of the store on this connection, beyond the wait a request
+    /// asks for (a `get`'s own timeout): a store that stops answering gives [`Error::Timeout`]. Pass
+    /// the communicator's `Config::timeout` (`FERROCCL_TIMEOUT`), as
+    /// [`EnvRendezvous::connect`](super::EnvRendezvous::connect) does.
     pub fn connect(addr: &str, token: &str, timeout: Duration) -> Result<StoreClient> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(token_too_long(token));
+        }
         let start = Instant::now();
         let deadline = start.checked_add(timeout);
         let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -518,6 +731,7 @@ impl StoreClient {
                 stream,
                 broken: None,
             }),
+            reply_timeout: timeout.max(MIN_REPLY_TIMEOUT),
         };
         let auth = Request::Auth(token.as_bytes().to_vec());
         match client.request(&auth, Duration::ZERO)? {
@@ -582,15 +796,21 @@ impl StoreClient {
 
     fn exchange(&self, stream: &mut TcpStream, req: &Request, wait: Duration) -> Result<Response> {
         let io_ctx = |what: &str| format!("rendezvous: {what} {} at {}", req.name(), self.addr);
+        let reply = self.reply_timeout;
         stream
-            .set_write_timeout(Some(REPLY_TIMEOUT))
-            .and_then(|_| stream.set_read_timeout(Some(wait.saturating_add(REPLY_TIMEOUT))))
+            .set_write_timeout(Some(reply))
+            .and_then(|_| stream.set_read_timeout(Some(wait.saturating_add(reply))))
             .map_err(|e| Error::io(io_ctx("set socket timeouts for"), e))?;
         if let Err(e) = stream.write_all(&req.encode()).and_then(|_| stream.flush()) {
             return Err(match e.kind() {
                 ErrorKind::BrokenPipe
                 | ErrorKind::ConnectionReset
                 | ErrorKind::ConnectionAborted => self.closed_error(Some(e)),
+                ErrorKind::WouldBlock | ErrorKind::TimedOut => Error::Timeout {
+                    during: "rendezvous store request (the store is not reading)",
+                    after: reply,
+                    waiting_for: Some(0),
+                },
                 _ => Error::io(io_ctx("send"), e),
             });
         }
@@ -600,7 +820,7 @@ impl StoreClient {
             Err(ReadError::Io(e)) => Err(match e.kind() {
                 ErrorKind::WouldBlock | ErrorKind::TimedOut => Error::Timeout {
                     during: "rendezvous store reply",
-                    after: wait.saturating_add(REPLY_TIMEOUT),
+                    after: wait.saturating_add(reply),
                     waiting_for: Some(0),
                 },
                 ErrorKind::ConnectionReset
