@@ -180,15 +180,6 @@ impl Pending {
     }
 }
 
-/// `d` from now; a timeout too long to represent as an instant (`Duration::MAX`, say) means "as
-/// late as possible", not a panic.
-fn deadline_in(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d)
-        .or_else(|| now.checked_add(Duration::from_secs(u64::from(u32::MAX))))
-        .unwrap_or(now)
-}
-
 fn advertised_ip(master: &str) -> Result<String> {
     if let Ok(a) = std::env::var("FERROCCL_TCP_ADDR") {
         return Ok(a);
@@ -602,7 +593,7 @@ impl TcpComm {
                 token.len()
             )));
         }
-        let deadline = deadline_in(cfg.timeout);
+        let deadline = crate::config::deadline_after(cfg.timeout);
         let left = |j: usize| {
             let d = deadline.saturating_duration_since(Instant::now());
             if d.is_zero() {

@@ -22,6 +22,7 @@ pub(crate) mod msg;
 
 use crate::buffer::BufMut;
 use crate::comm::CollectiveOwned;
+use crate::config::deadline_after;
 use crate::local::link::Clock;
 use crate::{Collective, Config, Error, Result};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
@@ -31,15 +32,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// `now + t`, saturating far in the future: `Instant + Duration` panics on overflow, and a
-/// `Config::with_timeout(Duration::MAX)` is a legitimate "wait forever".
-pub(crate) fn deadline_after(t: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(t)
-        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
-        .unwrap_or(now)
-}
 
 fn out_of_range(what: &'static str, rank: usize, world: usize) -> Error {
     Error::RankOutOfRange { what, rank, world }
