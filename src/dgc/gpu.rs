@@ -44,8 +44,10 @@
 //! CTL_KEEP`; exact ties are common in gradients of bf16 or f16 precision) is a second radix select
 //! run, over the tied indices, for the last one kept (`CTL_TIE_LAST`): three more rounds inside
 //! `dgc_topk_select`; three `dgc_tie_round` launches and the filter again after the read-back on
-//! the multi-launch path (whose filter leaves such a case untouched). Without such ties the top k
-//! costs no extra round, launch or synchronisation.
+//! the multi-launch path (whose filter leaves such a case untouched). Without such ties the
+//! speculative top k costs no extra round, launch or synchronisation; after a threshold correction
+//! (no read-back between the select and the filter) the three tie rounds are enqueued anyway and
+//! return at once.
 //!
 //! On compute capability 9.0 and later the step uses programmatic dependent launch
 //! ([`DgcKernels::set_pdl`]): `dgc_check_norm` lets the sample select start at once, whose blocks
@@ -1601,7 +1603,9 @@ impl DgcKernels {
     /// that (exact ties are common in gradients of bf16 or f16 precision), a second radix select
     /// over the tied indices finds the last one kept: three more rounds in the one-launch kernel,
     /// three `dgc_tie_round` launches otherwise (in the speculative multi-launch path after the
-    /// control words are read back). Without such ties it costs no extra round or launch.
+    /// control words are read back, only then). Without such ties the speculative top k costs no
+    /// extra round or launch; after a threshold correction the tie rounds are enqueued anyway
+    /// (three launches that return at once).
     #[allow(clippy::too_many_arguments)]
     pub fn compress_step(
         &self,
