@@ -639,7 +639,8 @@ __device__ __forceinline__ void topk_body(const u32* __restrict__ idx_in, const 
             }
         }
         // The values again (L2 loads; __ldcg, so that the compiler does not keep the first ones):
-        // x and the indices both live through these rounds made the kernel 95 registers, not 80.
+        // x and the indices both live through these rounds made the kernel 95 registers, not 80
+        // (sm_90).
 #pragma unroll
         for (u32 t = 0; t < COOP_PER; ++t) {
             x[t] = (((gt | eqs) >> t) & 1u) != 0u ? __ldcg(val_in + j0 + t * stride) : 0.0f;
