@@ -13,8 +13,11 @@
 //                    then the control words written to page-locked host memory
 //   dgc_fused        clip-scale + momentum + accumulate + threshold + compact  twin: fused_update_select
 //   dgc_select       threshold + compact only (threshold correction)           twin: select_above
-//   dgc_filter       keep candidates >= the k-th largest (top k of candidates), optionally masking them
+//   dgc_filter       keep the top k of the candidates: every one above the k-th largest magnitude, and
+//                    of those equal to it the lowest indices (optionally masking them)
 //                                                         twins: finish_selection (+ mask_sent)
+//   dgc_tie_round    one of three rounds of the radix select of the tie indices that dgc_filter keeps
+//                    when more candidates equal the k-th than the top k has room for
 //   dgc_mask         remove sent values from v, zero u (momentum masking)      twin: mask_sent
 //   dgc_decode_sorted  rank-ordered sum of gathered sorted messages / world    twin: wire::decode_average
 //   dgc_scatter_add_fixed  decode gathered fixed-k messages, dense += v (atomics, unordered)
@@ -25,7 +28,7 @@
 #define CTL_SCALE 2   // clip scale (float bits), written by dgc_check_norm
 #define CTL_BAD 3     // 0xFFFFFFFF - (first non-finite index), 0: none (atomicMax = first index)
 #define CTL_OVF 4     // 1: the squared norm overflowed
-#define CTL_SEL 5     // pairs kept by dgc_filter
+#define CTL_SEL 5     // pairs kept by dgc_filter above CTL_KTH (slots 0, 1, ...)
 #define CTL_DONE 6    // radix-round ticket (last block finishes the round)
 #define CTL_PREFIX 7  // radix select: bits fixed so far
 #define CTL_WANT 8    // radix select: rank still wanted among the matching values
@@ -34,7 +37,13 @@
 #define CTL_BADACC 11 // dgc_check_norm's atomicMax of CTL_BAD while it runs (published to CTL_BAD)
 #define CTL_END 13    // dgc_topk_select's end ticket (the last block publishes the words to the host)
 #define CTL_STUCK 14  // 1: a one-launch select gave up waiting for its blocks (see coop_round)
-#define CTL_SEQ 15    // in the host copy only: the step's sequence number, written last
+#define CTL_TIES 15   // pairs kept by dgc_filter equal to CTL_KTH (slots rank - CTL_KEEP, ...)
+#define CTL_KEEP 16   // the top k's select: how many candidates equal to CTL_KTH the top k keeps
+                      // (its rank minus the candidates above CTL_KTH), >= 1
+#define CTL_EQ 17     // the top k's select: how many candidates equal CTL_KTH (>= CTL_KEEP)
+#define CTL_TIE_LAST 18 // when CTL_EQ > CTL_KEEP: the highest index among the CTL_KEEP lowest
+                      // indices of the candidates equal to CTL_KTH (the ties kept)
+#define CTL_SEQ 19    // in the host copy only: the step's sequence number, written last
 #define RADIX_BINS 2048u
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -77,10 +86,10 @@ __device__ __forceinline__ bool dgc_passes(float v, float thr) {
 }
 
 // Warp-aggregated compaction: every lane of the warp must call it (pred may be false). One atomic per
-// warp with at least one candidate. Slots at or beyond cap are counted but not stored.
-// Returns true on the lanes whose pair was stored.
-__device__ __forceinline__ bool warp_compact(bool pred, u32 i, float v, u32 cap, u32* out_idx,
-                                             float* out_val, u32* count) {
+// warp with at least one candidate; the pairs go to slots off + *count, off + *count + 1, ... Slots
+// at or beyond cap are counted but not stored. Returns true on the lanes whose pair was stored.
+__device__ __forceinline__ bool warp_compact_at(bool pred, u32 i, float v, u32 off, u32 cap,
+                                                u32* out_idx, float* out_val, u32* count) {
     const u32 ballot = __ballot_sync(FULL_MASK, pred);
     if (ballot == 0u) {
         return false;
@@ -93,7 +102,7 @@ __device__ __forceinline__ bool warp_compact(bool pred, u32 i, float v, u32 cap,
     }
     base = __shfl_sync(FULL_MASK, base, leader);
     if (pred) {
-        const u32 slot = base + (u32)__popc(ballot & ((1u << lane) - 1u));
+        const u32 slot = off + base + (u32)__popc(ballot & ((1u << lane) - 1u));
         if (slot < cap) {
             out_idx[slot] = i;
             out_val[slot] = v;
@@ -101,6 +110,11 @@ __device__ __forceinline__ bool warp_compact(bool pred, u32 i, float v, u32 cap,
         }
     }
     return false;
+}
+
+__device__ __forceinline__ bool warp_compact(bool pred, u32 i, float v, u32 cap, u32* out_idx,
+                                             float* out_val, u32* count) {
+    return warp_compact_at(pred, i, v, 0u, cap, out_idx, out_val, count);
 }
 
 // Programmatic dependent launch (sm_90+; no-ops below, and when the launch did not ask for it): a
@@ -143,8 +157,8 @@ __device__ __forceinline__ void check_one(float x, u64 i, double* acc, u64* bad)
 // last block to finish, the clip scale min(1, limit / sqrt(sumsq)) (CTL_SCALE; 1 when limit <= 0,
 // i.e. no clipping) and the overflow flag (CTL_OVF). *sumsq, CTL_BADACC and the tickets must be
 // zero on entry. The last block also zeroes the counters of the kernels after it in a compression
-// step (CTL_COUNT, CTL_SEL, CTL_KTH), so a step needs no memset; with self_clean it leaves *sumsq
-// and CTL_BADACC zero for the next call too (*sumsq then reads 0 afterwards).
+// step (CTL_COUNT, CTL_SEL, CTL_TIES, CTL_KTH, CTL_EQ), so a step needs no memset; with self_clean
+// it leaves *sumsq and CTL_BADACC zero for the next call too (*sumsq then reads 0 afterwards).
 extern "C" __global__ void dgc_check_norm(const float* __restrict__ g, u64 n, double limit, double* sumsq,
                                           u32* ctl, int self_clean) {
     __shared__ double part[32];
@@ -205,7 +219,9 @@ extern "C" __global__ void dgc_check_norm(const float* __restrict__ g, u64 n, do
                 ctl[CTL_BAD] = self_clean ? atomicExch(ctl + CTL_BADACC, 0u) : atomicAdd(ctl + CTL_BADACC, 0u);
                 ctl[CTL_COUNT] = 0u;
                 ctl[CTL_SEL] = 0u;
+                ctl[CTL_TIES] = 0u;
                 ctl[CTL_KTH] = 0u;
+                ctl[CTL_EQ] = 0u;
                 float scale = 1.0f;
                 ctl[CTL_OVF] = (!isfinite(total) && limit > 0.0) ? 1u : 0u;
                 if (isfinite(total) && limit > 0.0) {
@@ -314,7 +330,9 @@ __device__ __forceinline__ bool radix_merge(const u32* hist, u32* last_s, u32 nb
 // The last block of a round: gather the global histogram into `hist` (clearing ghist for the next
 // round or call), pick the bin (radix_pick) and write CTL_PREFIX/CTL_WANT, and the result plus
 // `add` to ctl[out_slot] when `last` (add: the base of offset keys, see topk_body); reset the
-// ticket. Thread 0 writes the control words.
+// ticket. Thread 0 writes the control words. The top k's select (out_slot CTL_KTH, exact: the last
+// round's bins are single values) also writes, with its result, CTL_KEEP = the rank still wanted
+// among the values equal to it (its rank minus the values above it) and CTL_EQ = how many there are.
 __device__ __forceinline__ void radix_gather_pick(u32* hist, u32 nbins, int shift, u32 prefix, u32 want,
                                                   bool last, u32 add, int out_slot, u32* ctl,
                                                   u32* ghist) {
@@ -346,6 +364,10 @@ __device__ __forceinline__ void radix_gather_pick(u32* hist, u32 nbins, int shif
             ctl[CTL_WANT] = w;
             if (last) {
                 ctl[out_slot] = p + add;
+                if (out_slot == CTL_KTH) {
+                    ctl[CTL_KEEP] = w;
+                    ctl[CTL_EQ] = hist[(p >> shift) & (nbins - 1u)];
+                }
             }
             ctl[CTL_DONE] = 0u;
         }
@@ -511,9 +533,10 @@ extern "C" __global__ void dgc_sample_select(const float* __restrict__ g, const 
 
 // The speculative top k of the candidates in one cooperative launch: the k-th largest (two radix
 // rounds over offsets above the threshold, or dgc_radix_round's three; same result) and dgc_filter
-// (spec = 1), the candidates held in registers between them. Nothing
-// happens unless the count is in the band; with at most `rank` candidates every one is kept
-// (CTL_KTH stays 0). Needs gridDim.x * blockDim.x * COOP_PER >= cnt.
+// (spec = 1, cut = 1: dgc_tie_round's three rounds run here too when the ties need cutting), the
+// candidates held in registers between them. Nothing happens unless the count is in the band; with
+// at most `rank` candidates every one is kept (CTL_KTH stays 0). Needs gridDim.x * blockDim.x *
+// COOP_PER >= cnt.
 __device__ __forceinline__ void topk_body(const u32* __restrict__ idx_in, const float* __restrict__ val_in,
                                           u32 cnt, u32 rank, u32 cap, u32* idx_out, float* val_out,
                                           u32* ctl, u32* ghist, u32 min_ok, u32 band_cap, float* u,
@@ -544,7 +567,10 @@ __device__ __forceinline__ void topk_body(const u32* __restrict__ idx_in, const 
         bits[t] = __float_as_uint(fabsf(x[t]));
     }
     __syncthreads();
-    float thr = 0.0f;
+    const u32 gen0 = sh[1];
+    // The k-th largest magnitude (bits; 0: keep every candidate), how many candidates equal to it
+    // the top k keeps and how many there are (CTL_KEEP, CTL_EQ), and the one-launch rounds so far.
+    u32 kb = 0u, keep = 0u, eq = 0u, nth = 0u;
     if (cnt > rank) {
         // Two rounds instead of three, nearly always: every candidate passed the estimated
         // threshold t (|x| >= t), and the k-th largest nearly always lies less than 2^22 ulps
@@ -552,7 +578,6 @@ __device__ __forceinline__ void topk_body(const u32* __restrict__ idx_in, const 
         // are the offsets bits - bits(t), clamped to 2^22 - 1: round A bins offset >> 11, round B
         // the low 11 bits within A's bin; exact unless A picks the top (clamped) bin, which falls
         // back to the three rounds over the bits themselves.
-        const u32 gen0 = sh[1];
         const u32 tb = ctl[CTL_THR];
         const u32 top = (1u << 22) - 1u;
 #pragma unroll
@@ -566,6 +591,7 @@ __device__ __forceinline__ void topk_body(const u32* __restrict__ idx_in, const 
             coop_round(bits, valid, 0, 2048u, ~2047u, true, tb, CTL_KTH, true, 2u, hist, sh, gen0,
                        &prefix, &want, ctl, ghist);
             prefix += tb;
+            nth = 2u;
         } else {
 #pragma unroll
             for (u32 t = 0; t < COOP_PER; ++t) {
@@ -574,18 +600,58 @@ __device__ __forceinline__ void topk_body(const u32* __restrict__ idx_in, const 
             prefix = 0u;
             want = rank;
             coop_radix(bits, valid, 2, CTL_KTH, true, 2u, hist, sh, gen0, &prefix, &want, ctl, ghist);
+            nth = 4u;
         }
-        thr = __uint_as_float(prefix);
+        kb = prefix;
+        keep = want;
+        eq = __ldcg(ctl + CTL_EQ);  // written with CTL_WANT by the last round's pick
     }
-    // The filter: one atomic per warp for all of its lanes' kept values, then every load before
-    // any store (a warp_compact per value made sixteen dependent atomics and loads per thread).
-    u32 keep = 0u;
+    // The top k: every candidate above the k-th (gt, rank - keep of them) and `keep` of those equal
+    // to it (eqs). Float compares of |x| order exactly as the rounds' bits did (candidates are
+    // never NaN, dgc_passes rejects it, and nothing here flushes subnormals); compared as bits,
+    // the compiler kept the rounds' |x| bits live instead (sm_90: 94 registers instead of 80).
+    const float thr = __uint_as_float(kb);
+    u32 gt = 0u, eqs = 0u;
 #pragma unroll
     for (u32 t = 0; t < COOP_PER; ++t) {
-        keep |= (((valid >> t) & 1u) != 0u && dgc_passes(x[t], thr) ? 1u : 0u) << t;
+        const bool on = ((valid >> t) & 1u) != 0u;
+        gt |= (on && fabsf(x[t]) > thr ? 1u : 0u) << t;
+        eqs |= (on && kb != 0u && fabsf(x[t]) == thr ? 1u : 0u) << t;
     }
+    // Every load before any store (and before the atomics below, which then overlap them).
+    u32 ii[COOP_PER];
+#pragma unroll
+    for (u32 t = 0; t < COOP_PER; ++t) {
+        ii[t] = (((gt | eqs) >> t) & 1u) != 0u ? idx_in[j0 + t * stride] : 0u;
+    }
+    if (eq > keep) {
+        // More ties than room (e.g. gradients of bf16 precision: massive exact ties): keep the
+        // `keep` lowest indices among them, the CPU twin's order. Their highest is the
+        // (eq - keep + 1)-th largest tie index: dgc_tie_round's three rounds, over the indices
+        // held for the filter. Uniform: every thread read the same eq and keep.
+        u32 prefix = 0u, want = eq - keep + 1u;
+        coop_radix(ii, eqs, 2, CTL_TIE_LAST, true, nth + 1u, hist, sh, gen0, &prefix, &want, ctl,
+                   ghist);
+#pragma unroll
+        for (u32 t = 0; t < COOP_PER; ++t) {
+            if (ii[t] > prefix) {
+                eqs &= ~(1u << t);
+            }
+        }
+        // The values again (L2 loads; __ldcg, so that the compiler does not keep the first ones):
+        // x and the indices both live through these rounds made the kernel 95 registers, not 80
+        // (sm_90).
+#pragma unroll
+        for (u32 t = 0; t < COOP_PER; ++t) {
+            x[t] = (((gt | eqs) >> t) & 1u) != 0u ? __ldcg(val_in + j0 + t * stride) : 0.0f;
+        }
+    }
+    // The filter: one atomic per warp and kind (above the k-th: slots from 0, CTL_SEL; ties: slots
+    // from rank - keep, CTL_TIES) for all of its lanes' kept values (a warp_compact per value made
+    // sixteen dependent atomics and loads per thread). Both counts fit in 16 bits (at most
+    // 32 x COOP_PER per warp), so one scan carries both.
     const u32 lane = threadIdx.x & 31u;
-    const u32 mine = (u32)__popc(keep);
+    const u32 mine = (u32)__popc(gt) | ((u32)__popc(eqs) << 16);
     u32 incl = mine;
     for (int o = 1; o < 32; o <<= 1) {
         const u32 y = __shfl_up_sync(FULL_MASK, incl, o);
@@ -594,34 +660,34 @@ __device__ __forceinline__ void topk_body(const u32* __restrict__ idx_in, const 
         }
     }
     const u32 total = __shfl_sync(FULL_MASK, incl, 31);
-    u32 base = 0u;
-    if (lane == 31u && total != 0u) {
-        base = atomicAdd(ctl + CTL_SEL, total);
-    }
-    u32 slot = __shfl_sync(FULL_MASK, base, 31) + incl - mine;
-    // Kept: passes and lands below cap (slots beyond cap are counted, not stored).
-    const u32 pass = keep;
-    u32 ii[COOP_PER];
-#pragma unroll
-    for (u32 t = 0; t < COOP_PER; ++t) {
-        const bool on = ((pass >> t) & 1u) != 0u;
-        ii[t] = on ? idx_in[j0 + t * stride] : 0u;
-        if (!(on && slot + (u32)__popc(pass & ((1u << t) - 1u)) < cap)) {
-            keep &= ~(1u << t);
+    u32 base_gt = 0u, base_eq = 0u;
+    if (lane == 31u) {
+        if ((total & 0xFFFFu) != 0u) {
+            base_gt = atomicAdd(ctl + CTL_SEL, total & 0xFFFFu);
+        }
+        if ((total >> 16) != 0u) {
+            base_eq = atomicAdd(ctl + CTL_TIES, total >> 16);
         }
     }
-    // Masking: the candidates are v's own values (dgc_fused stored them and nothing wrote v
-    // since), so mask_sent's v - sent is 0 and v need not be read.
+    const u32 excl = incl - mine;
+    u32 slot_gt = __shfl_sync(FULL_MASK, base_gt, 31) + (excl & 0xFFFFu);
+    u32 slot_eq = rank - keep + __shfl_sync(FULL_MASK, base_eq, 31) + (excl >> 16);
+    const u32 pass = gt | eqs;
+    // Kept: passes and lands below cap (slots beyond cap are counted, not stored; with cap >= rank
+    // there are none). Masking: the candidates are v's own values (dgc_fused stored them and
+    // nothing wrote v since), so mask_sent's v - sent is 0 and v need not be read.
 #pragma unroll
     for (u32 t = 0; t < COOP_PER; ++t) {
-        if (((keep >> t) & 1u) != 0u) {
-            idx_out[slot] = ii[t];
-            val_out[slot] = x[t];
-            ++slot;
-            if (mask) {
-                v[ii[t]] = 0.0f;
-                if (mask == 2) {
-                    u[ii[t]] = 0.0f;
+        if (((pass >> t) & 1u) != 0u) {
+            const u32 slot = ((gt >> t) & 1u) != 0u ? slot_gt++ : slot_eq++;
+            if (slot < cap) {
+                idx_out[slot] = ii[t];
+                val_out[slot] = x[t];
+                if (mask) {
+                    v[ii[t]] = 0.0f;
+                    if (mask == 2) {
+                        u[ii[t]] = 0.0f;
+                    }
                 }
             }
         }
@@ -822,7 +888,8 @@ extern "C" __global__ void dgc_select(const float* __restrict__ v, u64 n, float 
     }
 }
 
-// spec = 1: cnt = min(CTL_SEL, cnt), and nothing happens unless the count is in the band.
+// spec = 1: cnt = min(CTL_SEL + CTL_TIES, cnt) (what dgc_filter kept), and nothing happens unless
+// the count is in the band.
 extern "C" __global__ void dgc_mask(float* u, float* v, const u32* __restrict__ idx,
                                     const float* __restrict__ sent, u32 cnt, int mask_momentum, int spec,
                                     u32 min_ok, u32 band_cap, const u32* ctl) {
@@ -830,7 +897,7 @@ extern "C" __global__ void dgc_mask(float* u, float* v, const u32* __restrict__ 
         if (!in_band(ctl, min_ok, band_cap)) {
             return;
         }
-        cnt = min(cnt, ctl[CTL_SEL]);
+        cnt = min(cnt, ctl[CTL_SEL] + ctl[CTL_TIES]);
     }
     const u32 stride = gridDim.x * blockDim.x;
     for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < cnt; j += stride) {
@@ -844,28 +911,46 @@ extern "C" __global__ void dgc_mask(float* u, float* v, const u32* __restrict__ 
     }
 }
 
-// Keep the candidates whose magnitude is >= ctl[CTL_KTH] (the top k of the candidate list, CTL_KTH
-// being the k-th largest candidate magnitude), at most cap of them; the count goes to CTL_SEL.
+// Keep the top `rank` of the candidates by magnitude, ctl[CTL_KTH] being the rank-th largest
+// candidate magnitude (0: at most rank candidates, keep every one): every candidate above it, into
+// slots 0, 1, ... (count: CTL_SEL), and CTL_KEEP of those equal to it, into slots rank - CTL_KEEP,
+// ... (count: CTL_TIES); nothing is stored at or beyond cap. When more candidates equal it than
+// that (CTL_EQ > CTL_KEEP), the ones kept are those with the lowest indices (index <=
+// ctl[CTL_TIE_LAST], from dgc_tie_round), the CPU twin's order; with cut = 0 the kernel then does
+// nothing at all (the host reads the control words, runs dgc_tie_round and this again with cut =
+// 1), with cut = 1 dgc_tie_round ran before. Magnitudes are compared as bits, as the radix rounds
+// counted them.
 // spec = 1: cnt = min(CTL_COUNT, cnt), and nothing happens unless the count is in the band.
 // mask = 1 or 2: also dgc_mask's update for every kept pair (2: zero u too), saving its launch; the
 // candidates are v's own values, so that update is v = 0.
 extern "C" __global__ void dgc_filter(const u32* __restrict__ idx_in, const float* __restrict__ val_in,
-                                      u32 cnt, u32 cap, u32* idx_out, float* val_out, u32* ctl, int spec,
-                                      u32 min_ok, u32 band_cap, float* u, float* v, int mask) {
+                                      u32 cnt, u32 rank, u32 cap, u32* idx_out, float* val_out, u32* ctl,
+                                      int spec, u32 min_ok, u32 band_cap, float* u, float* v, int mask,
+                                      int cut) {
     if (spec) {
         if (!in_band(ctl, min_ok, band_cap)) {
             return;
         }
         cnt = min(cnt, ctl[CTL_COUNT]);
     }
-    const float thr = __uint_as_float(ctl[CTL_KTH]);
+    const u32 kb = ctl[CTL_KTH];
+    const u32 keep = kb != 0u ? ctl[CTL_KEEP] : 0u;
+    const bool over = kb != 0u && ctl[CTL_EQ] > keep;
+    if (over && !cut) {
+        return;
+    }
+    const u32 last = over ? ctl[CTL_TIE_LAST] : 0xFFFFFFFFu;
+    const u32 eq_base = rank - keep;
     const u32 stride = gridDim.x * blockDim.x;
     for (u32 base = blockIdx.x * blockDim.x; base < cnt; base += stride) {
         const u32 j = base + threadIdx.x;
         const float x = j < cnt ? val_in[j] : 0.0f;
         const u32 i = j < cnt ? idx_in[j] : 0u;
-        const bool kept = warp_compact(j < cnt && dgc_passes(x, thr), i, x, cap, idx_out, val_out,
-                                       ctl + CTL_SEL);
+        const u32 b = __float_as_uint(fabsf(x));
+        const bool gt = j < cnt && b > kb;
+        const bool tie = j < cnt && kb != 0u && b == kb && i <= last;
+        const bool kept = warp_compact(gt, i, x, cap, idx_out, val_out, ctl + CTL_SEL) |
+                          warp_compact_at(tie, i, x, eq_base, cap, idx_out, val_out, ctl + CTL_TIES);
         if (kept && mask) {
             // The candidates are v's own values (see dgc_topk_select): v - sent = 0, no read.
             v[i] = 0.0f;
@@ -874,6 +959,49 @@ extern "C" __global__ void dgc_filter(const u32* __restrict__ idx_in, const floa
             }
         }
     }
+}
+
+// Round `round` (0, 1, 2) of the radix select that cuts the ties of the top k (see dgc_filter):
+// when more of the cnt candidates equal the k-th largest magnitude CTL_KTH than the top k keeps
+// (CTL_EQ > CTL_KEEP, both from the last dgc_radix_round), the (CTL_EQ - CTL_KEEP + 1)-th largest
+// index among them, i.e. the CTL_KEEP-th smallest, into CTL_TIE_LAST after round 2. Otherwise
+// nothing happens (one read of ctl), so the rounds can be enqueued unconditionally. Uses
+// CTL_PREFIX/CTL_WANT and ghist as dgc_radix_round does, never CTL_KTH, CTL_KEEP or CTL_EQ.
+// spec = 1: cnt = min(CTL_COUNT, cnt), and nothing happens unless the count is in the band.
+extern "C" __global__ void dgc_tie_round(const u32* __restrict__ idx, const float* __restrict__ val,
+                                         u32 cnt, int round, u32* ctl, u32* ghist, int spec, u32 min_ok,
+                                         u32 band_cap) {
+    __shared__ u32 hist[RADIX_BINS];
+    __shared__ u32 last_s;
+    if (spec) {
+        if (!in_band(ctl, min_ok, band_cap)) {
+            return;
+        }
+        cnt = min(cnt, ctl[CTL_COUNT]);
+    }
+    const u32 kb = ctl[CTL_KTH], keep = ctl[CTL_KEEP], eq = ctl[CTL_EQ];
+    if (kb == 0u || eq <= keep) {
+        return;
+    }
+    int shift;
+    u32 nbins, hi_mask;
+    radix_layout(round, &shift, &nbins, &hi_mask);
+    const u32 prefix = round == 0 ? 0u : ctl[CTL_PREFIX];
+    for (u32 b = threadIdx.x; b < nbins; b += blockDim.x) {
+        hist[b] = 0u;
+    }
+    __syncthreads();
+    const u32 stride = gridDim.x * blockDim.x;
+    for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < cnt; j += stride) {
+        if (__float_as_uint(fabsf(val[j])) == kb) {
+            const u32 i = idx[j];
+            if (((i ^ prefix) & hi_mask) == 0u) {
+                atomicAdd(&hist[(i >> shift) & (nbins - 1u)], 1u);
+            }
+        }
+    }
+    radix_finish(hist, &last_s, nbins, shift, prefix, round == 0 ? eq - keep + 1u : ctl[CTL_WANT],
+                 round == 2, CTL_TIE_LAST, ctl, ghist);
 }
 
 __device__ __forceinline__ int find_sorted(const u32* __restrict__ xs, u32 len, u32 key) {

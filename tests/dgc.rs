@@ -132,6 +132,245 @@ fn random_grad(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A compression step whose top k meets heavy exact ties at the k-th largest magnitude: more
+/// candidates equal it than the top k has room for, and many lie strictly above it. Gradients of
+/// bf16 or f16 precision (8 or 11 significant bits) have such ties everywhere.
+struct TieCase {
+    name: String,
+    g: Vec<f32>,
+    p: select::SelectParams,
+    /// The count after the first threshold is in the band: the device runs the top k
+    /// speculatively (`dgc_topk_select`, or the multi-launch rounds and the host's tie cut);
+    /// otherwise after the threshold correction (`DgcKernels::launch_filter`).
+    speculative: bool,
+    /// The k-th lies at least 2²² ulps above the threshold: the one-launch top k takes its
+    /// three-round fallback before cutting the ties.
+    three_rounds: bool,
+}
+
+/// The update `tie_cases` are compressed with: `u = v = 0` before, so `v' = 0.5·g` exactly and the
+/// ties of `g` are ties of `v'`.
+const TIE_UPDATE: select::Update = select::Update {
+    scale: 0.5,
+    momentum: 0.9,
+    momentum_correction: true,
+};
+
+/// `groups[i] = (count, magnitude, step)`: `count` values `±(magnitude + j·step)` at spread
+/// positions, the rest tiny (below 2⁻⁸) and rounded to bf16.
+fn small_set(n: usize, groups: &[(usize, f32, f32)], seed: u64) -> Vec<f32> {
+    let mut g: Vec<f32> = random_grad(n, seed).iter().map(|x| x * 3e-3).collect();
+    wire::quantize(&mut g, ValueFormat::Bf16);
+    let mut j = 0usize;
+    for &(count, mag, step) in groups {
+        for i in 0..count {
+            let sign = if select::mix64(seed ^ j as u64) & 1 == 0 {
+                1.0
+            } else {
+                -1.0
+            };
+            g[(j * 7919) % n] = sign * (mag + i as f32 * step);
+            j += 1;
+        }
+    }
+    g
+}
+
+/// The heavy-tie cases, on `n = 2^20` elements with `k = 1000`, each checked on the host by
+/// `tie_cases_have_heavy_ties_at_the_kth`: (a) gradients rounded to bf16, sampled threshold, eight
+/// steps (some corrected, some with fewer than k candidates in the end); (b) 700 values of magnitude 3 and 500 of magnitude 2, exact threshold (= 2, so 1200
+/// candidates: in the band, the top k keeps 300 of the 500 ties); (c) the same with 100 more near
+/// 1 and a sampled threshold at a step where it lands among those (so the k-th lies more than a
+/// half binade above it: the one-launch top k's three-round fallback before the tie cut); (d) 600
+/// of magnitude 3 and 2000 of magnitude 2, exact threshold: 2600 candidates, so corrections, and
+/// the top k after them keeps 400 of the 2000 ties.
+fn tie_cases() -> Vec<TieCase> {
+    let (n, k) = (1usize << 20, 1000);
+    let p = |sample, step| select::SelectParams {
+        k,
+        sample,
+        seed: 11,
+        step,
+        upper: 1.3,
+        lower: 0.8,
+        max_adapt: 8,
+    };
+    let mut cases = Vec::new();
+    for step in 0..8u64 {
+        let mut g = random_grad(n, 80 + step);
+        wire::quantize(&mut g, ValueFormat::Bf16);
+        let p = p(Some(n / 100), step);
+        let (mut u, mut v) = (vec![0.0; n], vec![0.0; n]);
+        let sel = select::compress(&g, &mut u, &mut v, TIE_UPDATE, &p).unwrap();
+        cases.push(TieCase {
+            name: format!("bf16 gradient, step {step}"),
+            g,
+            p,
+            speculative: sel.adaptations == 0,
+            three_rounds: false,
+        });
+    }
+    cases.push(TieCase {
+        name: "700 x 3, 500 x 2, exact threshold".into(),
+        g: small_set(n, &[(700, 3.0, 0.0), (500, 2.0, 0.0)], 90),
+        p: p(None, 0),
+        speculative: true,
+        three_rounds: false,
+    });
+    let g = small_set(n, &[(700, 3.0, 0.0), (500, 2.0, 0.0), (100, 1.0, 1e-3)], 91);
+    let step = (0..256)
+        .find(|&step| {
+            let (mut u, mut v) = (vec![0.0; n], vec![0.0; n]);
+            let sel = select::compress(&g, &mut u, &mut v, TIE_UPDATE, &p(Some(n / 100), step));
+            let sel = sel.unwrap();
+            sel.adaptations == 0 && sel.first_count > k && sel.threshold < 0.6
+        })
+        .expect("no step whose sampled threshold lands among the values near 1");
+    cases.push(TieCase {
+        name: format!("700 x 3, 500 x 2, 100 near 1, sampled threshold near 1 (step {step})"),
+        g,
+        p: p(Some(n / 100), step),
+        speculative: true,
+        three_rounds: true,
+    });
+    cases.push(TieCase {
+        name: "600 x 3, 2000 x 2, exact threshold, corrections".into(),
+        g: small_set(n, &[(600, 3.0, 0.0), (2000, 2.0, 0.0)], 92),
+        p: p(None, 0),
+        speculative: false,
+        three_rounds: false,
+    });
+    cases
+}
+
+/// The CPU twin on `tie_cases`: each case really has the ties it is meant to have (so the GPU test
+/// `gpu_compress_step_cuts_exact_ties` cannot pass vacuously), takes the path it is meant to take,
+/// and the twin keeps every candidate above the k-th largest magnitude and the lowest-index ties.
+#[test]
+fn tie_cases_have_heavy_ties_at_the_kth() {
+    let cases = tie_cases();
+    let mut bf16_cut = 0;
+    for c in &cases {
+        let n = c.g.len();
+        let k = c.p.k;
+        let (mut u, mut v) = (vec![0.0; n], vec![0.0; n]);
+        let sel = select::compress(&c.g, &mut u, &mut v, TIE_UPDATE, &c.p).unwrap();
+        let ctx = &c.name;
+        assert_eq!(sel.adaptations == 0, c.speculative, "{ctx}: {sel:?}");
+        // v' = 0.5·g exactly, nothing masked yet.
+        assert!(v.iter().zip(&c.g).all(|(a, b)| *a == 0.5 * b), "{ctx}");
+        if sel.idx.len() < k {
+            // A bf16 step whose final count is below k (within the band): every candidate is
+            // sent, there is no top k to cut.
+            assert!(ctx.starts_with("bf16"), "{ctx}: {sel:?}");
+            let cand = v
+                .iter()
+                .filter(|x| select::passes(**x, sel.threshold))
+                .count();
+            assert_eq!(sel.idx.len(), cand, "{ctx}");
+            continue;
+        }
+        assert_eq!(sel.idx.len(), k, "{ctx}");
+        let kth = sel
+            .val
+            .iter()
+            .map(|x| x.abs())
+            .fold(f32::INFINITY, f32::min);
+        if c.speculative {
+            assert!(
+                sel.first_count > k && sel.first_count <= 1300,
+                "{ctx}: {sel:?}"
+            );
+            let far = kth.to_bits() - sel.threshold.to_bits() >= 1 << 22;
+            assert_eq!(
+                far, c.three_rounds,
+                "{ctx}: k-th {kth}, threshold {}",
+                sel.threshold
+            );
+        }
+        let above: Vec<u32> = (0..n as u32)
+            .filter(|&i| v[i as usize].abs() > kth)
+            .collect();
+        let ties: Vec<u32> = (0..n as u32)
+            .filter(|&i| v[i as usize].abs() == kth)
+            .collect();
+        let keep = k - above.len();
+        assert!(ties.len() > keep, "{ctx}: {} ties, {keep} kept", ties.len());
+        // The twin: all of `above`, then the lowest `keep` tie indices.
+        let mut want: Vec<u32> = above
+            .iter()
+            .copied()
+            .chain(ties[..keep].iter().copied())
+            .collect();
+        want.sort_unstable();
+        assert_eq!(sel.idx, want, "{ctx}");
+        if ctx.starts_with("bf16") {
+            bf16_cut += usize::from(c.speculative && above.len() >= k / 2);
+        } else {
+            assert!(
+                above.len() >= 600 && ties.len() >= 500,
+                "{ctx}: {} above",
+                above.len()
+            );
+        }
+        eprintln!(
+            "{ctx}: {} candidates first, {} above the k-th ({kth}), {} ties of which {keep} kept, \
+             threshold {}, {} corrections",
+            sel.first_count,
+            above.len(),
+            ties.len(),
+            sel.threshold,
+            sel.adaptations
+        );
+    }
+    assert!(
+        bf16_cut >= 2,
+        "too few bf16 steps with a speculative top k that cuts ties"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+    /// The CPU twin's top k of unordered candidates (`finish_selection`, which the device's top k
+    /// must equal as a set), with many exact ties: every candidate above the k-th largest
+    /// magnitude, then those equal to it by lower index, the result ascending by index.
+    #[test]
+    fn finish_selection_keeps_all_above_and_lowest_index_ties(
+        pairs in proptest::collection::vec((0u8..4, any::<bool>()), 1..300)
+            .prop_map(|v| v.into_iter().enumerate().collect::<Vec<_>>())
+            .prop_shuffle(),
+        k in 1usize..320,
+    ) {
+        let (mut idx, mut val): (Vec<u32>, Vec<f32>) = pairs
+            .iter()
+            .map(|&(i, (m, neg))| {
+                let x = f32::from(1u8 << m) * 0.5;
+                (i as u32 * 3 + 1, if neg { -x } else { x })
+            })
+            .unzip();
+        let mut want: Vec<(u32, f32)> = idx.iter().copied().zip(val.iter().copied()).collect();
+        want.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
+        want.truncate(k);
+        let kth = want.last().map_or(0.0, |p| p.1.abs());
+        want.sort_by_key(|p| p.0);
+        select::finish_selection(&mut idx, &mut val, k);
+        let got: Vec<(u32, f32)> = idx.iter().copied().zip(val.iter().copied()).collect();
+        prop_assert_eq!(got.len(), k.min(pairs.len()));
+        prop_assert!(idx.windows(2).all(|w| w[0] < w[1]));
+        // Every candidate above the k-th is in; a tie is out only if every tie in has a lower index.
+        for &(i, (m, _)) in &pairs {
+            let (i, x) = (i as u32 * 3 + 1, f32::from(1u8 << m) * 0.5);
+            let sent = idx.binary_search(&i).is_ok();
+            if x > kth {
+                prop_assert!(sent, "{} above the k-th {} not sent", i, kth);
+            } else if x == kth && !sent {
+                prop_assert!(got.iter().all(|p| p.1.abs() > kth || p.0 < i));
+            }
+        }
+        prop_assert_eq!(got, want);
+    }
+}
+
 #[test]
 fn sampled_threshold_stays_in_the_correction_band() {
     let n = 200_000;
@@ -538,6 +777,7 @@ fn gpu_compress_step_matches_host() {
             up,
             &params(step, lower, k),
             &mut dropped,
+            &mut [0; 3],
         );
     }
     assert!(
@@ -590,15 +830,20 @@ fn gpu_compress_step_matches_host() {
         up,
         &params(step, 0.8, k),
         &mut gap,
+        &mut [0; 3],
     );
     assert_eq!(gap, [1; 3], "the gap case must run the top k on the device");
 }
 
 /// One `compress_step` case against `select::compress` + `mask_sent` on the host, run each way the
 /// selects can run: one launch each with and without programmatic dependent launch (cooperative
-/// then), and one launch per round. `dropped[way]` counts the cases whose top k ran on the device
-/// and dropped candidates.
+/// then), and one launch per round. Besides the same selected pairs, threshold, `u` and `v`: exactly
+/// `min(candidates, k)` pairs are selected (`CTL_SEL + CTL_TIES` of them on the device), among them
+/// every candidate above the k-th largest magnitude. `dropped[way]` counts the cases whose top k ran
+/// on the device and dropped candidates, `cut[way]` those whose top k (speculative or not) had more
+/// ties at the k-th than room and cut them (`CTL_EQ > CTL_KEEP`).
 #[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
 fn compress_step_three_ways(
     kern: &ferroccl::dgc::gpu::DgcKernels,
     g: &[f32],
@@ -607,10 +852,30 @@ fn compress_step_three_ways(
     up: select::Update,
     p: &select::SelectParams,
     dropped: &mut [usize; 3],
+    cut: &mut [usize; 3],
 ) {
+    use ferroccl::dgc::gpu::{CTL_EQ, CTL_KEEP, CTL_KTH, CTL_SEL, CTL_TIES};
     let n = g.len();
     let (mut cu, mut cv) = (u0.to_vec(), v0.to_vec());
     let sel = select::compress(g, &mut cu, &mut cv, up, p).unwrap();
+    // Every candidate above the k-th largest magnitude is sent (every candidate, when the host
+    // selected fewer than k).
+    let full = sel.idx.len() == p.k;
+    let kth = sel
+        .val
+        .iter()
+        .map(|x| x.abs())
+        .fold(f32::INFINITY, f32::min);
+    let above: Vec<u32> = (0..n as u32)
+        .filter(|&i| {
+            let x = cv[i as usize];
+            if full {
+                x.abs() > kth
+            } else {
+                select::passes(x, sel.threshold)
+            }
+        })
+        .collect();
     select::mask_sent(&mut cu, &mut cv, &sel.idx, &sel.val, true);
     for (mode, (one_launch, pdl)) in [(true, true), (true, false), (false, false)]
         .into_iter()
@@ -624,21 +889,77 @@ fn compress_step_three_ways(
         let (c, got) = kern
             .compress_step(&gd, &mut gu, &mut gv, up, None, p, true, &mut ws, None)
             .unwrap();
+        let ctl = kern.read_ctl(&ws).unwrap();
         let mut i = kern.download(&ws.sel_idx).unwrap();
         let mut x = kern.download(&ws.sel_val).unwrap();
         i.truncate(got);
         x.truncate(got);
         select::finish_selection(&mut i, &mut x, usize::MAX);
         let ctx = format!(
-            "one launch {one_launch}, pdl {pdl}, step {}, lower {}, k {}, {c:?}",
+            "one launch {one_launch}, pdl {pdl}, step {}, lower {}, k {}, {c:?}, ctl {ctl:?}",
             p.step, p.lower, p.k
+        );
+        assert_eq!(got, c.count.min(p.k), "{ctx}");
+        assert_eq!((ctl[CTL_SEL] + ctl[CTL_TIES]) as usize, got, "{ctx}");
+        assert!(
+            above.iter().all(|a| i.binary_search(a).is_ok()),
+            "a candidate above the k-th ({kth}) was not sent, {ctx}"
         );
         assert_eq!((&i, &x), (&sel.idx, &sel.val), "{ctx}");
         assert_eq!(c.threshold, sel.threshold, "{ctx}");
         assert!(kern.download(&gu).unwrap() == cu, "u, {ctx}");
         assert!(kern.download(&gv).unwrap() == cv, "v, {ctx}");
         dropped[mode] += usize::from(c.top_k_done && c.count > p.k);
+        cut[mode] += usize::from(ctl[CTL_KTH] != 0 && ctl[CTL_EQ] > ctl[CTL_KEEP]);
     }
+}
+
+/// The device top k with heavy exact ties at the k-th largest magnitude (`tie_cases`: bf16-rounded
+/// gradients, and values from a small set), each way the selects run, on the speculative path
+/// (two-round and three-round one-launch top k; the multi-launch rounds, whose ties the host cuts
+/// after the read-back) and after corrections: the selected set is the host twin's (every candidate
+/// above the k-th, then the lowest-index ties), exactly k pairs, `u` and `v` bit for bit.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_compress_step_cuts_exact_ties() {
+    use ferroccl::dgc::gpu::DgcKernels;
+    let kern = DgcKernels::new(0).unwrap();
+    let (mut spec, mut corrected) = ([0; 3], [0; 3]);
+    for c in tie_cases() {
+        let n = c.g.len();
+        let zeros = vec![0.0f32; n];
+        let (mut dropped, mut cut) = ([0; 3], [0; 3]);
+        eprintln!("{}", c.name);
+        compress_step_three_ways(
+            &kern,
+            &c.g,
+            &zeros,
+            &zeros,
+            TIE_UPDATE,
+            &c.p,
+            &mut dropped,
+            &mut cut,
+        );
+        if !c.name.starts_with("bf16") {
+            assert_eq!(cut, [1; 3], "{}: the device top k did not cut ties", c.name);
+            let want = if c.speculative { [1; 3] } else { [0; 3] };
+            assert_eq!(dropped, want, "{}: speculative top k", c.name);
+        }
+        for w in 0..3 {
+            spec[w] += usize::from(c.speculative) * cut[w];
+            corrected[w] += usize::from(!c.speculative) * cut[w];
+        }
+    }
+    // bf16 steps included: tie cuts on both paths, each way.
+    assert!(
+        spec.iter().all(|&s| s >= 4),
+        "speculative tie cuts {spec:?}"
+    );
+    assert!(
+        corrected.iter().all(|&s| s >= 2),
+        "tie cuts after corrections {corrected:?}"
+    );
 }
 
 /// The device step (`DeviceDgc`, gradient and state on the GPU) against the host step (`Dgc`) on

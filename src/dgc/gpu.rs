@@ -36,6 +36,19 @@
 //! synchronisation (or, where it does not fit, three `dgc_radix_round`s and `dgc_filter`, then a
 //! copy).
 //!
+//! The top k is the CPU twin's set exactly ([`select::finish_selection`]: ties at the k-th
+//! magnitude go to the lower indices): every candidate above the k-th largest magnitude is kept
+//! (slots `0..`, counted in `CTL_SEL`), then those equal to it (slots from `k − CTL_KEEP`, counted
+//! in `CTL_TIES`), where `CTL_KEEP`, k minus the candidates above, comes out of the radix select
+//! itself, with `CTL_EQ`, how many equal it. Only when more candidates tie than that (`CTL_EQ >
+//! CTL_KEEP`; exact ties are common in gradients of bf16 or f16 precision) is a second radix select
+//! run, over the tied indices, for the last one kept (`CTL_TIE_LAST`): three more rounds inside
+//! `dgc_topk_select`; three `dgc_tie_round` launches and the filter again after the read-back on
+//! the multi-launch path (whose filter leaves such a case untouched). Without such ties the
+//! speculative top k costs no extra round, launch or synchronisation; after a threshold correction
+//! (no read-back between the select and the filter) the three tie rounds are enqueued anyway and
+//! return at once.
+//!
 //! On compute capability 9.0 and later the step uses programmatic dependent launch
 //! ([`DgcKernels::set_pdl`]): `dgc_check_norm` lets the sample select start at once, whose blocks
 //! gather their runs as the check's blocks retire and wait (`griddepcontrol.wait`) only before
@@ -71,7 +84,7 @@ fn cuda<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
 }
 
 /// Every kernel of `cuda/dgc.cu` that [`DgcKernels`] loads.
-pub const KERNELS: [&str; 11] = [
+pub const KERNELS: [&str; 12] = [
     "dgc_check_norm",
     "dgc_sample",
     "dgc_radix_round",
@@ -79,6 +92,7 @@ pub const KERNELS: [&str; 11] = [
     "dgc_select",
     "dgc_mask",
     "dgc_filter",
+    "dgc_tie_round",
     "dgc_decode_sorted",
     "dgc_scatter_add_fixed",
     "dgc_sample_select",
@@ -102,7 +116,7 @@ pub fn compile_ptx(arch: &str) -> Result<Ptx> {
 const CTL_STUCK: usize = 14;
 
 /// Index of the step's sequence number in the host copy of the control words.
-const CTL_SEQ: usize = 15;
+const CTL_SEQ: usize = 19;
 
 /// Index of the candidate count in the control words (see `cuda/dgc.cu`).
 pub const CTL_COUNT: usize = 0;
@@ -114,12 +128,24 @@ pub const CTL_SCALE: usize = 2;
 pub const CTL_BAD: usize = 3;
 /// Index of the squared-norm overflow flag.
 pub const CTL_OVF: usize = 4;
-/// Index of the filtered (selected) count.
+/// Index of the number of selected pairs strictly above the k-th largest magnitude (`dgc_filter`;
+/// stored in slots `0..`). The number selected is `CTL_SEL + CTL_TIES`.
 pub const CTL_SEL: usize = 5;
-/// Index of the k-th largest candidate magnitude (f32 bits).
+/// Index of the k-th largest candidate magnitude (f32 bits; 0 when there were at most k candidates).
 pub const CTL_KTH: usize = 9;
+/// Index of the number of selected pairs equal to the k-th largest magnitude (`dgc_filter`; stored
+/// in slots `k − CTL_KEEP..k`).
+pub const CTL_TIES: usize = 15;
+/// Index of how many candidates equal to the k-th largest magnitude the top k keeps: `k` minus the
+/// candidates strictly above it (written by the top k's radix select, with `CTL_KTH`).
+pub const CTL_KEEP: usize = 16;
+/// Index of how many candidates equal the k-th largest magnitude (written with `CTL_KTH`). More than
+/// `CTL_KEEP`: the ties are cut, the lowest indices kept.
+pub const CTL_EQ: usize = 17;
+/// Index of the highest index among the ties kept, when they were cut (`CTL_EQ > CTL_KEEP`).
+pub const CTL_TIE_LAST: usize = 18;
 /// Number of control words.
-pub const CTL_LEN: usize = 16;
+pub const CTL_LEN: usize = 20;
 const RADIX_BINS: usize = 2048;
 
 /// Device buffers of one compression step (scratch and outputs; also named [`Candidates`]). Sized by
@@ -308,6 +334,7 @@ pub struct DgcKernels {
     select: CudaFunction,
     mask: CudaFunction,
     filter: CudaFunction,
+    tie_round: CudaFunction,
     decode_sorted: CudaFunction,
     scatter_add_fixed: CudaFunction,
     sample_select: CudaFunction,
@@ -399,6 +426,7 @@ impl DgcKernels {
             select: f("dgc_select")?,
             mask: f("dgc_mask")?,
             filter: f("dgc_filter")?,
+            tie_round: f("dgc_tie_round")?,
             decode_sorted: f("dgc_decode_sorted")?,
             scatter_add_fixed: f("dgc_scatter_add_fixed")?,
             blocks: sms * 8,
@@ -1077,53 +1105,104 @@ impl DgcKernels {
             .map_err(cuda("mask"))
     }
 
-    /// Launch `dgc_filter`: keep the candidates `ws.idx/val[..cnt]` with magnitude ≥ `CTL_KTH` into
-    /// `ws.sel_idx/sel_val` (count into `CTL_SEL`).
+    /// Launch the top k's filter: of the candidates `ws.idx/val[..cnt]`, every one whose magnitude is
+    /// above `CTL_KTH` (the k-th largest, from [`DgcKernels::launch_kth`] with `out_slot = CTL_KTH`
+    /// and rank `k`; 0: keep every candidate) and, of those equal to it, the `CTL_KEEP` with the
+    /// lowest indices (the host's [`select::finish_selection`] order), into `ws.sel_idx/sel_val`
+    /// (unordered; counts into `CTL_SEL` and `CTL_TIES`). When `cnt > k`, first the three
+    /// `dgc_tie_round`s that find the last tie kept (on the device they do nothing unless the ties
+    /// need cutting, `CTL_EQ > CTL_KEEP`).
     /// With `spec = Some((min_ok, cap))`, speculative: the count is capped by `CTL_COUNT`, and
     /// nothing happens unless it is in the band.
     pub fn launch_filter(
         &self,
         cnt: usize,
+        k: usize,
         ws: &mut Workspace,
         spec: Option<(u32, u32)>,
     ) -> Result<()> {
         let st = &*self.stream;
-        let cap = ws.sel_idx.len();
-        let mut k = Vec::with_capacity(5);
-        let (i, x) = (addr(&ws.idx, st, &mut k), addr(&ws.val, st, &mut k));
+        let cap = ws.sel_idx.len().min(ws.sel_val.len());
+        let mut keep = Vec::with_capacity(6);
+        let (i, x) = (addr(&ws.idx, st, &mut keep), addr(&ws.val, st, &mut keep));
         let (si, sx) = (
-            addr_mut(&mut ws.sel_idx, st, &mut k),
-            addr_mut(&mut ws.sel_val, st, &mut k),
+            addr_mut(&mut ws.sel_idx, st, &mut keep),
+            addr_mut(&mut ws.sel_val, st, &mut keep),
         );
-        let ctl = addr_mut(&mut ws.ctl, st, &mut k);
-        self.k_filter(i, x, cnt, cap, si, sx, ctl, spec, None)
+        let (ctl, hist) = (
+            addr_mut(&mut ws.ctl, st, &mut keep),
+            addr_mut(&mut ws.hist, st, &mut keep),
+        );
+        let cnt = cnt.min(ws.idx.len());
+        if cnt > k {
+            self.k_tie_rounds(i, x, cnt, ctl, hist, spec)?;
+        }
+        self.k_filter(i, x, cnt, k, cap, si, sx, ctl, spec, None, true)
     }
 
+    /// `dgc_filter` over `cnt` candidates: the top `rank` (see [`DgcKernels::launch_filter`]) into at
+    /// most `cap` slots. `cut`: `dgc_tie_round` ran before (else the kernel does nothing when the
+    /// ties need cutting, and the host runs the rounds and this again).
     #[allow(clippy::too_many_arguments)]
     fn k_filter(
         &self,
         idx: Addr,
         val: Addr,
         cnt: usize,
+        rank: usize,
         cap: usize,
         sel_idx: Addr,
         sel_val: Addr,
         ctl: Addr,
         spec: Option<(u32, u32)>,
         mask: Option<(Addr, Addr, bool)>,
+        cut: bool,
     ) -> Result<()> {
-        let (c, cap) = (to_u32(cnt, "count")?, to_u32(cap, "k")?);
+        let (c, rank, cap) = (to_u32(cnt, "count")?, to_u32(rank, "k")?, to_u32(cap, "k")?);
         let (sp, min_ok, bcap) = spec.map_or((0i32, 0u32, 0u32), |(a, b)| (1, a, b));
         // mask: (u, v, mask_momentum); the kernel touches u and v only when asked to.
         let (u, v, mm) = mask.map_or((0, 0, 0i32), |(u, v, m)| (u, v, 1 + i32::from(m)));
+        let cut = i32::from(cut);
         let mut b = self.stream.launch_builder(&self.filter);
-        b.arg(&idx).arg(&val).arg(&c).arg(&cap);
+        b.arg(&idx).arg(&val).arg(&c).arg(&rank).arg(&cap);
         b.arg(&sel_idx).arg(&sel_val).arg(&ctl);
         b.arg(&sp).arg(&min_ok).arg(&bcap);
-        b.arg(&u).arg(&v).arg(&mm);
+        b.arg(&u).arg(&v).arg(&mm).arg(&cut);
         unsafe { b.launch(self.grid(cnt as u64)) }
             .map(drop)
             .map_err(cuda("filter"))
+    }
+
+    /// The three `dgc_tie_round`s over `cnt` candidates: when more of them equal `CTL_KTH` than the
+    /// top k keeps (`CTL_EQ > CTL_KEEP`), the highest index among the `CTL_KEEP` lowest of those
+    /// into `CTL_TIE_LAST`; otherwise each launch returns at once. `spec` as in
+    /// [`DgcKernels::launch_kth_spec`].
+    fn k_tie_rounds(
+        &self,
+        idx: Addr,
+        val: Addr,
+        cnt: usize,
+        ctl: Addr,
+        hist: Addr,
+        spec: Option<(u32, u32)>,
+    ) -> Result<()> {
+        let (sp, min_ok, bcap) = spec.map_or((0i32, 0u32, 0u32), |(a, b)| (1, a, b));
+        let c = to_u32(cnt, "count")?;
+        let blocks = (cnt.div_ceil(THREADS as usize * 8) as u32).clamp(1, self.sms * 2);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        for round in 0..3i32 {
+            let mut b = self.stream.launch_builder(&self.tie_round);
+            b.arg(&idx).arg(&val).arg(&c).arg(&round);
+            b.arg(&ctl).arg(&hist).arg(&sp).arg(&min_ok).arg(&bcap);
+            unsafe { b.launch(cfg) }
+                .map(drop)
+                .map_err(cuda("tie_round"))?;
+        }
+        Ok(())
     }
 
     /// Launch `dgc_decode_sorted`: `world` messages of `stride` pairs each (strictly ascending
@@ -1373,17 +1452,21 @@ impl DgcKernels {
                         *seq = next;
                         published = Some(next);
                     } else {
+                        // Without the tie rounds: should the ties need cutting (CTL_EQ >
+                        // CTL_KEEP, rare), the filter does nothing and the host finishes below.
                         self.k_kth(a.val, c, k, CTL_KTH, a.ctl, a.hist, b, true)?;
                         self.k_filter(
                             a.idx,
                             a.val,
                             c,
+                            k,
                             kk,
                             a.sel_idx,
                             a.sel_val,
                             a.ctl,
                             b,
                             Some(m),
+                            false,
                         )?;
                     }
                     mark("top k + mask (speculative)")?;
@@ -1433,6 +1516,12 @@ impl DgcKernels {
         let mut count = ctl[CTL_COUNT] as usize;
         out.first_count = count;
         out.top_k_done = spec_mask.is_some() && count <= cap && (count >= min_ok || thr == 0.0);
+        // The multi-launch top k leaves ties that need cutting to the host (its filter did nothing
+        // then); the one-launch top k cuts them itself.
+        let uncut = ctl[CTL_KTH] != 0 && ctl[CTL_EQ] > ctl[CTL_KEEP];
+        if let (Some(mm), true) = (spec_mask, out.top_k_done && published.is_none() && uncut) {
+            self.cut_ties(u, v, count, k, mm, ws)?;
+        }
         // The correction of select::compress, with read-only passes.
         let (mut too_many, mut too_few): (Option<f32>, Option<f32>) = (None, None);
         let few = |c: usize| (c as f64) < p.lower * k as f64;
@@ -1471,10 +1560,52 @@ impl DgcKernels {
         Ok(out)
     }
 
+    /// The end of the multi-launch speculative top k when its ties needed cutting (its `dgc_filter`
+    /// then did nothing): the tie rounds, then the filter with the masking.
+    fn cut_ties(
+        &self,
+        u: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        cnt: usize,
+        k: usize,
+        mask_momentum: bool,
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        let st = &*self.stream;
+        let cnt = cnt.min(ws.idx.len());
+        let cap = k.min(ws.sel_idx.len()).min(ws.sel_val.len());
+        let mut keep = Vec::with_capacity(8);
+        let m = (
+            addr_mut(u, st, &mut keep),
+            addr_mut(v, st, &mut keep),
+            mask_momentum,
+        );
+        let (i, x) = (addr(&ws.idx, st, &mut keep), addr(&ws.val, st, &mut keep));
+        let (si, sx) = (
+            addr_mut(&mut ws.sel_idx, st, &mut keep),
+            addr_mut(&mut ws.sel_val, st, &mut keep),
+        );
+        let (ctl, hist) = (
+            addr_mut(&mut ws.ctl, st, &mut keep),
+            addr_mut(&mut ws.hist, st, &mut keep),
+        );
+        self.k_tie_rounds(i, x, cnt, ctl, hist, None)?;
+        self.k_filter(i, x, cnt, k, cap, si, sx, ctl, None, Some(m), true)
+    }
+
     /// The whole compression step on the device: [`DgcKernels::find_candidates`], then the top k of the
-    /// candidates (radix select among them + `dgc_filter`, ties at the k-th magnitude broken
-    /// arbitrarily) into `ws.sel_idx/sel_val[..selected]` (unordered) and the masking of the sent
-    /// (f32) values. Returns the candidate set and the number selected.
+    /// candidates into `ws.sel_idx/sel_val[..selected]` (unordered) and the masking of the sent
+    /// (f32) values. Returns the candidate set and the number selected, `min(count, k)`.
+    ///
+    /// The top k is exactly [`select::finish_selection`]'s set: a radix select finds the k-th
+    /// largest candidate magnitude; every candidate above it is kept, and of those equal to it the
+    /// ones with the lowest indices, as many as fill k. Where more candidates tie at the k-th than
+    /// that (exact ties are common in gradients of bf16 or f16 precision), a second radix select
+    /// over the tied indices finds the last one kept: three more rounds in the one-launch kernel,
+    /// three `dgc_tie_round` launches otherwise (in the speculative multi-launch path after the
+    /// control words are read back, only then). Without such ties the speculative top k costs no
+    /// extra round or launch; after a threshold correction the tie rounds are enqueued anyway
+    /// (three launches that return at once).
     #[allow(clippy::too_many_arguments)]
     pub fn compress_step(
         &self,
@@ -1514,7 +1645,7 @@ impl DgcKernels {
             self.launch_kth(&ws.val, c.count, k, CTL_KTH, &mut ws.ctl, &mut ws.hist)?;
         }
         // CTL_KTH is 0 (keep every candidate) when there are at most k.
-        self.launch_filter(c.count, ws, None)?;
+        self.launch_filter(c.count, k, ws, None)?;
         if let Some(t) = prof.as_deref_mut() {
             t.mark(&self.stream, "top k of candidates")?;
         }

@@ -11,6 +11,7 @@
 //! | [`fused_update_select`] | `dgc_fused` | clip-scale, momentum, accumulate, threshold test, compaction |
 //! | [`select_above`] | `dgc_select` | the threshold test alone (read-only), for the threshold correction |
 //! | [`mask_sent`] | `dgc_mask` (and `dgc_filter` with masking) | remove the sent values from `v` (and `u` with momentum masking) |
+//! | [`finish_selection`] | `dgc_filter` after `dgc_radix_round` ×3 (+ `dgc_tie_round` ×3), or `dgc_topk_select` | the top k of the candidates: all above the k-th largest magnitude, ties at it by lower index |
 //!
 //! Arithmetic is never fused (`m·u + s·g` is a product, a product and a sum, each rounded; the CUDA
 //! side uses `__fmul_rn`/`__fadd_rn`), so the twin and the kernels produce bit-identical `u`, `v` and
@@ -201,6 +202,9 @@ pub fn mask_sent(u: &mut [f32], v: &mut [f32], idx: &[u32], sent: &[f32], mask_m
 }
 
 /// Keep the `k` largest-magnitude candidates (ties: lower index first) and sort the result by index.
+///
+/// The device's top k (`gpu::DgcKernels::compress_step`, feature `cuda`) keeps the same set: every
+/// candidate above the k-th largest magnitude, and of those equal to it the lowest indices.
 pub fn finish_selection(idx: &mut Vec<u32>, val: &mut Vec<f32>, k: usize) {
     let mut pairs: Vec<(u32, f32)> = idx.iter().copied().zip(val.iter().copied()).collect();
     if pairs.len() > k {
