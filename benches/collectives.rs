@@ -1343,17 +1343,27 @@ impl Storage {
     }
 }
 
-/// Rank `rank`'s input element `i`: small integers, so that sums are exact in every dtype (and
-/// products, of ones and twos, stay exact too).
+/// Rank `rank`'s input element `i`: small integers, so that sums are exact in every dtype (1..=4:
+/// bf16 sums stay exact up to 64 ranks, u8 sums up to 63) and products, of ones and twos, stay exact
+/// too. They are a hash of `(rank, i)`, not periodic in either, so that each collective's expected
+/// result varies along the buffer and from rank to rank: a block in the wrong place is counted as
+/// wrong (three elements in four differ from those of another rank or index).
 fn input(redop: ReduceOp, rank: usize, i: usize) -> f64 {
+    // SplitMix64's finaliser of a mix of rank and index
+    let mut z = (rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ (i as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+        ^ 0xfe44_0cc1_5eed_2024;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
     if redop == ReduceOp::Prod {
-        if (rank * 7 + i) % 5 == 0 {
+        if z % 5 == 0 {
             2.0
         } else {
             1.0
         }
     } else {
-        ((rank * 5 + i * 3) % 4 + 1) as f64
+        (z % 4 + 1) as f64
     }
 }
 

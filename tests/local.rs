@@ -8,68 +8,260 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn every_collective_every_dtype_world_1_to_8() {
-    for world in 1..=8 {
-        let checks = local::run(world, |c| {
-            let mut k = 0;
-            for n in [0usize, 1, 2, 13, 1031] {
-                k += common::suite::all_dtypes(c, n)?;
+    for (name, opts) in transports() {
+        for world in 1..=8 {
+            let checks = local::run_with(world, &opts, |c| {
+                let mut k = 0;
+                for n in [0usize, 1, 2, 13, 1031] {
+                    k += common::suite::all_dtypes(c, n)?;
+                }
+                Ok(k)
+            })
+            .unwrap_or_else(|e| panic!("{name}, world {world}: {e}"));
+            assert!(checks.iter().all(|&k| k > 500), "{checks:?}");
+        }
+    }
+}
+
+/// Below this many bytes all_reduce takes recursive doubling, above the two-shot or the ring
+/// (`SMALL_BYTES` in src/engine/algo.rs).
+const SMALL_BYTES: usize = 64 << 10;
+/// Outputs of at least this many bytes over all ranks are written with non-temporal stores by the
+/// direct collectives (`STREAM_BYTES` in src/engine/direct.rs).
+const STREAM_BYTES: usize = 8 << 20;
+
+/// The transports of one process: direct collectives over loans (the default), the ring with copies
+/// (`copy_only`), and the ring with loans (what a link model selects; virtual time, so nothing sleeps).
+fn transports() -> [(&'static str, Options); 3] {
+    use ferroccl::local::{Link, LinkModel, TimeMode};
+    let link = LinkModel::uniform(
+        TimeMode::Virtual,
+        Link {
+            bandwidth: 1e10,
+            latency: Duration::from_micros(1),
+        },
+    );
+    [
+        ("direct", Options::default()),
+        (
+            "ring copies",
+            Options {
+                copy_only: true,
+                ..Options::default()
+            },
+        ),
+        (
+            "ring loans",
+            Options {
+                link: Some(link),
+                ..Options::default()
+            },
+        ),
+    ]
+}
+
+/// Lengths (elements of `es` bytes) just past a threshold at `world`: `(all_reduce count,
+/// reduce_scatter block, all_gather block)`. With `stream` false the all_reduce output is just past
+/// [`SMALL_BYTES`] per rank; with `stream` true each collective's output over all ranks is just
+/// past [`STREAM_BYTES`] (all_reduce: `world` outputs of the count, reduce_scatter: `world` blocks,
+/// all_gather: `world²` blocks). The all_reduce count is `1 mod world`, so the two-shot and ring
+/// chunks are ragged.
+fn large_lengths(world: usize, es: usize, stream: bool) -> (usize, usize, usize) {
+    if stream {
+        let ar = world * STREAM_BYTES.div_ceil(world * world * es) + 1;
+        let rs = STREAM_BYTES.div_ceil(world * es) + 1;
+        let ag = STREAM_BYTES.div_ceil(world * world * es) + 1;
+        (ar, rs, ag)
+    } else {
+        let b = SMALL_BYTES.div_ceil(world * es) + 1;
+        (world * b + 1, b, b)
+    }
+}
+
+/// Every op of all_reduce (in place, out of place, both non-blocking), reduce_scatter (blocking and
+/// not; past 8 MiB one of the two per op) and all_gather (blocking and not) for dtype T at the
+/// lengths of [`large_lengths`]; below 8 MiB reduce (every op) and broadcast too.
+fn large_paths_t<T: common::TestElem>(world: usize, opts: &Options, stream: bool, what: &str) {
+    use common::suite::eq;
+    let es = std::mem::size_of::<T>();
+    let (count, rs_block, ag_block) = large_lengths(world, es, stream);
+    assert!(count * es >= SMALL_BYTES && count % world == 1);
+    let streams = |bytes: usize| bytes >= STREAM_BYTES;
+    assert_eq!(streams(count * es * world), stream);
+    assert_eq!(streams(rs_block * es * world), stream);
+    assert_eq!(streams(ag_block * es * world * world), stream);
+    // one input per rank and kind of op (Sum, Min, Max and Avg share theirs), the all_reduce and
+    // all_gather inputs being prefixes of the reduce_scatter input; references computed once here
+    let len = count.max(world * rs_block).max(ag_block);
+    let wants: Vec<Vec<T>> = ReduceOp::ALL
+        .iter()
+        .map(|&op| common::reduced_vec(world, count, op))
+        .collect();
+    let ag_want: Vec<T> = common::all_gather_want(world, ag_block, ReduceOp::Sum);
+    local::run_with(world, opts, |c| {
+        let r = c.rank();
+        let sum_inp: Vec<T> = common::input(r, len, ReduceOp::Sum);
+        let prod_inp: Vec<T> = common::input(r, len, ReduceOp::Prod);
+        for (k, (op, want)) in ReduceOp::ALL.into_iter().zip(&wants).enumerate() {
+            let tag = |s: &str| format!("{s} {} {} count={count}", T::DTYPE, op.name());
+            let full = if op == ReduceOp::Prod {
+                &prod_inp
+            } else {
+                &sum_inp
+            };
+            let inp = &full[..count];
+            let mut v = inp.to_vec();
+            c.all_reduce(&mut v, op)?;
+            eq(&tag("all_reduce"), &v, want)?;
+            let send = inp.to_vec();
+            let mut out = vec![T::poison(); count];
+            c.all_reduce_into(&send, &mut out, op)?;
+            eq(&tag("all_reduce_into"), &out, want)?;
+            eq(&tag("all_reduce_into left send alone"), &send, inp)?;
+            let w1 = c.iall_reduce(inp.to_vec(), op)?;
+            let w2 = c.iall_reduce_into(inp.to_vec(), vec![T::poison(); count], op)?;
+            eq(&tag("iall_reduce"), &w1.wait()?, want)?;
+            eq(&tag("iall_reduce_into"), &w2.wait()?.1, want)?;
+            if !stream {
+                // the binomial trees with large (lent) messages, to the last rank
+                let root = world - 1;
+                let mut out = vec![T::poison(); count];
+                c.reduce(inp, (r == root).then_some(&mut out), op, root)?;
+                let recv = (r == root).then(|| vec![T::poison(); count]);
+                let (_, out2) = c.ireduce(inp.to_vec(), recv, op, root)?.wait()?;
+                if r == root {
+                    eq(&tag("reduce"), &out, want)?;
+                    eq(&tag("ireduce"), &out2.unwrap_or_default(), want)?;
+                }
             }
-            Ok(k)
-        })
-        .unwrap_or_else(|e| panic!("world {world}: {e}"));
-        assert!(checks.iter().all(|&k| k > 500), "{checks:?}");
+            let tag = |s: &str| format!("{s} {} {} block={rs_block}", T::DTYPE, op.name());
+            let rs_want: Vec<T> = common::reduce_scatter_want(world, r, rs_block, op);
+            let send = &full[..world * rs_block];
+            // Past 8 MiB the reduce_scatter input is 8 MiB per rank, the largest cost of this test,
+            // so there the blocking and non-blocking forms alternate by op; both reach the same engine
+            // code, and both forms of every op run just past 64 KiB.
+            if !stream || k % 2 == 0 {
+                let mut out = vec![T::poison(); rs_block];
+                c.reduce_scatter(send, &mut out, op)?;
+                eq(&tag("reduce_scatter"), &out, &rs_want)?;
+            }
+            if !stream || k % 2 == 1 {
+                let (_, out) = c
+                    .ireduce_scatter(send.to_vec(), vec![T::poison(); rs_block], op)?
+                    .wait()?;
+                eq(&tag("ireduce_scatter"), &out, &rs_want)?;
+            }
+        }
+        if !stream {
+            let root = 1 % world;
+            let from_root = |x: &[T]| {
+                if r == root {
+                    x.to_vec()
+                } else {
+                    vec![T::poison(); count]
+                }
+            };
+            let mut b = from_root(&sum_inp[..count]);
+            c.broadcast(&mut b, root)?;
+            let want: Vec<T> = common::input(root, count, ReduceOp::Sum);
+            eq(&format!("broadcast {} count={count}", T::DTYPE), &b, &want)?;
+            let b = c.ibroadcast(from_root(&sum_inp[..count]), root)?.wait()?;
+            eq(&format!("ibroadcast {} count={count}", T::DTYPE), &b, &want)?;
+        }
+        let mine = &sum_inp[..ag_block];
+        let tag = |s: &str| format!("{s} {} block={ag_block}", T::DTYPE);
+        let mut out = vec![T::poison(); world * ag_block];
+        c.all_gather(mine, &mut out)?;
+        eq(&tag("all_gather"), &out, &ag_want)?;
+        let (_, out) = c
+            .iall_gather(mine.to_vec(), vec![T::poison(); world * ag_block])?
+            .wait()?;
+        eq(&tag("iall_gather"), &out, &ag_want)
+    })
+    .unwrap_or_else(|e| panic!("{what}, world {world}: {e}"));
+}
+
+/// [`large_paths_t`] for every dtype.
+fn large_paths(world: usize, opts: &Options, stream: bool, what: &str) {
+    large_paths_t::<f32>(world, opts, stream, what);
+    large_paths_t::<f64>(world, opts, stream, what);
+    large_paths_t::<half::f16>(world, opts, stream, what);
+    large_paths_t::<half::bf16>(world, opts, stream, what);
+    large_paths_t::<i32>(world, opts, stream, what);
+    large_paths_t::<i64>(world, opts, stream, what);
+    large_paths_t::<u8>(world, opts, stream, what);
+}
+
+#[test]
+fn large_messages_take_the_two_shot_and_ring_paths_every_dtype_and_op() {
+    // Just past 64 KiB: the two-shot all-reduce and direct reduce_scatter / all_gather over loans,
+    // and the ring (with copies, and with loans under a link model), all with ragged chunks.
+    for (name, opts) in transports() {
+        for world in 2..=8 {
+            large_paths(world, &opts, false, name);
+        }
     }
 }
 
 #[test]
-fn large_messages_take_the_two_shot_and_ring_paths() {
-    // 300k f32 = 1.2 MB per rank: two-shot all-reduce over read-write loans (world 7 writes 8.4 MB in
-    // total, past the non-temporal-store threshold), ring reduce-scatter / all-gather with loans; and
-    // the copy-only transport, where all_reduce takes the ring.
-    for copy_only in [false, true] {
-        let opts = Options {
-            copy_only,
-            ..Options::default()
-        };
-        for world in [2usize, 3, 4, 7] {
-            local::run_with(world, &opts, |c| {
-                common::suite::collectives_t::<f32>(
-                    c,
-                    300_007,
-                    &[ReduceOp::Sum, ReduceOp::Max, ReduceOp::Avg],
-                )?;
-                common::suite::collectives_t::<half::bf16>(c, 100_003, &[ReduceOp::Sum])
-            })
-            .unwrap_or_else(|e| panic!("world {world} copy_only {copy_only}: {e}"));
-        }
+fn large_messages_stream_past_8_mib_every_dtype_and_op() {
+    // Outputs of 8 MiB over all ranks: the direct collectives write with non-temporal stores.
+    for world in [2, 3, 4, 5, 7, 8] {
+        large_paths(world, &Options::default(), true, "direct, streaming");
     }
 }
 
 #[test]
 fn results_are_bit_identical_across_ranks_for_random_floats() {
-    use rand::{Rng, SeedableRng};
-    for n in [1000usize, 100_000] {
-        let out = local::run(5, |c| {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(c.rank() as u64);
-            let mut v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
-            c.all_reduce(&mut v, ReduceOp::Sum)?;
-            Ok(v)
-        })
-        .unwrap();
-        let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        for v in &out[1..] {
-            assert_eq!(bits(v), bits(&out[0]));
-        }
-        // and close to an f64 reference
-        let mut want = vec![0f64; n];
-        for r in 0..5 {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(r as u64);
-            for w in want.iter_mut() {
-                *w += rng.gen_range(-1.0f32..1.0) as f64;
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (name, opts) in transports() {
+        for world in 2..=8 {
+            // recursive doubling, two-shot / ring, and (direct) streaming stores
+            let mut lengths = vec![1000, SMALL_BYTES / 4 + world + 1];
+            if name == "direct" {
+                lengths.push(STREAM_BYTES / (4 * world) + 3);
             }
-        }
-        for (g, w) in out[0].iter().zip(&want) {
-            assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
+            for n in lengths {
+                let out = local::run_with(world, &opts, |c| {
+                    let x = common::random_f32(c.rank() as u64, n);
+                    let mut v = x.clone();
+                    c.all_reduce(&mut v, ReduceOp::Sum)?;
+                    let mut o = vec![0f32; n];
+                    c.all_reduce_into(&x, &mut o, ReduceOp::Sum)?;
+                    let w = c.iall_reduce(x, ReduceOp::Sum)?.wait()?;
+                    Ok([v, o, w])
+                })
+                .unwrap();
+                let first = bits(&out[0][0]);
+                for (r, variants) in out.iter().enumerate() {
+                    for (k, v) in variants.iter().enumerate() {
+                        assert!(
+                            bits(v) == first,
+                            "{name} world {world} n {n}: rank {r} variant {k} differs from rank 0"
+                        );
+                    }
+                }
+                // and within rounding of the exact sum: (n−1)·u·Σ|x| for any order (u = 2^-24)
+                let inputs: Vec<Vec<f32>> = (0..world)
+                    .map(|r| common::random_f32(r as u64, n))
+                    .collect();
+                let mut inexact = 0;
+                for (i, g) in out[0][0].iter().enumerate() {
+                    let want: f64 = inputs.iter().map(|x| x[i] as f64).sum();
+                    let mag: f64 = inputs.iter().map(|x| (x[i] as f64).abs()).sum();
+                    let tol = world as f64 * f32::EPSILON as f64 / 2.0 * mag;
+                    assert!(
+                        (*g as f64 - want).abs() <= tol,
+                        "{name} world {world}: {g} vs {want}"
+                    );
+                    inexact += usize::from(*g as f64 != want);
+                }
+                // the data is not secretly exact
+                assert!(
+                    inexact > n / 10,
+                    "{name} world {world} n {n}: {inexact} inexact sums"
+                );
+            }
         }
     }
 }
@@ -410,4 +602,337 @@ fn split_after_a_rank_opted_out_of_an_earlier_split() {
         out,
         vec![(None, 4), (Some(3), 4), (Some(3), 4), (Some(3), 4)]
     );
+}
+
+#[test]
+fn is_done_and_wait_timeout_follow_a_peer_that_joins_late() {
+    // Rank 1 joins the all-reduce only when rank 0 says so: until then rank 0's Work is pending.
+    let (go_tx, go_rx) = crossbeam::channel::bounded::<()>(1);
+    let opts = Options {
+        config: Some(Config::default().with_timeout(Duration::from_secs(20))),
+        ..Options::default()
+    };
+    let out = local::run_with(2, &opts, |c| {
+        let x = vec![c.rank() as i64 + 1; 10];
+        if c.rank() == 1 {
+            go_rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("rank 0 never said go");
+            let w = c.iall_reduce_into(x, vec![0i64; 10], ReduceOp::Sum)?;
+            return Ok(w.wait()?.1);
+        }
+        let mut w = c.iall_reduce_into(x, vec![0i64; 10], ReduceOp::Sum)?;
+        assert!(!w.is_done(), "done before the peer joined: {w:?}");
+        let t0 = Instant::now();
+        assert!(
+            !w.wait_timeout(Duration::from_millis(100)),
+            "wait_timeout says done before the peer joined"
+        );
+        assert!(
+            t0.elapsed() >= Duration::from_millis(100),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(!w.is_done(), "{w:?}");
+        go_tx.send(()).unwrap();
+        assert!(
+            w.wait_timeout(Duration::from_secs(20)),
+            "not done after the peer joined"
+        );
+        // finished stays finished, and a zero wait does not block
+        assert!(w.is_done() && w.wait_timeout(Duration::ZERO), "{w:?}");
+        let (send, recv) = w.wait()?;
+        assert_eq!(send, vec![1i64; 10], "the send buffer comes back untouched");
+        Ok(recv)
+    })
+    .unwrap();
+    assert_eq!(out, vec![vec![3i64; 10]; 2]);
+}
+
+#[test]
+fn is_done_polls_to_completion_while_a_late_peer_joins() {
+    let (go_tx, go_rx) = crossbeam::channel::bounded::<()>(1);
+    let checked = std::sync::Barrier::new(2);
+    let out = local::run(3, |c| {
+        let x = vec![c.rank() as f32; 70_000]; // 280 KB: the two-shot path
+        if c.rank() == 2 {
+            go_rx.recv_timeout(Duration::from_secs(20)).expect("go");
+            return c.iall_reduce(x, ReduceOp::Max)?.wait();
+        }
+        let mut w = c.iall_reduce(x, ReduceOp::Max)?;
+        // a short wait times out and keeps the Work pending
+        assert!(!w.wait_timeout(Duration::from_millis(50)), "{w:?}");
+        assert!(!w.is_done(), "{w:?}");
+        assert!(format!("{w:?}").contains("pending"), "{w:?}");
+        // rank 2 joins once both waiting ranks have looked
+        checked.wait();
+        if c.rank() == 0 {
+            go_tx.send(()).unwrap();
+        }
+        let t0 = Instant::now();
+        while !w.is_done() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "never done: {w:?}");
+            std::thread::yield_now();
+        }
+        assert!(format!("{w:?}").contains("done"), "{w:?}");
+        w.wait()
+    })
+    .unwrap();
+    assert!(out.iter().all(|v| v.iter().all(|&x| x == 2.0)));
+}
+
+#[test]
+fn a_failed_work_is_done_and_wait_returns_the_error() {
+    let opts = Options {
+        config: Some(Config::default().with_timeout(Duration::from_secs(20))),
+        ..Options::default()
+    };
+    let seen = std::sync::Mutex::new(Vec::new());
+    let r = local::run_with(3, &opts, |c| {
+        if c.rank() == 2 {
+            std::thread::sleep(Duration::from_millis(50));
+            panic!("rank 2 dies before joining");
+        }
+        let mut w = c.iall_reduce(vec![1u8; 1000], ReduceOp::Sum)?;
+        let t0 = Instant::now();
+        // finished, unsuccessfully: wait_timeout reports it well before the communicator's timeout
+        assert!(w.wait_timeout(Duration::from_secs(15)), "{w:?}");
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        assert!(w.is_done(), "{w:?}");
+        assert!(format!("{w:?}").contains("failed"), "{w:?}");
+        let e = w.wait().unwrap_err();
+        seen.lock().unwrap().push((c.rank(), e.to_string()));
+        assert!(matches!(e, Error::PeerLost { .. }), "{e}");
+        Ok(())
+    });
+    assert!(r.unwrap_err().to_string().contains("rank 2 panicked"));
+    assert_eq!(seen.lock().unwrap().len(), 2, "{:?}", seen.lock().unwrap());
+}
+
+#[test]
+#[ignore = "bug: deadlines are `Instant::now() + timeout`, unchecked (Engine::deadline in \
+            src/engine/mod.rs; also Pending::wait_for in src/work.rs, TcpComm::connect): a timeout of \
+            Duration::MAX panics every worker with 'overflow when adding duration to instant' and \
+            the all-reduce fails with PeerLost"]
+fn a_timeout_of_duration_max_means_no_timeout() {
+    let opts = Options {
+        config: Some(Config::default().with_timeout(Duration::MAX)),
+        ..Options::default()
+    };
+    let out = local::run_with(2, &opts, |c| {
+        let mut v = vec![1f32; 10];
+        c.all_reduce(&mut v, ReduceOp::Sum)?;
+        let mut w = c.iall_reduce(v, ReduceOp::Sum)?;
+        assert!(w.wait_timeout(Duration::MAX));
+        w.wait()
+    })
+    .unwrap();
+    assert_eq!(out, vec![vec![4f32; 10]; 2]);
+}
+
+#[test]
+#[ignore = "bug: Config::from_lookup hands FERROCCL_TIMEOUT=1e30 to Duration::from_secs_f64, which \
+            panics ('value is either too big or NaN'), instead of returning Error::Config"]
+fn an_out_of_range_timeout_variable_is_a_config_error() {
+    let r = std::panic::catch_unwind(|| {
+        Config::from_lookup(|k| (k == "FERROCCL_TIMEOUT").then(|| "1e30".to_string()))
+    });
+    let r = r.expect("Config::from_lookup panicked");
+    assert!(matches!(r, Err(Error::Config { .. })), "{r:?}");
+}
+
+#[test]
+fn a_ready_work_is_done_at_once() {
+    let mut w = Work::ready(Ok(vec![1u8, 2]), "test");
+    assert!(w.is_done());
+    assert!(w.wait_timeout(Duration::ZERO));
+    assert_eq!(w.wait().unwrap(), [1, 2]);
+}
+
+/// The reference data is what lets the checks above see misplaced data. For worlds 1..=8, every
+/// dtype and op: the expected reductions vary along the vector (no short period), the ranks' inputs
+/// differ pairwise, and plausible bugs (blocks swapped, reversed, rotated, shifted by one element,
+/// the wrong block taken) applied to the expected outputs are rejected by the checker the suite uses.
+mod reference_data {
+    use super::common::{self, suite::eq, TestElem};
+    use ferroccl::ReduceOp;
+
+    /// Plausible bugs on a buffer of `blocks` blocks of `n` elements, as (name, mutated copy); only
+    /// mutations that move at least one element.
+    fn mutations<T: Clone>(v: &[T], blocks: usize, n: usize) -> Vec<(String, Vec<T>)> {
+        let block = |b: usize| v[b * n..(b + 1) * n].to_vec();
+        let from_blocks = |order: &[usize]| order.iter().flat_map(|&b| block(b)).collect();
+        let mut out: Vec<(String, Vec<T>)> = Vec::new();
+        for p in 0..blocks {
+            for q in p + 1..blocks {
+                let mut order: Vec<usize> = (0..blocks).collect();
+                order.swap(p, q);
+                out.push((format!("blocks {p} and {q} swapped"), from_blocks(&order)));
+            }
+        }
+        if blocks > 2 {
+            let rev: Vec<usize> = (0..blocks).rev().collect();
+            out.push(("blocks in reverse order".into(), from_blocks(&rev)));
+            let rot: Vec<usize> = (0..blocks).map(|b| (b + 1) % blocks).collect();
+            out.push(("every block from the next rank".into(), from_blocks(&rot)));
+        }
+        if v.len() > 1 {
+            let mut left = v.to_vec();
+            left.rotate_left(1);
+            out.push(("shifted left by one element".into(), left));
+            let mut right = v.to_vec();
+            right.rotate_right(1);
+            out.push(("shifted right by one element".into(), right));
+        }
+        if n > 1 {
+            let inner = (0..blocks)
+                .flat_map(|b| {
+                    let mut x = block(b);
+                    x.rotate_left(1);
+                    x
+                })
+                .collect();
+            out.push(("each block shifted by one element".into(), inner));
+        }
+        out
+    }
+
+    fn rejected<T: TestElem>(what: &str, want: &[T], blocks: usize, n: usize) {
+        for (bug, got) in mutations(want, blocks, n) {
+            assert!(
+                eq(what, &got, want).is_err(),
+                "{what}: the checker accepts the bug \"{bug}\""
+            );
+        }
+    }
+
+    /// Not constant, and no period up to 16.
+    fn aperiodic<T: TestElem>(what: &str, v: &[T]) {
+        for p in 1..=16.min(v.len() - 1) {
+            assert!(
+                (0..v.len() - p).any(|i| v[i] != v[i + p]),
+                "{what}: period {p}"
+            );
+        }
+    }
+
+    fn properties<T: TestElem>() {
+        let dt = T::DTYPE;
+        for world in 1..=8 {
+            for op in ReduceOp::ALL {
+                let what = |s: &str| format!("{s} {dt} {} world {world}", op.name());
+                // all_reduce (and reduce): one vector, seen as `world` chunks as the two-shot and
+                // the ring split it; 16 elements a chunk, so distinct chunks are not an accident
+                let n = 16;
+                let ar: Vec<T> = common::reduced_vec(world, world * n, op);
+                aperiodic(&what("all_reduce"), &ar);
+                rejected(&what("all_reduce"), &ar, world, n);
+                // reduce_scatter: rank r's block differs from every other rank's
+                let rs: Vec<Vec<T>> = (0..world)
+                    .map(|r| common::reduce_scatter_want(world, r, n, op))
+                    .collect();
+                for p in 0..world {
+                    assert_eq!(
+                        rs[p][..],
+                        ar[p * n..(p + 1) * n],
+                        "{}",
+                        what("reduce_scatter")
+                    );
+                    for q in p + 1..world {
+                        assert!(rs[p] != rs[q], "{}: ranks {p}, {q}", what("reduce_scatter"));
+                    }
+                }
+                // inputs: pairwise different; for the data of all_gather and all_to_all (every op
+                // but Prod) different at every index, so even one-element blocks of two ranks differ
+                for p in 0..world {
+                    for q in p + 1..world {
+                        let (a, b): (Vec<T>, Vec<T>) =
+                            (common::input(p, 64, op), common::input(q, 64, op));
+                        if op == ReduceOp::Prod {
+                            assert!(a != b, "{}: ranks {p} and {q}", what("input"));
+                        } else {
+                            assert!(
+                                a.iter().zip(&b).all(|(x, y)| x != y),
+                                "{}: ranks {p} and {q} agree somewhere",
+                                what("input")
+                            );
+                        }
+                    }
+                }
+            }
+            // long references are tabulated: the same as the naive one, element by element
+            for op in ReduceOp::ALL {
+                let naive: Vec<T> = (0..5000).map(|i| common::reduced(world, i, op)).collect();
+                let fast: Vec<T> = common::reduced_vec(world, 5000, op);
+                assert!(
+                    naive == fast,
+                    "{dt} {} world {world}: tabulated reference",
+                    op.name()
+                );
+            }
+            let op = ReduceOp::Sum;
+            for n in [1, 2, 7] {
+                let what = |s: &str| format!("{s} {dt} world {world} n {n}");
+                let ag: Vec<T> = common::all_gather_want(world, n, op);
+                rejected(&what("all_gather"), &ag, world, n);
+                let a2a: Vec<Vec<T>> = (0..world)
+                    .map(|r| common::all_to_all_want(world, r, n, op))
+                    .collect();
+                for (r, want) in a2a.iter().enumerate() {
+                    rejected(&what("all_to_all"), want, world, n);
+                    // the wrong block taken from every rank
+                    for (q, other) in a2a.iter().enumerate().filter(|&(q, _)| q != r) {
+                        assert!(
+                            eq(&what("all_to_all"), other, want).is_err(),
+                            "{}: block {q} taken for block {r}",
+                            what("all_to_all")
+                        );
+                    }
+                }
+                // broadcast: every root's buffer differs from every other's
+                aperiodic(&what("input"), &common::input::<T>(0, 64, op));
+            }
+        }
+    }
+
+    #[test]
+    fn reference_data_exposes_misplaced_data_every_dtype() {
+        properties::<f32>();
+        properties::<f64>();
+        properties::<half::f16>();
+        properties::<half::bf16>();
+        properties::<i32>();
+        properties::<i64>();
+        properties::<u8>();
+    }
+
+    #[test]
+    fn the_audited_periodic_data_would_have_hidden_these_bugs() {
+        // The generator this file used before, as a control: the mutation checks above fail on it.
+        let old = |r: usize, i: usize| ((r * 7 + i * 3) % 5) as f32 - 2.0;
+        // world 5: Sum is 0 at every index, so chunks in the wrong place go unseen
+        let sum5: Vec<f32> = (0..5 * 16)
+            .map(|i| (0..5).map(|r| old(r, i)).sum())
+            .collect();
+        assert!(sum5.iter().all(|&x| x == 0.0));
+        // world 6: ranks 0 and 5 hold the same input, so swapping their all_gather blocks passes
+        let ag: Vec<f32> = (0..6)
+            .flat_map(|r| (0..7).map(move |i| old(r, i)))
+            .collect();
+        let swapped = mutations(&ag, 6, 7)
+            .into_iter()
+            .find(|(bug, _)| bug == "blocks 0 and 5 swapped")
+            .unwrap()
+            .1;
+        assert!(eq("old all_gather", &swapped, &ag).is_ok());
+        // ...which the new data rejects (as `reference_data_exposes_misplaced_data_every_dtype` checks
+        // for every pair, dtype and world)
+        let ag: Vec<f32> = common::all_gather_want(6, 7, ReduceOp::Sum);
+        let swapped = mutations(&ag, 6, 7)
+            .into_iter()
+            .find(|(bug, _)| bug == "blocks 0 and 5 swapped")
+            .unwrap()
+            .1;
+        assert!(eq("all_gather", &swapped, &ag).is_err());
+    }
 }

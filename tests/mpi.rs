@@ -95,12 +95,38 @@ mod imp {
         }
     }
 
-    /// Rank `r`'s input for a reduction with `op` (products stay small: factors 1 and 2).
+    /// SplitMix64's finaliser: the source of the reference data, so that it has no period.
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A hash of index `i` under `salt`.
+    fn hash(salt: u64, i: usize) -> u64 {
+        mix(mix(salt ^ 0xfe44_0cc1_5eed_2024) ^ i as u64)
+    }
+
+    /// Rank `r`'s input for a reduction with `op`, as in tests/common: for Prod one of four factors
+    /// per (rank, index) (u8 {1, 2, 3, 5}, wrapping like the library; signed {-1, 2, -2, 3}; floats
+    /// {2, -1, 1, -2}: products of 4 ranks exact everywhere); else `(a·r + b) mod 32` with `a` odd and
+    /// `b` hashed from `i` (minus 16 for signed and float types), so the ranks differ at every index
+    /// and reductions vary along the vector. Sums of 4 ranks stay exact in bf16.
     fn input<T: TE>(r: usize, len: usize, op: ReduceOp) -> Vec<T> {
         (0..len)
-            .map(|i| match op {
-                ReduceOp::Prod => T::of(1 + ((r + i) % 2) as i64),
-                _ => T::of(1 + ((r * 7 + i * 3) % 5) as i64),
+            .map(|i| {
+                let h = hash(1, i);
+                if op == ReduceOp::Prod {
+                    let l = ((h >> (2 * (r % 32))) & 3) as usize;
+                    return T::of(match T::DTYPE {
+                        DType::U8 => [1, 2, 3, 5][l],
+                        DType::I32 | DType::I64 => [-1, 2, -2, 3][l],
+                        _ => [2, -1, 1, -2][l],
+                    });
+                }
+                let (a, b) = ((h % 32) | 1, (h >> 8) % 32);
+                let x = ((a * r as u64 + b) % 32) as i64;
+                T::of(if T::DTYPE == DType::U8 { x } else { x - 16 })
             })
             .collect()
     }
@@ -147,9 +173,13 @@ mod imp {
         Ok(())
     }
 
-    /// Value of element `k` of the block that rank `src` sends to rank `dst` (all-to-all tests).
+    /// Value of element `k` of the block that rank `src` sends to rank `dst` (all-to-all tests):
+    /// `(a·(src·WORLD + dst) + b) mod 64` with `a` odd and `b` hashed from `k`, so the blocks of all
+    /// (src, dst) pairs differ at every position (a bijection of Z/64), and along each block.
     fn a2a<T: TE>(src: usize, dst: usize, k: usize) -> T {
-        T::of(((src * 5 + dst * 3 + k) % 97) as i64)
+        let h = hash(2, k);
+        let (a, b) = ((h % 64) | 1, (h >> 8) % 64);
+        T::of(((a * (src * WORLD + dst) as u64 + b) % 64) as i64)
     }
 
     fn same<T: TE>(got: &[T], want: &[T], what: &str) -> R {
