@@ -18,6 +18,13 @@ pub fn deadline_after(d: Duration) -> std::time::Instant {
     now.checked_add(d.min(MAX_TIMEOUT)).unwrap_or(now)
 }
 
+/// `start + d`, saturating like [`deadline_after`] (for deadlines counted from an earlier instant).
+pub fn deadline_from(start: std::time::Instant, d: Duration) -> std::time::Instant {
+    start
+        .checked_add(d.min(MAX_TIMEOUT))
+        .unwrap_or_else(|| deadline_after(d))
+}
+
 /// Settings shared by every backend.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {

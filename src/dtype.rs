@@ -208,9 +208,15 @@ macro_rules! arith_int {
                 ReduceOp::Max => self.max(o),
             }
         }
-        // In i128: `n as u8` would be 0 at 256 ranks (a division by zero) and wrong above.
+        // `n as u8` would be 0 at 256 ranks (a division by zero) and wrong above: a count beyond
+        // the type's range exceeds every value's magnitude, so the quotient truncates to 0.
         #[inline(always)]
-        fn div_n(self, n: usize) -> Self { (self as i128 / n.max(1) as i128) as $t }
+        fn div_n(self, n: usize) -> Self {
+            match <$t>::try_from(n.max(1)) {
+                Ok(d) => self / d,
+                Err(_) => 0,
+            }
+        }
     })*};
 }
 arith_int!(i32, i64, u8);

@@ -27,6 +27,10 @@ pub trait Pending<T>: Send {
             std::thread::sleep(Duration::from_micros(50));
         }
     }
+    /// Called by [`Work::wait`] once it has waited its whole timeout, just before dropping this:
+    /// a backend whose drop would otherwise wait for the operation again gives up at once here
+    /// (NCCL aborts the communicator), so that `wait` is bounded by one timeout in total.
+    fn abandon(&mut self) {}
 }
 
 /// A pending operation delivered through a one-shot channel (worker-thread backends).
@@ -85,6 +89,9 @@ impl<T: Send, U: Send> Pending<U> for Mapped<T, U> {
         let r = self.inner.wait_for(d)?;
         Some(self.finish(r))
     }
+    fn abandon(&mut self) {
+        self.inner.abandon();
+    }
 }
 
 impl<T, U> Mapped<T, U> {
@@ -110,9 +117,10 @@ enum State<T> {
 /// dropped at once rather than waited for a second time. That is safe with every built-in backend,
 /// whose pending operations own their buffers and make dropping safe by themselves: the in-process
 /// and TCP workers own the buffers of the jobs they run (a dropped `irecv` is also cancelled, so a
-/// late message waits for the next receive instead of vanishing); MPI leaks buffers that MPI may
-/// still use; NCCL waits for the operation's event in its own `Drop`. A [`Pending`] of another
-/// backend must do the same.
+/// message that arrives after the drop waits for the next receive instead of vanishing; one that
+/// completes the receive while the handle is being dropped goes with it); MPI leaks buffers that MPI may
+/// still use; NCCL waits for the operation's event in its own `Drop`, or, after
+/// [`Pending::abandon`], aborts the communicator. A [`Pending`] of another backend must do the same.
 pub struct Work<T: Send + 'static> {
     state: State<T>,
     timeout: Duration,
@@ -169,7 +177,9 @@ impl<T: Send + 'static> Work<T> {
                 Some(r) => r,
                 None => {
                     // Dropped here, not drained again by `Drop` (that was a second timeout): a
-                    // `Pending` makes its own drop safe (see the type docs).
+                    // `Pending` makes its own drop safe (see the type docs), and gives up at once
+                    // after `abandon`.
+                    p.abandon();
                     drop(p);
                     Err(Error::Timeout {
                         during: self.during,

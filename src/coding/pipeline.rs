@@ -406,9 +406,7 @@ impl<P: Planner> SequentialRuntime<P> {
         for w in (0..n).filter(|&w| w != me && owed[w] == 0 && !self.lost[w]) {
             self.planner.complete(w); // nothing to send this round
         }
-        let deadline = t0
-            .checked_add(comm.config().timeout.min(crate::config::MAX_TIMEOUT))
-            .unwrap_or(t0);
+        let deadline = crate::config::deadline_from(t0, comm.config().timeout);
         let mut failure = None;
         loop {
             let mut progressed = false;

@@ -350,9 +350,7 @@ impl CodedAllReduce {
         }
         let mut got: Vec<(usize, Vec<f32>)> = vec![(rank, coded.to_vec())];
         let need = self.code.min_responders();
-        let deadline = t0
-            .checked_add(comm.config().timeout.min(crate::config::MAX_TIMEOUT))
-            .unwrap_or(t0);
+        let deadline = crate::config::deadline_from(t0, comm.config().timeout);
         let mut decoded: Option<Vec<f32>> = None;
         let mut last_lost = None;
         let mut failure = None;

@@ -1137,7 +1137,8 @@ impl DgcKernels {
         if cnt > k {
             self.k_tie_rounds(i, x, cnt, ctl, hist, spec)?;
         }
-        self.k_filter(i, x, cnt, k, cap, si, sx, ctl, spec, None, true)
+        // the rank as launch_kth clamps it: ties go after the `min(k, cnt) − CTL_KEEP` above
+        self.k_filter(i, x, cnt, k.min(cnt), cap, si, sx, ctl, spec, None, true)
     }
 
     /// `dgc_filter` over `cnt` candidates: the top `rank` (see [`DgcKernels::launch_filter`]) into at

@@ -572,10 +572,9 @@ impl Engine {
                 Ok(m) if m.src == src && m.tag == tag => {
                     return self.take_in_time(m, deadline, None, during);
                 }
-                Ok(m) => {
-                    self.file(m);
-                    continue;
-                }
+                // another message: file it, then the checks below (a steady stream of other
+                // messages must not keep this wait past its deadline or hide a lost sender)
+                Ok(m) => self.file(m),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     if !p2p {
@@ -698,8 +697,8 @@ impl Worker {
     /// locks (loans, the link-model clock) are only held for a copy or a reduction, never across a
     /// wait or a sleep, and a panic ends the job at once. So this returns within about one timeout
     /// after the job starts, plus the time of the computation itself; jobs queued before it (earlier
-    /// non-blocking operations) each have their own deadline. (The TCP writer threads' socket
-    /// writes are not covered: a loan read by a writer stuck in `write` holds its lock.)
+    /// non-blocking operations) each have their own deadline. (The TCP writer threads copy a loan
+    /// under its lock piece by piece and write with no lock held, so they do not hold it up.)
     pub fn exec(&self, c: crate::CollectiveRef<'_>) -> Result<()> {
         let mut c = Some(c);
         let (tx, rx) = crossbeam::channel::bounded::<Result<()>>(1);

@@ -468,6 +468,9 @@ impl Communicator for MpiComm {
     }
 
     fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
+        // Again here, not only in `run`: this hook is public and hands MPI pointers and counts
+        // taken from the views (a few integer compares).
+        c.validate(self.inner.rank, self.inner.size)?;
         let (during, peer) = (c.name(), peer_of(&c));
         let bytes = traffic(&c, self.inner.rank, self.inner.size);
         let c = match c {
@@ -497,6 +500,7 @@ impl Communicator for MpiComm {
         let during = c.name();
         let (flight, bytes) = {
             let v = c.views();
+            v.validate(self.inner.rank, self.inner.size)?; // as in `exec`
             let bytes = traffic(&v, self.inner.rank, self.inner.size);
             // The views point into the boxes' heap memory, which does not move when `c` does.
             (Flight::post(&self.inner.target(), v)?, bytes)

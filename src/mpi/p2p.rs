@@ -306,7 +306,10 @@ impl P2p<'_> {
                         ffi::MPI_Get_count(&statuses[0], byte, &mut got)
                     })?;
                     if got != nr {
-                        // both requests completed: MPI holds no buffer, nothing to poison
+                        // The ranks disagree on the length and this rank leaves the steps midway:
+                        // partners' later steps (fixed tags on the private communicator) could match
+                        // the next all-reduce, so no further MPI use, as on the partner's truncation.
+                        s.poison();
                         return Err(Error::LengthMismatch {
                             what: format!(
                                 "all_reduce: bytes from rank {peer} (every rank must pass the \

@@ -130,8 +130,11 @@ fn init_rank(
     let uid = sys::ncclUniqueId {
         internal: id.map(|b| b as std::ffi::c_char),
     };
-    let (tx, rx) = crossbeam::channel::bounded::<Result<Raw>>(1);
-    let ctx = ctx.clone();
+    // The result is handed over under a lock, so that exactly one side owns it: the caller if it
+    // is still waiting (or finds it just after its timeout), else the helper, which destroys it.
+    let slot: Arc<Mutex<(bool, Option<Result<Raw>>)>> = Arc::new(Mutex::new((false, None)));
+    let (tx, rx) = crossbeam::channel::bounded::<()>(1);
+    let (ctx, theirs) = (ctx.clone(), slot.clone());
     std::thread::Builder::new()
         .name(format!("ferroccl-nccl-init-{rank}"))
         .spawn(move || {
@@ -147,20 +150,31 @@ fn init_rank(
                     )
                     .map(|_| Raw(raw))
                 });
-            if let Err(crossbeam::channel::SendError(Ok(late))) = tx.send(r) {
+            let mut g = theirs.lock().unwrap_or_else(|e| e.into_inner());
+            if g.0 {
                 // the caller timed out and left: nobody else will ever free this communicator
-                // SAFETY: a communicator this thread created and nobody else holds.
-                let _ = unsafe { sys::ncclCommDestroy(late.0) };
+                if let Ok(late) = r {
+                    // SAFETY: a communicator this thread created and nobody else holds.
+                    let _ = unsafe { sys::ncclCommDestroy(late.0) };
+                }
+            } else {
+                g.1 = Some(r);
+                let _ = tx.send(());
             }
         })
         .map_err(|e| Error::io("spawning the NCCL init thread", e))?;
-    match rx.recv_timeout(timeout) {
-        Ok(r) => r.map(|raw| raw.0),
-        Err(_) => Err(Error::Timeout {
-            during: "ncclCommInitRank (every rank must join; one did not)",
-            after: timeout,
-            waiting_for: None,
-        }),
+    let _ = rx.recv_timeout(timeout);
+    let mut g = slot.lock().unwrap_or_else(|e| e.into_inner());
+    match g.1.take() {
+        Some(r) => r.map(|raw| raw.0),
+        None => {
+            g.0 = true; // abandoned: the helper destroys what it may still create
+            Err(Error::Timeout {
+                during: "ncclCommInitRank (every rank must join; one did not)",
+                after: timeout,
+                waiting_for: None,
+            })
+        }
     }
 }
 
@@ -631,6 +645,9 @@ impl Communicator for NcclComm {
         true
     }
     fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
+        // Again here, not only in `run`: this hook is public and hands NCCL device pointers and
+        // counts taken from the views (a few integer compares).
+        c.validate(self.rank, self.size)?;
         let name = c.name();
         if self.cfg.stream_ordered && !matches!(c, Collective::Barrier) {
             // errors of earlier stream-ordered work surface here, at the next call
@@ -645,6 +662,7 @@ impl Communicator for NcclComm {
     fn exec_async(&self, mut c: CollectiveOwned) -> Result<Work<CollectiveOwned>> {
         let state = {
             let v = c.views();
+            v.validate(self.rank, self.size)?; // as in `exec`
             if matches!(v, Collective::Send { .. } | Collective::Recv { .. }) {
                 if self.h.broken.load(Ordering::Acquire) {
                     return Err(self.lost("a send/recv on an aborted NCCL communicator"));

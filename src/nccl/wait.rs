@@ -190,6 +190,16 @@ impl Pending<CollectiveOwned> for NcclPending {
     fn wait_for(&mut self, d: Duration) -> Option<Result<CollectiveOwned>> {
         poll_for(d, || self.poll())
     }
+    /// `Work::wait` timed out: abort now (the wait already took the whole timeout), so that the
+    /// drop below finds the operation failed instead of waiting a second timeout.
+    fn abandon(&mut self) {
+        if self.op.is_some() {
+            match &self.state {
+                State::Launched(w) => w.h.abort(),
+                State::Posted(_, h) => h.abort(),
+            }
+        }
+    }
 }
 
 impl Drop for NcclPending {

@@ -259,8 +259,12 @@ impl EnvRendezvous {
     /// single-machine tests avoid fixed ports).
     pub fn connect(&self, timeout: Duration) -> Result<(Option<StoreServer>, StoreClient)> {
         if self.rank == 0 {
+            // every rank keeps its client for the communicator's lifetime (splits open more):
+            // room for the whole job whatever its size, plus strangers and retries
             let limits = StoreLimits {
                 max_wait: timeout,
+                max_connections: store::DEFAULT_MAX_CONNECTIONS
+                    .max(self.world_size.saturating_mul(2).saturating_add(64)),
                 ..StoreLimits::default()
             };
             let server = StoreServer::bind_with_limits(&self.bind, &self.token, limits)?;
