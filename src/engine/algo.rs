@@ -205,19 +205,20 @@ impl Engine {
                 mut recv,
                 recv_counts,
             } => {
-                let world = |what: String, got: usize| {
+                // the message is built only on failure (this runs on every all_to_allv)
+                let world = |what: &'static str, got: usize| {
                     if got == n {
                         Ok(())
                     } else {
                         Err(Error::LengthMismatch {
-                            what,
+                            what: what.into(),
                             expected: n,
                             got,
                         })
                     }
                 };
-                world("all_to_allv: send_counts entries".into(), send_counts.len())?;
-                world("all_to_allv: recv_counts entries".into(), recv_counts.len())?;
+                world("all_to_allv: send_counts entries", send_counts.len())?;
+                world("all_to_allv: recv_counts entries", recv_counts.len())?;
                 let seq = self.next_seq();
                 let es = send.dtype.size();
                 let inp = host(&send)?;
