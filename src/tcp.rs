@@ -770,6 +770,17 @@ impl Communicator for TcpComm {
     fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
     }
+    fn local_rank(&self) -> usize {
+        // torchrun's LOCAL_RANK (a process property, the same for sub-communicators); without
+        // it the launch is taken as single-host, where the rank is the local rank
+        match std::env::var("LOCAL_RANK")
+            .ok()
+            .map(|v| v.trim().parse::<usize>())
+        {
+            Some(Ok(r)) => r,
+            _ => self.rank,
+        }
+    }
 }
 
 impl Drop for TcpComm {

@@ -348,8 +348,8 @@ fn recv_length_mismatch_is_an_error() {
         matches!(
             out[1],
             Some(Error::LengthMismatch {
-                expected: 8,
-                got: 12,
+                expected: 2,
+                got: 3,
                 ..
             })
         ),

@@ -127,6 +127,9 @@ pub(crate) struct Engine {
     seq: u64,
     /// The deadline of the operation being executed (`None` while idle); see the module docs.
     op_deadline: Option<Instant>,
+    /// The element type of the operation being executed: length errors found on raw bytes are
+    /// reported in its elements.
+    pub(crate) op_dtype: crate::DType,
 }
 
 /// Raw view of a host buffer for the algorithms: sub-slices can be lent and written independently.
@@ -212,6 +215,7 @@ impl Engine {
             posted: Vec::new(),
             seq: 0,
             op_deadline: None,
+            op_dtype: crate::DType::U8,
         }
     }
 
@@ -628,15 +632,20 @@ impl Engine {
 pub(crate) fn copy_in(mut buf: BufMut<'_>, m: &Msg) -> Result<()> {
     let n = m.payload.len();
     let want = buf.byte_len();
+    let dtype = buf.dtype;
     let dst = buf
         .host_bytes_mut()
         .ok_or_else(|| Error::Unsupported("this backend only takes host buffers".into()))?;
     if n != want {
-        return Err(Error::LengthMismatch {
-            what: format!("recv from rank {}: message bytes vs buffer bytes", m.src),
-            expected: want,
-            got: n,
-        });
+        return Err(Error::byte_lengths(
+            format!(
+                "recv from rank {}: the message's length differs from the buffer's",
+                m.src
+            ),
+            dtype,
+            want,
+            n,
+        ));
     }
     m.payload.with(m.src, |b| dst.copy_from_slice(b))
 }

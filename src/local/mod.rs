@@ -18,7 +18,7 @@
 //!
 //! Failure semantics: if a rank's closure panics or a rank drops its communicator while others still
 //! wait on it, the others' pending and later collectives return [`crate::Error::PeerLost`] (never a
-//! hang); [`run`] returns the first rank's error or panic message. The same holds when something
+//! hang); [`run`] returns the cause: the panicking rank and its message ([`crate::Error::RankPanicked`]) or the failing rank's own error, not a peer's `PeerLost`. The same holds when something
 //! panics on a rank's worker thread (a buffer implementation, an internal assertion): that rank's
 //! call returns `PeerLost` naming itself and the peers see the rank gone at once, not after their
 //! timeout. A bad [`LinkModel`] or a zero timeout is rejected by [`world`]/[`run_with`].
@@ -267,8 +267,10 @@ fn validate(cfg: &Config, opts: &Options) -> Result<()> {
 
 /// Run `f` on `n` ranks (one thread each) and return every rank's result, in rank order.
 ///
-/// If any rank returns an error or panics, the first failure (lowest rank) is returned; the other ranks
-/// are not left hanging (their collectives fail with `PeerLost` within the timeout).
+/// If any rank returns an error or panics, the failure that caused the others is returned: a panic
+/// as [`Error::RankPanicked`] naming the rank and its message, else the lowest rank's own error
+/// (a user error passed up with `?`, see [`Error::user`]) rather than the `PeerLost` its peers saw;
+/// the other ranks are not left hanging (their collectives fail with `PeerLost` within the timeout).
 pub fn run<T, F>(n: usize, f: F) -> Result<Vec<T>>
 where
     T: Send,
@@ -305,10 +307,34 @@ where
                         .map(|s| s.to_string())
                         .or_else(|| p.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "non-string panic".into());
-                    Err(Error::InvalidArgument(format!("rank {r} panicked: {msg}")))
+                    Err(Error::RankPanicked {
+                        rank: r,
+                        message: msg,
+                    })
                 }),
             })
             .collect()
     });
-    results.into_iter().collect()
+    first_cause(results)
+}
+
+/// Every rank's value, or the failure that explains the others: a panic first (the other ranks
+/// only saw its rank vanish, as `PeerLost`), then the lowest rank's error that is not a
+/// consequence of another rank failing (`PeerLost`, `Timeout`), else the lowest rank's error.
+fn first_cause<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    if results.iter().all(Result::is_ok) {
+        return results.into_iter().collect();
+    }
+    let rank_of = |e: &Error| match e {
+        Error::RankPanicked { .. } => 0,
+        e if !e.is_fatal() => 1,
+        _ => 2,
+    };
+    let cause = results
+        .into_iter()
+        .filter_map(Result::err)
+        .enumerate()
+        .min_by_key(|(i, e)| (rank_of(e), *i))
+        .map(|(_, e)| e);
+    Err(cause.unwrap_or_else(|| Error::InvalidArgument("internal: no failure found".into())))
 }
