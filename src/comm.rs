@@ -617,9 +617,27 @@ pub trait Communicator: Send + Sync {
         Ok(())
     }
 
-    /// Bytes this rank has sent so far (payload, all operations).
+    /// Backend hook: this communicator's traffic counters ([`crate::stats`] says what each backend
+    /// counts). `None` (the default) counts nothing and [`Communicator::stats`] reads zeros.
+    fn traffic(&self) -> Option<&crate::stats::Traffic> {
+        None
+    }
+
+    /// A snapshot of what this communicator moved: calls, bytes sent and received per operation kind.
+    fn stats(&self) -> crate::stats::Stats {
+        self.traffic().map(|t| t.snapshot()).unwrap_or_default()
+    }
+
+    /// Zero the traffic counters.
+    fn reset_stats(&self) {
+        if let Some(t) = self.traffic() {
+            t.reset();
+        }
+    }
+
+    /// Bytes this rank has sent so far (payload, all operations): `stats().bytes_sent()`.
     fn bytes_sent(&self) -> u64 {
-        0
+        self.stats().bytes_sent()
     }
 
     /// Charge `d` of computation to this rank. Real backends do nothing (the computation took real time);
@@ -640,6 +658,9 @@ pub trait Communicator: Send + Sync {
         #[cfg(feature = "cuda")]
         if !self.supports_device() && crate::device::stage::has_device(&c) {
             return crate::device::stage::run_staged(self, c);
+        }
+        if let Some(t) = self.traffic() {
+            t.call(c.kind());
         }
         if self.config().check {
             check_signatures(self, &c)?;
@@ -671,6 +692,9 @@ pub trait Communicator: Send + Sync {
             #[cfg(feature = "cuda")]
             if !self.supports_device() && crate::device::stage::has_device(&v) {
                 return crate::device::stage::start_staged(self, c);
+            }
+            if let Some(t) = self.traffic() {
+                t.call(v.kind());
             }
             if self.config().check {
                 check_signatures(self, &v)?;
