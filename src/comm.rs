@@ -632,9 +632,27 @@ pub trait Communicator: Send + Sync {
         Ok(())
     }
 
-    /// Bytes this rank has sent so far (payload, all operations).
+    /// Backend hook: this communicator's traffic counters ([`crate::stats`] says what each backend
+    /// counts). `None` (the default) counts nothing and [`Communicator::stats`] reads zeros.
+    fn traffic(&self) -> Option<&crate::stats::Traffic> {
+        None
+    }
+
+    /// A snapshot of what this communicator moved: calls, bytes sent and received per operation kind.
+    fn stats(&self) -> crate::stats::Stats {
+        self.traffic().map(|t| t.snapshot()).unwrap_or_default()
+    }
+
+    /// Zero the traffic counters.
+    fn reset_stats(&self) {
+        if let Some(t) = self.traffic() {
+            t.reset();
+        }
+    }
+
+    /// Bytes this rank has sent so far (payload, all operations): `stats().bytes_sent()`.
     fn bytes_sent(&self) -> u64 {
-        0
+        self.stats().bytes_sent()
     }
 
     /// Charge `d` of computation to this rank. Real backends do nothing (the computation took real time);
@@ -655,6 +673,9 @@ pub trait Communicator: Send + Sync {
         #[cfg(feature = "cuda")]
         if !self.supports_device() && crate::device::stage::has_device(&c) {
             return crate::device::stage::run_staged(self, c);
+        }
+        if let Some(t) = self.traffic() {
+            t.call(c.kind());
         }
         if self.config().check {
             check_signatures(self, &c)?;
@@ -686,6 +707,9 @@ pub trait Communicator: Send + Sync {
             #[cfg(feature = "cuda")]
             if !self.supports_device() && crate::device::stage::has_device(&v) {
                 return crate::device::stage::start_staged(self, c);
+            }
+            if let Some(t) = self.traffic() {
+                t.call(v.kind());
             }
             if self.config().check {
                 check_signatures(self, &v)?;
@@ -757,6 +781,15 @@ macro_rules! forward_communicator {
             }
             fn synchronize(&self) -> Result<()> {
                 (**self).synchronize()
+            }
+            fn traffic(&self) -> Option<&crate::stats::Traffic> {
+                (**self).traffic()
+            }
+            fn stats(&self) -> crate::stats::Stats {
+                (**self).stats()
+            }
+            fn reset_stats(&self) {
+                (**self).reset_stats()
             }
             fn bytes_sent(&self) -> u64 {
                 (**self).bytes_sent()

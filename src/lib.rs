@@ -40,6 +40,7 @@ pub mod mpi;
 pub mod nccl;
 pub mod rendezvous;
 pub mod sim;
+pub mod stats;
 pub mod tcp;
 pub mod work;
 

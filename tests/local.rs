@@ -930,3 +930,12 @@ mod reference_data {
         assert!(eq("all_gather", &swapped, &ag).is_err());
     }
 }
+
+#[test]
+fn traffic_counters_match_a_hand_count_on_every_transport() {
+    for (name, opts) in transports() {
+        let checks = local::run_with(4, &opts, common::traffic::hand_count)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(checks.iter().all(|&k| k >= 7), "{name}: {checks:?}");
+    }
+}

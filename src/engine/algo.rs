@@ -80,7 +80,10 @@ impl Engine {
     /// the algorithms index by — ranks and byte lengths — are checked here (a handful of integer
     /// comparisons), and a bad call is an error rather than a panic on the worker.
     pub fn execute(&mut self, c: CollectiveRef<'_>) -> Result<()> {
-        self.with_deadline(|e| e.execute_op(c))
+        self.cur = c.kind();
+        let r = self.with_deadline(|e| e.execute_op(c));
+        self.cur = crate::stats::OpKind::Recv;
+        r
     }
 
     fn execute_op(&mut self, c: CollectiveRef<'_>) -> Result<()> {

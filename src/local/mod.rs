@@ -84,7 +84,7 @@ pub struct LocalComm {
     worker: Worker,
     health: Arc<Health>,
     clock: Option<Arc<Mutex<Clock>>>,
-    bytes_sent: Arc<AtomicU64>,
+    traffic: Arc<crate::stats::Traffic>,
     world: Arc<WorldShared>,
     opts: Options,
     splits: AtomicU64,
@@ -112,7 +112,7 @@ impl LocalComm {
             .link
             .clone()
             .map(|m| Arc::new(Mutex::new(Clock::new(m, rank, size, world.epoch))));
-        let bytes_sent = Arc::new(AtomicU64::new(0));
+        let traffic = Arc::new(crate::stats::Traffic::new());
         let mut engine = Engine::new(
             rank,
             size,
@@ -121,7 +121,7 @@ impl LocalComm {
             setup.health.clone(),
             clock.clone(),
             cfg.clone(),
-            bytes_sent.clone(),
+            traffic.clone(),
             !opts.copy_only,
         );
         engine.peers_share_memory = true;
@@ -134,7 +134,7 @@ impl LocalComm {
             worker,
             health: setup.health.clone(),
             clock,
-            bytes_sent,
+            traffic,
             world,
             opts: opts.clone(),
             splits: AtomicU64::new(0),
@@ -198,8 +198,8 @@ impl Communicator for LocalComm {
         Ok(Some(Box::new(c)))
     }
 
-    fn bytes_sent(&self) -> u64 {
-        self.bytes_sent.load(Ordering::Relaxed)
+    fn traffic(&self) -> Option<&crate::stats::Traffic> {
+        Some(&self.traffic)
     }
 
     fn compute(&self, d: Duration) -> Result<()> {
