@@ -63,6 +63,13 @@ struct Args {
     /// One-way latency of the modelled link, µs.
     #[arg(long, default_value_t = 15.0)]
     latency_us: f64,
+    /// Report instead of run: read the JSON results `benches/slow_link_all.sh` wrote into DIR, print
+    /// the markdown tables (measured beside the model) and draw `--plot`.
+    #[arg(long, value_name = "DIR")]
+    report: Option<String>,
+    /// `--report`: SVG of time per sync against link rate (measured points, model lines).
+    #[arg(long, default_value = "benches/slow_link.svg")]
+    plot: String,
 }
 
 /// Seconds on this rank's clock: virtual under the link model, else wall time since `t0`.
@@ -268,8 +275,21 @@ fn run(a: &Args) -> std::result::Result<(), String> {
     Ok(())
 }
 
+#[path = "common/slow_link_report.rs"]
+mod report;
+
 fn main() -> ExitCode {
-    match run(&Args::parse()) {
+    let a = Args::parse();
+    if let Some(dir) = &a.report {
+        return match report::report(dir, &a.plot) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("slow_link --report: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match run(&a) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("slow_link: {e}");
