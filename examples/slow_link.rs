@@ -12,7 +12,8 @@
 //! `--n`-float gradient (ResNet-50: 25,557,032), `Dgc::step` on it at `--density` after warm-up, then
 //! the same gradient as `--tensors` equal tensors through a `Bucketer` (25 MiB buckets) with the plain
 //! all-reduce hook and with `DgcHook`. The first rep is a warm-up; the median of the others is
-//! reported, the maximum over ranks. `--sweep` also times all-reduces of 1 KiB–256 MiB (×4).
+//! reported, the maximum over ranks. Then `Dgc::step` on a world of one (no network; the compression
+//! alone, under the same machine load), so a DGC sync splits into compression and exchange. `--sweep` also times all-reduces of 1 KiB–256 MiB (×4).
 //!
 //! `--model-gbit R` runs `--world` in-process ranks under `local::run_with` with a [`LinkModel`] in
 //! virtual time instead, modelling the shaped loopback: `tc tbf` on `lo` shares its rate among every
@@ -161,6 +162,31 @@ fn run_rank(comm: &dyn Communicator, a: &Args) -> Result<Option<serde_json::Valu
             o.dgc_message_bytes = msg;
         }
     }
+    // DGC's CPU part alone: the same steps on a world of one (no network) on this rank, under the same
+    // machine load, so the sync time splits into compression and exchange.
+    let compute = if comm.virtual_time().is_some() {
+        f64::NAN // the model charges the network only
+    } else {
+        let (n, density, reps) = (a.n, a.density, a.reps);
+        let base = &base;
+        ferroccl::local::run(1, move |c| {
+            let cfg = DgcConfig::default()
+                .final_density(density)
+                .warmup_enabled(false);
+            let mut d = Dgc::new(n, cfg)?;
+            let mut g = base.clone();
+            let mut ts = Vec::new();
+            for rep in 0..=reps {
+                g.copy_from_slice(base);
+                let t = Instant::now();
+                d.step(c, &mut g, 1e3)?;
+                if rep > 0 {
+                    ts.push(t.elapsed().as_secs_f64());
+                }
+            }
+            Ok(median(ts))
+        })?[0]
+    };
     if a.sweep {
         let mut bytes = 1024;
         while bytes <= a.sweep_max_mib << 20 {
@@ -182,8 +208,10 @@ fn run_rank(comm: &dyn Communicator, a: &Args) -> Result<Option<serde_json::Valu
         median(o.dgc.clone()),
         median(o.bucket_dense.clone()),
         median(o.bucket_dgc.clone()),
+        compute,
     ];
     t.extend(o.sweep.iter().map(|s| s.1));
+    // (under the link model the compute run is real time; the network-only prediction is dgc_s)
     comm.all_reduce(&mut t, ReduceOp::Max)?;
     if rank != 0 {
         return Ok(None);
@@ -198,14 +226,15 @@ fn run_rank(comm: &dyn Communicator, a: &Args) -> Result<Option<serde_json::Valu
         "dgc_s": t[1],
         "bucket_dense_s": t[2],
         "bucket_dgc_s": t[3],
-        "sweep": o.sweep.iter().zip(&t[4..]).map(|(s, &x)| serde_json::json!({"bytes": s.0, "s": x})).collect::<Vec<_>>(),
+        "dgc_compute_only_s": t[4],
+        "sweep": o.sweep.iter().zip(&t[5..]).map(|(s, &x)| serde_json::json!({"bytes": s.0, "s": x})).collect::<Vec<_>>(),
     })))
 }
 
 fn run(a: &Args) -> std::result::Result<(), String> {
     let (mut res, how) = match a.model_gbit {
         Some(gbit) => {
-            if !(gbit > 0.0) || a.world < 2 {
+            if gbit.is_nan() || gbit <= 0.0 || a.world < 2 {
                 return Err("--model-gbit needs a positive rate and --world >= 2".into());
             }
             let link = Link::gbit(
@@ -249,6 +278,10 @@ fn run(a: &Args) -> std::result::Result<(), String> {
         ("Dgc::step", "dgc_s"),
         ("Bucketer (all-reduce hook)", "bucket_dense_s"),
         ("Bucketer + DgcHook", "bucket_dgc_s"),
+        (
+            "Dgc::step on a world of 1 (compression only, slowest rank)",
+            "dgc_compute_only_s",
+        ),
     ] {
         println!(
             "| {name} | {:.4} | {:.1}× faster |",
