@@ -46,7 +46,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 // ------------------------------------------------------------------------------------------------
 // Sources: the kernel registry.
 
-/// Every kernel file of `cuda/` (see [`registry`](super::registry)); the shared header
+/// Every kernel file of `cuda/` (see [`registry`]); the shared header
 /// `common.cuh` is not listed, it is supplied to each compilation.
 pub fn kernel_sources() -> &'static [KernelFile] {
     registry::ALL
