@@ -342,7 +342,7 @@ mod cuda {
     fn missing_libraries_give_clear_errors() {
         let e = probe_with(&[Lib::Cuda, Lib::Nvrtc], |l| l == Lib::Cuda).unwrap_err();
         let s = e.to_string();
-        assert!(matches!(e, Error::Cuda(_)));
+        assert!(matches!(e, Error::Cuda { .. }));
         assert!(
             s.contains("libnvrtc.so") && s.contains("LD_LIBRARY_PATH"),
             "{s}"

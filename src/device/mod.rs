@@ -57,7 +57,7 @@ impl Lib {
                 "install NCCL or `pip install nvidia-nccl-cu13`, then add the folder holding libnccl.so.2 to LD_LIBRARY_PATH",
             ),
         };
-        Error::Cuda(format!("{name} could not be loaded: {hint}"))
+        Error::cuda(format!("{name} could not be loaded: {hint}"))
     }
 }
 
@@ -98,7 +98,7 @@ pub fn device_count() -> usize {
 /// Wrap a CUDA driver error: the crate's one CUDA error helper (`what` failed, and the driver's
 /// `CUresult`). The closure form is [`cu_err`].
 pub(crate) fn drv(context: &str, e: cudarc::driver::DriverError) -> Error {
-    Error::Cuda(format!("{context}: {e:?}"))
+    Error::cuda_code(e.0 as i32, format!("{context}: {e:?}"))
 }
 
 /// [`drv`] as a `map_err` argument: `.map_err(cu_err("copying to the host"))`.

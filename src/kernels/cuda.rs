@@ -106,7 +106,7 @@ fn cstring(what: &str, s: &str) -> Result<CString> {
 }
 
 fn nvrtc_err(what: &str, r: nvrtc_sys::nvrtcResult) -> Error {
-    Error::Cuda(format!("NVRTC {what} failed: {r:?}"))
+    Error::cuda_code(r as i32, format!("NVRTC {what} failed: {r:?}"))
 }
 
 /// Destroys an NVRTC program on drop.
@@ -157,9 +157,10 @@ fn nvrtc_compile(name: &str, source: &str, arch: &str) -> Result<Compiled> {
         unsafe { nvrtc_sys::nvrtcCompileProgram(prog.0, opt_ptrs.len() as i32, opt_ptrs.as_ptr()) };
     let log = program_log(&prog)?;
     if compiled != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(Error::Cuda(format!(
-            "NVRTC could not compile {name} for {arch} ({compiled:?}):\n{log}"
-        )));
+        return Err(Error::cuda_code(
+            compiled as i32,
+            format!("NVRTC could not compile {name} for {arch} ({compiled:?}):\n{log}"),
+        ));
     }
     let ptx_bytes = get_bytes(
         &prog,
@@ -174,7 +175,7 @@ fn nvrtc_compile(name: &str, source: &str, arch: &str) -> Result<Compiled> {
         nvrtc_sys::nvrtcGetCUBIN,
     )?;
     let ptx = ptx_text(ptx_bytes)
-        .ok_or_else(|| Error::Cuda(format!("NVRTC returned malformed PTX for {name}")))?;
+        .ok_or_else(|| Error::cuda(format!("NVRTC returned malformed PTX for {name}")))?;
     Ok(Compiled { ptx, cubin, log })
 }
 
@@ -313,7 +314,7 @@ fn load_compiled(ctx: &Arc<CudaContext>, name: &str, c: Compiled) -> Result<Arc<
     match ctx.load_module(Ptx::from_binary(c.cubin)) {
         Ok(m) => Ok(m),
         Err(cubin_err) => ctx.load_module(Ptx::from_src(c.ptx)).map_err(|ptx_err| {
-            Error::Cuda(format!(
+            Error::cuda(format!(
                 "loading the compiled {name} failed: as CUBIN ({cubin_err}) and as PTX ({ptx_err}); \
                  the driver may be older than the NVRTC that compiled it (CUDA 13)"
             ))
@@ -500,7 +501,7 @@ impl CudaKernels {
             .map_err(cu_err("synchronizing the kernel stream"))?;
         let (code, index) = match flag.as_slice() {
             [code, index, ..] => (*code, *index),
-            _ => return Err(Error::Cuda("the kernels' error flag is too short".into())),
+            _ => return Err(Error::cuda("the kernels' error flag is too short")),
         };
         if code == 0 {
             return Ok(());
