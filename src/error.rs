@@ -122,6 +122,34 @@ pub enum Error {
     /// A CUDA, NVRTC or NCCL call failed, or one of their libraries is missing.
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// The ranks of a local-SGD group hand over different parameter layouts ([`crate::local_sgd`]).
+    #[error("local SGD: rank {rank} has parameter layout {mine} but rank {other_rank} has {theirs}; every rank must hand over the same tensors (names, lengths, order)")]
+    LayoutMismatch {
+        /// This rank.
+        rank: usize,
+        /// This rank's layout (tensor count, elements, hash).
+        mine: String,
+        /// The first rank that disagreed.
+        other_rank: usize,
+        /// That rank's layout.
+        theirs: String,
+    },
+    /// A NaN or infinity where only finite values can be used (nothing was changed).
+    #[error("{what} is not finite (NaN or infinity); nothing was updated: lower the learning rate, check the data, or skip this batch")]
+    NonFinite {
+        /// Which value, on which rank.
+        what: String,
+    },
+    /// Calls made in the wrong order (e.g. an EDiT layer synced out of forward order); nothing changed.
+    #[error("{what}: expected {expected}, got {got}")]
+    OutOfOrder {
+        /// What was called and what order is required.
+        what: String,
+        /// The call that was due.
+        expected: usize,
+        /// The call that was made.
+        got: usize,
+    },
     /// An I/O error, with what was being done.
     #[error("{context}: {source}")]
     Io {

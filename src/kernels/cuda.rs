@@ -48,12 +48,14 @@ const COMMON_NAME: &str = "common.cuh";
 const COMMON: &str = include_str!("../../cuda/common.cuh");
 
 /// Every kernel file of `cuda/`, in [`KernelFile`] order.
-const SOURCES: [(&str, &str); 5] = [
+const SOURCES: [(&str, &str); 6] = [
     ("pack.cu", include_str!("../../cuda/pack.cu")),
     ("unpack.cu", include_str!("../../cuda/unpack.cu")),
     ("scatter_add.cu", include_str!("../../cuda/scatter_add.cu")),
     ("cast.cu", include_str!("../../cuda/cast.cu")),
     ("axpy.cu", include_str!("../../cuda/axpy.cu")),
+    // launched by `local_sgd::gpu` (CPU twin: `local_sgd::outer`)
+    ("local_sgd.cu", crate::local_sgd::LOCAL_SGD_CU),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
