@@ -23,6 +23,7 @@
 pub mod bucket;
 pub mod buffer;
 pub mod coding;
+mod collective;
 pub mod comm;
 pub mod config;
 #[cfg(feature = "cuda")]
@@ -40,6 +41,7 @@ pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod rendezvous;
+pub mod rng;
 pub mod sim;
 pub mod stats;
 pub mod tcp;
@@ -48,7 +50,8 @@ pub mod work;
 pub use bucket::{BucketHook, Bucketer};
 pub use buffer::{Buf, BufMut, Buffer, BufferMut, Location, OwnedBuffer};
 pub use coding::{Aggregator, CodedAllReduce, GradientCode, SequentialRuntime};
-pub use comm::{Collective, CollectiveOwned, CollectiveRef, Communicator, CommunicatorExt};
+pub use collective::{Collective, CollectiveOwned, CollectiveRef};
+pub use comm::{Communicator, CommunicatorExt};
 pub use config::Config;
 pub use dgc::{Dgc, DgcConfig, DgcHook};
 pub use dtype::{DType, Element, ReduceOp};

@@ -21,7 +21,7 @@ pub(crate) mod direct;
 pub(crate) mod msg;
 
 use crate::buffer::BufMut;
-use crate::comm::CollectiveOwned;
+use crate::collective::CollectiveOwned;
 use crate::config::deadline_after;
 use crate::link::Clock;
 use crate::stats::{OpKind, Traffic};
@@ -723,7 +723,7 @@ impl Worker {
     /// after the job starts, plus the time of the computation itself; jobs queued before it (earlier
     /// non-blocking operations) each have their own deadline. (The TCP writer threads copy a loan
     /// under its lock piece by piece and write with no lock held, so they do not hold it up.)
-    pub fn exec(&self, c: crate::CollectiveRef<'_>) -> Result<()> {
+    pub fn exec(&self, c: crate::collective::CollectiveRef<'_>) -> Result<()> {
         let mut c = Some(c);
         let (tx, rx) = crossbeam::channel::bounded::<Result<()>>(1);
         let slot = SlotPtr(&mut c as *mut Option<crate::CollectiveRef<'_>> as usize);
