@@ -561,4 +561,3 @@ pub fn describe_signature(s: &[u64]) -> String {
     }
     out + ")"
 }
-

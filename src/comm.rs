@@ -104,15 +104,11 @@ pub trait Communicator: Send + Sync {
         self.stats().bytes_sent()
     }
 
-    /// Charge `d` of computation to this rank. Real backends do nothing (the computation took real time);
-    /// the in-process backend with a link model scales it by the rank's slowdown and advances its clock.
-    fn compute(&self, d: Duration) -> Result<()> {
-        let _ = d;
-        Ok(())
-    }
-
-    /// This rank's virtual clock under a virtual-time link model, if any.
-    fn virtual_time(&self) -> Option<Duration> {
+    /// This rank's clock under a link model, if the communicator runs under one (the in-process
+    /// backend with `local::Options::link`). The link-model hooks themselves, `compute` and
+    /// `virtual_time`, are the capability trait [`LinkClock`] (in the prelude), which every
+    /// communicator has through this accessor.
+    fn link_clock(&self) -> Option<&crate::link::RankClock> {
         None
     }
 
@@ -188,6 +184,35 @@ pub trait Communicator: Send + Sync {
     }
 }
 
+/// The link model's hooks, a capability of its own (as rsmpi splits capabilities into traits) rather
+/// than methods of the core [`Communicator`]: implemented for every communicator (boxed, borrowed or
+/// shared too) through [`Communicator::link_clock`], so `comm.compute(d)` works wherever the prelude
+/// is imported. Without a link model `compute` does nothing (the computation took real time) and
+/// `virtual_time` is `None`.
+pub trait LinkClock {
+    /// Charge `d` of computation to this rank. Real backends do nothing; the in-process backend
+    /// with a link model scales it by the rank's slowdown and advances its clock (or sleeps, in real
+    /// mode).
+    fn compute(&self, d: Duration) -> Result<()>;
+
+    /// This rank's clock under a link model, if any (virtual time, or the model's real time since
+    /// the world started).
+    fn virtual_time(&self) -> Option<Duration>;
+}
+
+impl<C: Communicator + ?Sized> LinkClock for C {
+    fn compute(&self, d: Duration) -> Result<()> {
+        if let Some(c) = self.link_clock() {
+            c.charge(d);
+        }
+        Ok(())
+    }
+
+    fn virtual_time(&self) -> Option<Duration> {
+        self.link_clock().map(|c| c.now())
+    }
+}
+
 /// Forward every method, the provided ones included, so that a wrapped communicator behaves
 /// exactly as the one it wraps (its own `run`/`start` overrides, link-model hooks and byte counts,
 /// and no second validation) — `Bucketer::new(&comm, ..)` and `dgc.step(&comm, ..)` then take
@@ -243,11 +268,8 @@ macro_rules! forward_communicator {
             fn bytes_sent(&self) -> u64 {
                 (**self).bytes_sent()
             }
-            fn compute(&self, d: Duration) -> Result<()> {
-                (**self).compute(d)
-            }
-            fn virtual_time(&self) -> Option<Duration> {
-                (**self).virtual_time()
+            fn link_clock(&self) -> Option<&crate::link::RankClock> {
+                (**self).link_clock()
             }
             fn run(&self, c: CollectiveRef<'_>) -> Result<()> {
                 (**self).run(c)

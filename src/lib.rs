@@ -51,7 +51,7 @@ pub use bucket::{BucketHook, Bucketer};
 pub use buffer::{Buf, BufMut, Buffer, BufferMut, Location, OwnedBuffer};
 pub use coding::{Aggregator, CodedAllReduce, GradientCode, SequentialRuntime};
 pub use collective::{Collective, CollectiveOwned, CollectiveRef};
-pub use comm::{Communicator, CommunicatorExt};
+pub use comm::{Communicator, CommunicatorExt, LinkClock};
 pub use config::Config;
 pub use dgc::{Dgc, DgcConfig, DgcHook};
 pub use dtype::{DType, Element, ReduceOp};
@@ -72,6 +72,6 @@ pub use cudarc;
 pub mod prelude {
     pub use crate::{
         Aggregator, Bucketer, CodedAllReduce, Communicator, CommunicatorExt, DType, Dgc, DgcConfig,
-        DgcHook, Error, GradientCode, ReduceOp, Result, Work,
+        DgcHook, Error, GradientCode, LinkClock, ReduceOp, Result, Work,
     };
 }

@@ -37,7 +37,7 @@ pub use link::{Link, LinkModel, TimeMode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Options for an in-process world.
 #[derive(Debug, Clone, Default)]
@@ -85,7 +85,7 @@ pub struct LocalComm {
     cfg: Config,
     worker: Worker,
     health: Arc<Health>,
-    clock: Option<Arc<Mutex<Clock>>>,
+    clock: Option<link::RankClock>,
     traffic: Arc<crate::stats::Traffic>,
     world: Arc<WorldShared>,
     opts: Options,
@@ -135,7 +135,7 @@ impl LocalComm {
             cfg,
             worker,
             health: setup.health.clone(),
-            clock,
+            clock: clock.map(link::RankClock),
             traffic,
             world,
             opts: opts.clone(),
@@ -145,9 +145,7 @@ impl LocalComm {
 
     /// The link model's clock as seconds, if a model is set.
     pub fn now(&self) -> Option<f64> {
-        self.clock
-            .as_ref()
-            .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).now)
+        self.clock.as_ref().map(link::RankClock::seconds)
     }
 }
 
@@ -204,16 +202,8 @@ impl Communicator for LocalComm {
         Some(&self.traffic)
     }
 
-    fn compute(&self, d: Duration) -> Result<()> {
-        if let Some(c) = &self.clock {
-            link::charge(c, d);
-        }
-        Ok(())
-    }
-
-    fn virtual_time(&self) -> Option<Duration> {
-        // A valid model can still drive virtual time past what a Duration holds: saturate.
-        self.now().map(link::secs)
+    fn link_clock(&self) -> Option<&link::RankClock> {
+        self.clock.as_ref()
     }
 }
 
