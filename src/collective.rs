@@ -102,6 +102,24 @@ pub type CollectiveRef<'a> = Collective<Buf<'a>, BufMut<'a>>;
 pub type CollectiveOwned = Collective<Box<dyn OwnedBuffer>, Box<dyn OwnedBuffer>>;
 
 impl<S, R> Collective<S, R> {
+    /// The operation's buffers, as (source, destination): what the non-blocking calls hand back.
+    /// In-place operations (`AllReduce` without `send`, `Broadcast`, `Recv`) have only a
+    /// destination, `Send` only a source, `Reduce` a destination only where one was given, and
+    /// `Barrier` neither.
+    pub fn into_buffers(self) -> (Option<S>, Option<R>) {
+        match self {
+            Collective::AllReduce { send, recv, .. } => (send, Some(recv)),
+            Collective::ReduceScatter { send, recv, .. }
+            | Collective::AllGather { send, recv }
+            | Collective::AllToAll { send, recv }
+            | Collective::AllToAllv { send, recv, .. } => (Some(send), Some(recv)),
+            Collective::Broadcast { buf, .. } | Collective::Recv { buf, .. } => (None, Some(buf)),
+            Collective::Reduce { send, recv, .. } => (Some(send), recv),
+            Collective::Send { buf, .. } => (Some(buf), None),
+            Collective::Barrier => (None, None),
+        }
+    }
+
     /// The operation's name, as nccl-tests and traces spell it.
     pub fn name(&self) -> &'static str {
         match self {

@@ -439,15 +439,12 @@ pub trait CommunicatorExt: Communicator {
 
     /// Non-blocking in-place all-reduce; the buffer comes back from [`Work::wait`].
     fn iall_reduce<B: OwnedBuffer>(&self, buf: B, op: ReduceOp) -> Result<Work<B>> {
-        let w = self.start(Collective::AllReduce {
+        let c = Collective::AllReduce {
             send: None,
-            recv: Box::new(buf),
+            recv: Box::new(buf) as Box<dyn OwnedBuffer>,
             op,
-        })?;
-        Ok(w.map(|c| match c {
-            Collective::AllReduce { recv, .. } => take(recv),
-            _ => Err(unexpected()),
-        }))
+        };
+        start_typed(self, c, |_, r| need(r))
     }
     /// Non-blocking out-of-place all-reduce.
     fn iall_reduce_into<S: OwnedBuffer, R: OwnedBuffer>(
@@ -456,19 +453,12 @@ pub trait CommunicatorExt: Communicator {
         recv: R,
         op: ReduceOp,
     ) -> Result<Work<(S, R)>> {
-        let w = self.start(Collective::AllReduce {
-            send: Some(Box::new(send)),
-            recv: Box::new(recv),
+        let c = Collective::AllReduce {
+            send: Some(Box::new(send) as Box<dyn OwnedBuffer>),
+            recv: Box::new(recv) as Box<dyn OwnedBuffer>,
             op,
-        })?;
-        Ok(w.map(|c| match c {
-            Collective::AllReduce {
-                send: Some(s),
-                recv,
-                ..
-            } => Ok((take(s)?, take(recv)?)),
-            _ => Err(unexpected()),
-        }))
+        };
+        start_typed(self, c, both)
     }
     /// Non-blocking reduce-scatter.
     fn ireduce_scatter<S: OwnedBuffer, R: OwnedBuffer>(
@@ -477,15 +467,12 @@ pub trait CommunicatorExt: Communicator {
         recv: R,
         op: ReduceOp,
     ) -> Result<Work<(S, R)>> {
-        let w = self.start(Collective::ReduceScatter {
-            send: Box::new(send),
-            recv: Box::new(recv),
+        let c = Collective::ReduceScatter {
+            send: Box::new(send) as Box<dyn OwnedBuffer>,
+            recv: Box::new(recv) as Box<dyn OwnedBuffer>,
             op,
-        })?;
-        Ok(w.map(|c| match c {
-            Collective::ReduceScatter { send, recv, .. } => Ok((take(send)?, take(recv)?)),
-            _ => Err(unexpected()),
-        }))
+        };
+        start_typed(self, c, both)
     }
     /// Non-blocking all-gather.
     fn iall_gather<S: OwnedBuffer, R: OwnedBuffer>(
@@ -493,25 +480,19 @@ pub trait CommunicatorExt: Communicator {
         send: S,
         recv: R,
     ) -> Result<Work<(S, R)>> {
-        let w = self.start(Collective::AllGather {
-            send: Box::new(send),
-            recv: Box::new(recv),
-        })?;
-        Ok(w.map(|c| match c {
-            Collective::AllGather { send, recv } => Ok((take(send)?, take(recv)?)),
-            _ => Err(unexpected()),
-        }))
+        let c = Collective::AllGather {
+            send: Box::new(send) as Box<dyn OwnedBuffer>,
+            recv: Box::new(recv) as Box<dyn OwnedBuffer>,
+        };
+        start_typed(self, c, both)
     }
     /// Non-blocking broadcast.
     fn ibroadcast<B: OwnedBuffer>(&self, buf: B, root: usize) -> Result<Work<B>> {
-        let w = self.start(Collective::Broadcast {
-            buf: Box::new(buf),
+        let c = Collective::Broadcast {
+            buf: Box::new(buf) as Box<dyn OwnedBuffer>,
             root,
-        })?;
-        Ok(w.map(|c| match c {
-            Collective::Broadcast { buf, .. } => take(buf),
-            _ => Err(unexpected()),
-        }))
+        };
+        start_typed(self, c, |_, r| need(r))
     }
     /// Non-blocking reduce; `recv` must be `Some` on the root.
     fn ireduce<S: OwnedBuffer, R: OwnedBuffer>(
@@ -521,16 +502,13 @@ pub trait CommunicatorExt: Communicator {
         op: ReduceOp,
         root: usize,
     ) -> Result<Work<(S, Option<R>)>> {
-        let w = self.start(Collective::Reduce {
-            send: Box::new(send),
+        let c = Collective::Reduce {
+            send: Box::new(send) as Box<dyn OwnedBuffer>,
             recv: recv.map(|r| Box::new(r) as Box<dyn OwnedBuffer>),
             op,
             root,
-        })?;
-        Ok(w.map(|c| match c {
-            Collective::Reduce { send, recv, .. } => Ok((take(send)?, recv.map(take).transpose()?)),
-            _ => Err(unexpected()),
-        }))
+        };
+        start_typed(self, c, |s, r| Ok((need(s)?, r.map(take).transpose()?)))
     }
     /// Non-blocking all-to-all.
     fn iall_to_all<S: OwnedBuffer, R: OwnedBuffer>(
@@ -538,14 +516,11 @@ pub trait CommunicatorExt: Communicator {
         send: S,
         recv: R,
     ) -> Result<Work<(S, R)>> {
-        let w = self.start(Collective::AllToAll {
-            send: Box::new(send),
-            recv: Box::new(recv),
-        })?;
-        Ok(w.map(|c| match c {
-            Collective::AllToAll { send, recv } => Ok((take(send)?, take(recv)?)),
-            _ => Err(unexpected()),
-        }))
+        let c = Collective::AllToAll {
+            send: Box::new(send) as Box<dyn OwnedBuffer>,
+            recv: Box::new(recv) as Box<dyn OwnedBuffer>,
+        };
+        start_typed(self, c, both)
     }
     /// Non-blocking all-to-allv.
     fn iall_to_allv<S: OwnedBuffer, R: OwnedBuffer>(
@@ -555,46 +530,67 @@ pub trait CommunicatorExt: Communicator {
         recv: R,
         recv_counts: Vec<usize>,
     ) -> Result<Work<(S, R)>> {
-        let w = self.start(Collective::AllToAllv {
-            send: Box::new(send),
+        let c = Collective::AllToAllv {
+            send: Box::new(send) as Box<dyn OwnedBuffer>,
             send_counts,
-            recv: Box::new(recv),
+            recv: Box::new(recv) as Box<dyn OwnedBuffer>,
             recv_counts,
-        })?;
-        Ok(w.map(|c| match c {
-            Collective::AllToAllv { send, recv, .. } => Ok((take(send)?, take(recv)?)),
-            _ => Err(unexpected()),
-        }))
+        };
+        start_typed(self, c, both)
     }
     /// Non-blocking send.
     fn isend<S: OwnedBuffer>(&self, buf: S, peer: usize, tag: u32) -> Result<Work<S>> {
-        let w = self.start(Collective::Send {
-            buf: Box::new(buf),
+        let c = Collective::Send {
+            buf: Box::new(buf) as Box<dyn OwnedBuffer>,
             peer,
             tag,
-        })?;
-        Ok(w.map(|c| match c {
-            Collective::Send { buf, .. } => take(buf),
-            _ => Err(unexpected()),
-        }))
+        };
+        start_typed(self, c, |s, _| need(s))
     }
     /// Non-blocking receive.
     fn irecv<R: OwnedBuffer>(&self, buf: R, peer: usize, tag: u32) -> Result<Work<R>> {
-        let w = self.start(Collective::Recv {
-            buf: Box::new(buf),
+        let c = Collective::Recv {
+            buf: Box::new(buf) as Box<dyn OwnedBuffer>,
             peer,
             tag,
-        })?;
-        Ok(w.map(|c| match c {
-            Collective::Recv { buf, .. } => take(buf),
-            _ => Err(unexpected()),
-        }))
+        };
+        start_typed(self, c, |_, r| need(r))
     }
     /// Non-blocking barrier.
     fn ibarrier(&self) -> Result<Work<()>> {
-        let w = self.start(Collective::Barrier)?;
-        Ok(w.map(|_| Ok(())))
+        start_typed(self, Collective::Barrier, |_, _| Ok(()))
     }
+}
+
+type Part = Option<Box<dyn OwnedBuffer>>;
+
+/// The pattern of every `i*` method, said once: start `c`, and on completion check that the
+/// backend handed back the same kind of operation, split it into its source and destination
+/// buffers ([`Collective::into_buffers`]) and give them back typed (`back`).
+fn start_typed<C: Communicator + ?Sized, T: Send + 'static>(
+    comm: &C,
+    c: CollectiveOwned,
+    back: impl FnOnce(Part, Part) -> Result<T> + Send + 'static,
+) -> Result<Work<T>> {
+    let name = c.name();
+    let w = comm.start(c)?;
+    Ok(w.map(move |done| {
+        if done.name() != name {
+            return Err(unexpected());
+        }
+        let (s, r) = done.into_buffers();
+        back(s, r)
+    }))
+}
+
+/// A buffer the operation must hand back, as its type.
+fn need<B: 'static>(b: Part) -> Result<B> {
+    take(b.ok_or_else(unexpected)?)
+}
+
+/// Both buffers of a two-buffer operation.
+fn both<S: 'static, R: 'static>(s: Part, r: Part) -> Result<(S, R)> {
+    Ok((need(s)?, need(r)?))
 }
 
 impl<C: Communicator + ?Sized> CommunicatorExt for C {}

@@ -34,6 +34,41 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The [`Communicator`](crate::Communicator) methods that every engine-backed communicator (the
+/// in-process and the TCP backend) has identically, said once: identity, config, `exec`/`exec_async`
+/// through the engine's worker, traffic counters. Used inside `impl Communicator for X { .. }`; `X`
+/// has the fields `rank`, `size`, `cfg`, `worker` ([`Worker`]) and `traffic`
+/// ([`Arc<Traffic>`](Traffic)). The backend adds `split` and whatever is its own.
+macro_rules! engine_communicator {
+    ($backend:literal) => {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.size
+        }
+        fn backend(&self) -> &'static str {
+            $backend
+        }
+        fn config(&self) -> &crate::Config {
+            &self.cfg
+        }
+        fn exec(&self, c: crate::CollectiveRef<'_>) -> crate::Result<()> {
+            self.worker.exec(c)
+        }
+        fn exec_async(
+            &self,
+            c: crate::CollectiveOwned,
+        ) -> crate::Result<crate::Work<crate::CollectiveOwned>> {
+            self.worker.exec_async(c)
+        }
+        fn traffic(&self) -> Option<&crate::stats::Traffic> {
+            Some(&self.traffic)
+        }
+    };
+}
+pub(crate) use engine_communicator;
+
 fn out_of_range(what: &'static str, rank: usize, world: usize) -> Error {
     Error::RankOutOfRange { what, rank, world }
 }

@@ -27,9 +27,8 @@
 /// import a backend); this re-export keeps `ferroccl::local::link::*` paths working.
 pub use crate::link;
 
-use crate::comm::{plan_split, CollectiveOwned, CollectiveRef};
+use crate::comm::plan_split;
 use crate::engine::{Engine, Health, Worker};
-use crate::work::Work;
 use crate::{Communicator, Config, Error, Result};
 use crossbeam::channel::{unbounded, Sender};
 use link::Clock;
@@ -150,26 +149,7 @@ impl LocalComm {
 }
 
 impl Communicator for LocalComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.size
-    }
-    fn backend(&self) -> &'static str {
-        "local"
-    }
-    fn config(&self) -> &Config {
-        &self.cfg
-    }
-
-    fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
-        self.worker.exec(c)
-    }
-
-    fn exec_async(&self, c: CollectiveOwned) -> Result<Work<CollectiveOwned>> {
-        self.worker.exec_async(c)
-    }
+    crate::engine::engine_communicator!("local");
 
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
         // every rank counts every split, members or not, so the registry keys agree
@@ -196,10 +176,6 @@ impl Communicator for LocalComm {
             self.world.clone(),
         )?;
         Ok(Some(Box::new(c)))
-    }
-
-    fn traffic(&self) -> Option<&crate::stats::Traffic> {
-        Some(&self.traffic)
     }
 
     fn link_clock(&self) -> Option<&link::RankClock> {
