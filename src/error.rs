@@ -122,6 +122,9 @@ pub enum Error {
     /// A CUDA, NVRTC or NCCL call failed, or one of their libraries is missing.
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// An MoE layout, dispatch or combine was given bad input (see [`crate::moe::MoeError`]).
+    #[error("MoE: {0}")]
+    Moe(#[from] crate::moe::MoeError),
     /// An I/O error, with what was being done.
     #[error("{context}: {source}")]
     Io {

@@ -34,6 +34,7 @@ pub mod error;
 mod init;
 pub mod kernels;
 pub mod local;
+pub mod moe;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 #[cfg(feature = "cuda")]
