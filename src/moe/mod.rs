@@ -11,10 +11,10 @@
 //!    order. Backward: [`Moe::combine_backward`] (a weighted dispatch) and
 //!    [`Moe::dispatch_backward`] (an unweighted combine), with the same handle.
 //!
-//! `pipeline::forward` runs 2–4 in chunks so that chunk `i+1`'s dispatch, chunk `i`'s experts
-//! and chunk `i−1`'s combine overlap; `plan` profiles the all-to-all and the experts, fits
+//! [`pipeline::forward`] runs 2–4 in chunks so that chunk `i+1`'s dispatch, chunk `i`'s experts
+//! and chunk `i−1`'s combine overlap; [`plan`] profiles the all-to-all and the experts, fits
 //! α + β·bytes models and chooses the chunk count, 1D or 2D, and where the dense gradients'
-//! all-reduce goes (`plan::Plan` is a serde value). `cuda/moe.cu` computes the layout's positions
+//! all-reduce goes ([`plan::Plan`] is a serde value). `cuda/moe.cu` computes the layout's positions
 //! on the device ([`layout::positions`] is its CPU twin).
 //!
 //! ```
@@ -36,6 +36,8 @@
 mod error;
 pub mod exchange;
 pub mod layout;
+pub mod pipeline;
+pub mod plan;
 mod route;
 
 pub use error::MoeError;

@@ -14,6 +14,7 @@
 //! Everything is deterministic given the seeds ([`rng::Rng`] is a small xoshiro256**).
 
 pub mod cluster;
+pub mod moe;
 pub mod rng;
 pub mod trace;
 
