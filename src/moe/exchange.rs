@@ -10,7 +10,7 @@
 //! dtype]`, so a rank whose input failed its local checks makes every rank return an error before
 //! any row is sent, and ranks that disagree on the hidden size are told so by name; then the kept
 //! counts per expert (`experts` words per rank), from which each rank derives its whole route
-//! ([`super::route`]); then the rows. The counts are all-gathered rather than all-to-all'ed so
+//! (the private `route` module); then the rows. The counts are all-gathered rather than all-to-all'ed so
 //! that the hierarchical route, which needs counts between other pairs of ranks, costs the same
 //! one exchange. [`Moe::combine`] and the backward passes reuse the handle's route: only a
 //! one-word status exchange (skippable with [`Moe::set_check`]) precedes the rows.
