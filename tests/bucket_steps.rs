@@ -25,6 +25,9 @@ fn cfg() -> DgcConfig {
         .selection(Selection::Sampled)
 }
 
+/// The hook's (buckets, state length, memory bytes) after a step.
+type Sizes = (usize, usize, usize);
+
 /// `steps` steps through one bucketer with the DGC hook, and the same through one plain `Dgc` per
 /// bucket (the bucket's tensors concatenated in push order, epoch = step / steps_per_epoch); returns
 /// whether every update was bit-identical, and the hook's (buckets, state length, memory) per step.
@@ -35,7 +38,7 @@ fn hook_vs_reference(
     steps: usize,
     steps_per_epoch: usize,
     cfg: DgcConfig,
-) -> Vec<(bool, Vec<(usize, usize, usize)>)> {
+) -> Vec<(bool, Vec<Sizes>)> {
     ferroccl::local::run(2, |c| {
         let mut b =
             Bucketer::with_hook(c, bucket_bytes, DgcHook::new(cfg.clone(), steps_per_epoch)?);
