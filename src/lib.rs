@@ -17,6 +17,31 @@
 //! assert!(sums.iter().all(|v| v == &vec![6.0; 3]));
 //! ```
 //!
+//! What [`init`] returns (a `Box<dyn Communicator>`) is a communicator itself, as are `&C` and
+//! `Arc<C>`, so it goes into every primitive as written — the README's first program:
+//!
+//! ```no_run
+//! use ferroccl::prelude::*;
+//!
+//! fn main() -> ferroccl::Result<()> {
+//!     let comm = ferroccl::init()?;
+//!     let mut grad = vec![comm.rank() as f32; 1024];
+//!     comm.all_reduce(&mut grad, ReduceOp::Avg)?;
+//!     let work = comm.iall_reduce(grad, ReduceOp::Sum)?;
+//!     let grad = work.wait()?;
+//!     let _ = grad;
+//!     let mut b = Bucketer::with_hook(&comm, 25 << 20, DgcHook::new(DgcConfig::default(), 100)?);
+//!     for _step in 0..3 {
+//!         let mut g = vec![vec![0.5f32; 4096], vec![1.0; 512]];
+//!         for (id, t) in g.iter().enumerate().rev() {
+//!             b.push(id, t)?;
+//!         }
+//!         b.finish(|id, update| g[id].copy_from_slice(update))?;
+//!     }
+//!     Ok(())
+//! }
+//! ```
+//!
 //! See ARCHITECTURE.md for the layers and where each algorithm lives.
 #![deny(missing_docs)]
 
@@ -36,6 +61,7 @@ mod init;
 pub mod kernels;
 pub mod link;
 pub mod local;
+pub mod moe;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 #[cfg(feature = "cuda")]
