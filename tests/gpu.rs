@@ -28,7 +28,7 @@ fn missing_library_is_a_clear_error_not_a_panic() {
         let e = ferroccl::init_with(ferroccl::Backend::Nccl)
             .err()
             .expect("no driver");
-        assert!(matches!(e, Error::Cuda(_)), "{e}");
+        assert!(matches!(e, Error::Cuda { .. }), "{e}");
         assert_eq!(ferroccl::device::device_count(), 0);
     }
 }
@@ -168,10 +168,10 @@ fn nccl_world_1_every_collective_on_device_buffers() {
 #[ignore = "needs a GPU"]
 fn four_in_process_ranks_share_one_gpu_through_pinned_staging() {
     let ks = ferroccl::local::run(4, |c| {
-        let ctx = CudaContext::new(0).map_err(|e| Error::Cuda(format!("{e:?}")))?;
+        let ctx = CudaContext::new(0).map_err(|e| Error::cuda(format!("{e:?}")))?;
         let s = ctx
             .new_stream()
-            .map_err(|e| Error::Cuda(format!("{e:?}")))?;
+            .map_err(|e| Error::cuda(format!("{e:?}")))?;
         all_types(c, &s, true)
     })
     .unwrap();
@@ -222,4 +222,44 @@ fn nccl_init_times_out_when_a_rank_never_joins_and_bad_colors_are_refused() {
         .unwrap()
         .expect("color 7 keeps this rank");
     assert_eq!((sub.rank(), sub.world_size()), (0, 1));
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn a_slice_of_a_larger_allocation_is_a_buffer() {
+    // Two ranks share one GPU through staging; each all-reduces only elements 100..300 of a
+    // 1000-element allocation (a CudaViewMut), reads another part through a CudaView, and the rest
+    // of the allocation is untouched.
+    let out = ferroccl::local::run(2, |c| {
+        let ctx = CudaContext::new(0).map_err(|e| Error::cuda(format!("{e:?}")))?;
+        let s = ctx
+            .new_stream()
+            .map_err(|e| Error::cuda(format!("{e:?}")))?;
+        let host: Vec<f32> = (0..1000).map(|i| (i + c.rank()) as f32).collect();
+        let mut d = up(&s, &host);
+        {
+            let mut view = d.slice_mut(100..300);
+            c.all_reduce(&mut view, ReduceOp::Sum)?;
+        }
+        let mut gathered = vec![0f32; 20];
+        // host destination, device source: staged
+        let view = d.slice(0..10);
+        c.all_gather(&view, &mut gathered)?;
+        Ok((down(&s, &d), gathered))
+    })
+    .unwrap();
+    for (r, (v, g)) in out.iter().enumerate() {
+        for (i, x) in v.iter().enumerate() {
+            let want = if (100..300).contains(&i) {
+                (2 * i + 1) as f32
+            } else {
+                (i + r) as f32
+            };
+            assert_eq!(*x, want, "rank {r} element {i}");
+        }
+        let want: Vec<f32> = (0..2)
+            .flat_map(|q| (0..10).map(move |i| (i + q) as f32))
+            .collect();
+        assert_eq!(g, &want);
+    }
 }

@@ -1,5 +1,5 @@
 //! The CUDA path of DGC (feature `cuda`): the kernels of `cuda/dgc.cu`, compiled with NVRTC for the
-//! running GPU (through [`CudaKernels::load_function`], so they share its compile caches), launched on
+//! running GPU (through [`CudaKernels::load`], so they share its compile caches), launched on
 //! one stream; and [`DeviceDgc`], the whole [`Dgc::step`](super::Dgc::step) with the gradient and the
 //! state in device memory.
 //!
@@ -74,13 +74,14 @@ use cudarc::driver::{
     DevicePtrMut, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, SyncOnDrop,
     ValidAsZeroBits,
 };
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-fn cuda<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
-    move |e| Error::Cuda(format!("dgc {what}: {e:?}"))
+/// The crate's CUDA error helper ([`crate::device::drv`]) with this module's `dgc` prefix.
+fn cuda(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| crate::device::drv(&format!("dgc {what}"), e)
 }
 
 /// Every kernel of `cuda/dgc.cu` that [`DgcKernels`] loads.
@@ -99,17 +100,10 @@ pub const KERNELS: [&str; 12] = [
     "dgc_topk_select",
 ];
 
-/// Compile `cuda/dgc.cu` to PTX for `arch` (e.g. `"sm_90"`); needs only libnvrtc.
+/// Compile `cuda/dgc.cu` to PTX for `arch` (e.g. `"sm_90"`); needs only libnvrtc. The same NVRTC
+/// path and options as at run time ([`crate::kernels::cuda::compile_ptx`]).
 pub fn compile_ptx(arch: &str) -> Result<Ptx> {
-    let opts = CompileOptions {
-        options: vec![
-            format!("--gpu-architecture={arch}"),
-            "-default-device".into(),
-        ],
-        name: Some("dgc.cu".into()),
-        ..Default::default()
-    };
-    compile_ptx_with_opts(super::DGC_CU, opts).map_err(cuda("NVRTC compile of cuda/dgc.cu"))
+    crate::kernels::cuda::compile_ptx(crate::kernels::registry::DGC, arch).map(Ptx::from_src)
 }
 
 /// Set when a one-launch select gave up waiting for its blocks.
@@ -379,7 +373,7 @@ impl DgcKernels {
         DgcKernels::with_kernels(&CudaKernels::new(ordinal)?)
     }
 
-    /// The kernels on `k`'s device and stream, compiled and cached by [`CudaKernels::load_function`].
+    /// The kernels on `k`'s device and stream, compiled and cached by [`CudaKernels::load`].
     pub fn with_kernels(k: &CudaKernels) -> Result<DgcKernels> {
         let ctx = k.context().clone();
         let sms = ctx
@@ -389,7 +383,7 @@ impl DgcKernels {
             .map_err(cuda("SM count"))?;
         let f = |name: &str| {
             debug_assert!(KERNELS.contains(&name), "{name} missing from KERNELS");
-            k.load_function("dgc.cu", super::DGC_CU, name)
+            k.load(crate::kernels::registry::DGC, name)
         };
         let sms = (sms.max(1)) as u32;
         let major = ctx
@@ -587,7 +581,7 @@ impl DgcKernels {
         self.stream.synchronize().map_err(cuda("synchronize"))?;
         let c = host.as_slice().map_err(cuda("pinned control words"))?;
         if c.len() < CTL_LEN {
-            return Err(Error::Cuda("dgc: control buffer too short".into()));
+            return Err(Error::cuda("dgc: control buffer too short"));
         }
         Ok(c.to_vec())
     }
@@ -597,7 +591,7 @@ impl DgcKernels {
     fn wait_published(&self, host: &PinnedHostSlice<u32>, seq: u32) -> Result<Vec<u32>> {
         let p = host.as_ptr().map_err(cuda("pinned control words"))?;
         if host.len() < CTL_LEN {
-            return Err(Error::Cuda("dgc: control buffer too short".into()));
+            return Err(Error::cuda("dgc: control buffer too short"));
         }
         let t0 = std::time::Instant::now();
         let limit = self.timeout;
@@ -613,9 +607,8 @@ impl DgcKernels {
                     st.result().map_err(cuda("dgc step"))?;
                     // The stream is done: the words are there (or the kernel did not write them).
                     if unsafe { std::ptr::read_volatile(p.add(CTL_SEQ)) } != seq {
-                        return Err(Error::Cuda(
-                            "dgc: the top-k kernel finished without publishing its control words"
-                                .into(),
+                        return Err(Error::cuda(
+                            "dgc: the top-k kernel finished without publishing its control words",
                         ));
                     }
                     break;
@@ -640,7 +633,7 @@ impl DgcKernels {
     pub fn read_ctl(&self, ws: &Workspace) -> Result<Vec<u32>> {
         let c = self.download(&ws.ctl)?;
         if c.len() < CTL_LEN {
-            return Err(Error::Cuda("dgc: control buffer too short".into()));
+            return Err(Error::cuda("dgc: control buffer too short"));
         }
         Ok(c)
     }
@@ -1270,7 +1263,7 @@ impl DgcKernels {
         let mut c0 = ws
             .ctl
             .try_slice_mut(CTL_COUNT..CTL_COUNT + 1)
-            .ok_or_else(|| Error::Cuda("dgc: control buffer too short".into()))?;
+            .ok_or_else(|| Error::cuda("dgc: control buffer too short"))?;
         self.stream.memset_zeros(&mut c0).map_err(cuda("memset"))?;
         self.launch_select(v, thr, ws)?;
         Ok(self.read_ctl(ws)?[CTL_COUNT] as usize)
@@ -1489,11 +1482,10 @@ impl DgcKernels {
             // void. Later steps use one launch per round; this one is an error.
             ws.clean = false;
             self.set_one_launch_select(false);
-            return Err(Error::Cuda(
+            return Err(Error::cuda(
                 "dgc: a one-launch radix select timed out waiting for its own blocks (is the GPU \
                  partitioned, e.g. by MPS?); this step's selection is void, later steps use one \
-                 launch per round (DgcKernels::set_one_launch_select(false))"
-                    .into(),
+                 launch per round (DgcKernels::set_one_launch_select(false))",
             ));
         }
         mark("count read-back")?;
@@ -2026,7 +2018,7 @@ impl DeviceDgc {
                         kern.stream.clone_dtoh(&i).map_err(cuda("download"))?,
                         kern.stream.clone_dtoh(&x).map_err(cuda("download"))?,
                     ),
-                    _ => return Err(Error::Cuda("dgc: candidate count out of range".into())),
+                    _ => return Err(Error::cuda("dgc: candidate count out of range")),
                 }
             };
             select::finish_selection(&mut idx, &mut val, k);

@@ -154,7 +154,7 @@ impl Engine {
         let mut msgs = Vec::with_capacity(n);
         for j in (0..n).filter(|&j| j != r) {
             let m = self.recv(j, tag, during)?;
-            super::algo::check_len(j, m.payload.len(), len)?;
+            super::algo::check_len(self.op_dtype, j, m.payload.len(), len)?;
             msgs.push(m);
         }
         Ok(msgs)

@@ -21,9 +21,9 @@ pub(crate) mod direct;
 pub(crate) mod msg;
 
 use crate::buffer::BufMut;
-use crate::comm::CollectiveOwned;
+use crate::collective::CollectiveOwned;
 use crate::config::deadline_after;
-use crate::local::link::Clock;
+use crate::link::Clock;
 use crate::stats::{OpKind, Traffic};
 use crate::{Collective, Config, Error, Result};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
@@ -33,6 +33,41 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The [`Communicator`](crate::Communicator) methods that every engine-backed communicator (the
+/// in-process and the TCP backend) has identically, said once: identity, config, `exec`/`exec_async`
+/// through the engine's worker, traffic counters. Used inside `impl Communicator for X { .. }`; `X`
+/// has the fields `rank`, `size`, `cfg`, `worker` ([`Worker`]) and `traffic`
+/// ([`Arc<Traffic>`](Traffic)). The backend adds `split` and whatever is its own.
+macro_rules! engine_communicator {
+    ($backend:literal) => {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.size
+        }
+        fn backend(&self) -> &'static str {
+            $backend
+        }
+        fn config(&self) -> &crate::Config {
+            &self.cfg
+        }
+        fn exec(&self, c: crate::CollectiveRef<'_>) -> crate::Result<()> {
+            self.worker.exec(c)
+        }
+        fn exec_async(
+            &self,
+            c: crate::CollectiveOwned,
+        ) -> crate::Result<crate::Work<crate::CollectiveOwned>> {
+            self.worker.exec_async(c)
+        }
+        fn traffic(&self) -> Option<&crate::stats::Traffic> {
+            Some(&self.traffic)
+        }
+    };
+}
+pub(crate) use engine_communicator;
 
 fn out_of_range(what: &'static str, rank: usize, world: usize) -> Error {
     Error::RankOutOfRange { what, rank, world }
@@ -132,6 +167,9 @@ pub(crate) struct Engine {
     seq: u64,
     /// The deadline of the operation being executed (`None` while idle); see the module docs.
     op_deadline: Option<Instant>,
+    /// The element type of the operation being executed: length errors found on raw bytes are
+    /// reported in its elements.
+    pub(crate) op_dtype: crate::DType,
 }
 
 /// Raw view of a host buffer for the algorithms: sub-slices can be lent and written independently.
@@ -218,6 +256,7 @@ impl Engine {
             posted: Vec::new(),
             seq: 0,
             op_deadline: None,
+            op_dtype: crate::DType::U8,
         }
     }
 
@@ -423,7 +462,7 @@ impl Engine {
     /// (the real-time sleep stops there).
     fn take_clock(&self, m: &Msg, limit: Instant) -> bool {
         match &self.clock {
-            Some(c) => crate::local::link::take(c, m.arrive, limit),
+            Some(c) => crate::link::take(c, m.arrive, limit),
             None => true,
         }
     }
@@ -643,15 +682,20 @@ impl Engine {
 pub(crate) fn copy_in(mut buf: BufMut<'_>, m: &Msg) -> Result<()> {
     let n = m.payload.len();
     let want = buf.byte_len();
+    let dtype = buf.dtype;
     let dst = buf
         .host_bytes_mut()
         .ok_or_else(|| Error::Unsupported("this backend only takes host buffers".into()))?;
     if n != want {
-        return Err(Error::LengthMismatch {
-            what: format!("recv from rank {}: message bytes vs buffer bytes", m.src),
-            expected: want,
-            got: n,
-        });
+        return Err(Error::byte_lengths(
+            format!(
+                "recv from rank {}: the message's length differs from the buffer's",
+                m.src
+            ),
+            dtype,
+            want,
+            n,
+        ));
     }
     m.payload.with(m.src, |b| dst.copy_from_slice(b))
 }
@@ -714,7 +758,7 @@ impl Worker {
     /// after the job starts, plus the time of the computation itself; jobs queued before it (earlier
     /// non-blocking operations) each have their own deadline. (The TCP writer threads copy a loan
     /// under its lock piece by piece and write with no lock held, so they do not hold it up.)
-    pub fn exec(&self, c: crate::CollectiveRef<'_>) -> Result<()> {
+    pub fn exec(&self, c: crate::collective::CollectiveRef<'_>) -> Result<()> {
         let mut c = Some(c);
         let (tx, rx) = crossbeam::channel::bounded::<Result<()>>(1);
         let slot = SlotPtr(&mut c as *mut Option<crate::CollectiveRef<'_>> as usize);

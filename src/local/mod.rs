@@ -18,16 +18,17 @@
 //!
 //! Failure semantics: if a rank's closure panics or a rank drops its communicator while others still
 //! wait on it, the others' pending and later collectives return [`crate::Error::PeerLost`] (never a
-//! hang); [`run`] returns the first rank's error or panic message. The same holds when something
+//! hang); [`run`] returns the cause: the panicking rank and its message ([`crate::Error::RankPanicked`]) or the failing rank's own error, not a peer's `PeerLost`. The same holds when something
 //! panics on a rank's worker thread (a buffer implementation, an internal assertion): that rank's
 //! call returns `PeerLost` naming itself and the peers see the rank gone at once, not after their
 //! timeout. A bad [`LinkModel`] or a zero timeout is rejected by [`world`]/[`run_with`].
 
-pub mod link;
+/// The link model now lives at [`crate::link`] (the shared engine uses it, and the engine must not
+/// import a backend); this re-export keeps `ferroccl::local::link::*` paths working.
+pub use crate::link;
 
-use crate::comm::{plan_split, CollectiveOwned, CollectiveRef};
+use crate::comm::plan_split;
 use crate::engine::{Engine, Health, Worker};
-use crate::work::Work;
 use crate::{Communicator, Config, Error, Result};
 use crossbeam::channel::{unbounded, Sender};
 use link::Clock;
@@ -35,7 +36,7 @@ pub use link::{Link, LinkModel, TimeMode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Options for an in-process world.
 #[derive(Debug, Clone, Default)]
@@ -83,7 +84,7 @@ pub struct LocalComm {
     cfg: Config,
     worker: Worker,
     health: Arc<Health>,
-    clock: Option<Arc<Mutex<Clock>>>,
+    clock: Option<link::RankClock>,
     traffic: Arc<crate::stats::Traffic>,
     world: Arc<WorldShared>,
     opts: Options,
@@ -133,7 +134,7 @@ impl LocalComm {
             cfg,
             worker,
             health: setup.health.clone(),
-            clock,
+            clock: clock.map(link::RankClock),
             traffic,
             world,
             opts: opts.clone(),
@@ -143,33 +144,12 @@ impl LocalComm {
 
     /// The link model's clock as seconds, if a model is set.
     pub fn now(&self) -> Option<f64> {
-        self.clock
-            .as_ref()
-            .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).now)
+        self.clock.as_ref().map(link::RankClock::seconds)
     }
 }
 
 impl Communicator for LocalComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.size
-    }
-    fn backend(&self) -> &'static str {
-        "local"
-    }
-    fn config(&self) -> &Config {
-        &self.cfg
-    }
-
-    fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
-        self.worker.exec(c)
-    }
-
-    fn exec_async(&self, c: CollectiveOwned) -> Result<Work<CollectiveOwned>> {
-        self.worker.exec_async(c)
-    }
+    crate::engine::engine_communicator!("local");
 
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
         // every rank counts every split, members or not, so the registry keys agree
@@ -198,20 +178,8 @@ impl Communicator for LocalComm {
         Ok(Some(Box::new(c)))
     }
 
-    fn traffic(&self) -> Option<&crate::stats::Traffic> {
-        Some(&self.traffic)
-    }
-
-    fn compute(&self, d: Duration) -> Result<()> {
-        if let Some(c) = &self.clock {
-            link::charge(c, d);
-        }
-        Ok(())
-    }
-
-    fn virtual_time(&self) -> Option<Duration> {
-        // A valid model can still drive virtual time past what a Duration holds: saturate.
-        self.now().map(link::secs)
+    fn link_clock(&self) -> Option<&link::RankClock> {
+        self.clock.as_ref()
     }
 }
 
@@ -267,8 +235,10 @@ fn validate(cfg: &Config, opts: &Options) -> Result<()> {
 
 /// Run `f` on `n` ranks (one thread each) and return every rank's result, in rank order.
 ///
-/// If any rank returns an error or panics, the first failure (lowest rank) is returned; the other ranks
-/// are not left hanging (their collectives fail with `PeerLost` within the timeout).
+/// If any rank returns an error or panics, the failure that caused the others is returned: a panic
+/// as [`Error::RankPanicked`] naming the rank and its message, else the lowest rank's own error
+/// (a user error passed up with `?`, see [`Error::user`]) rather than the `PeerLost` its peers saw;
+/// the other ranks are not left hanging (their collectives fail with `PeerLost` within the timeout).
 pub fn run<T, F>(n: usize, f: F) -> Result<Vec<T>>
 where
     T: Send,
@@ -305,10 +275,34 @@ where
                         .map(|s| s.to_string())
                         .or_else(|| p.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "non-string panic".into());
-                    Err(Error::InvalidArgument(format!("rank {r} panicked: {msg}")))
+                    Err(Error::RankPanicked {
+                        rank: r,
+                        message: msg,
+                    })
                 }),
             })
             .collect()
     });
-    results.into_iter().collect()
+    first_cause(results)
+}
+
+/// Every rank's value, or the failure that explains the others: a panic first (the other ranks
+/// only saw its rank vanish, as `PeerLost`), then the lowest rank's error that is not a
+/// consequence of another rank failing (`PeerLost`, `Timeout`), else the lowest rank's error.
+fn first_cause<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    if results.iter().all(Result::is_ok) {
+        return results.into_iter().collect();
+    }
+    let rank_of = |e: &Error| match e {
+        Error::RankPanicked { .. } => 0,
+        e if !e.is_fatal() => 1,
+        _ => 2,
+    };
+    let cause = results
+        .into_iter()
+        .filter_map(Result::err)
+        .enumerate()
+        .min_by_key(|(i, e)| (rank_of(e), *i))
+        .map(|(_, e)| e);
+    Err(cause.unwrap_or_else(|| Error::InvalidArgument("internal: no failure found".into())))
 }

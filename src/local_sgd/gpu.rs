@@ -14,7 +14,10 @@ use crate::{Communicator, CommunicatorExt, Error, ReduceOp, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 fn cu(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
-    move |e| Error::Cuda(format!("local_sgd: {what}: {e}"))
+    move |e| Error::Cuda {
+        code: None,
+        message: format!("local_sgd: {what}: {e}"),
+    }
 }
 
 fn cfg(n: usize) -> LaunchConfig {
@@ -43,7 +46,7 @@ pub fn pseudo_gradient(
     if n == 0 {
         return Ok(());
     }
-    let f = k.load_function("local_sgd.cu", super::LOCAL_SGD_CU, "lsgd_pseudo_grad")?;
+    let f = k.load(crate::kernels::registry::LOCAL_SGD, "lsgd_pseudo_grad")?;
     let n64 = n as u64;
     let mut b = k.stream().launch_builder(&f);
     b.arg(global).arg(local).arg(out).arg(&n64);
@@ -75,7 +78,7 @@ pub fn apply(
     if n == 0 {
         return Ok(());
     }
-    let f = k.load_function("local_sgd.cu", super::LOCAL_SGD_CU, "lsgd_outer")?;
+    let f = k.load(crate::kernels::registry::LOCAL_SGD, "lsgd_outer")?;
     let (n64, nesterov) = (n as u64, i32::from(outer.nesterov));
     let mut b = k.stream().launch_builder(&f);
     b.arg(delta)

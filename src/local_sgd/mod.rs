@@ -62,6 +62,7 @@ pub mod penalty;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 
+use crate::comm::LinkClock;
 use crate::dgc::{Dgc, DgcConfig, DgcState};
 use crate::stats::Stats;
 use crate::{Communicator, CommunicatorExt, Error, ReduceOp, Result, Work};
@@ -71,8 +72,9 @@ pub use penalty::{Detector, Penalty};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
-/// The fused outer-update kernels (`cuda/local_sgd.cu`); CPU twins in [`outer`].
-pub const LOCAL_SGD_CU: &str = include_str!("../../cuda/local_sgd.cu");
+/// The fused outer-update kernels (`cuda/local_sgd.cu`, registered as
+/// `kernels::registry::LOCAL_SGD`); CPU twins in [`outer`].
+pub const LOCAL_SGD_CU: &str = crate::kernels::registry::LOCAL_SGD.source;
 
 /// Tags of the point-to-point exchanges (NoLoCo, gossip): `TAG_BASE + (round mod 2^20)`.
 pub const TAG_BASE: u32 = 0x4c50_0000;

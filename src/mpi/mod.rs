@@ -188,6 +188,7 @@ pub struct MpiComm {
     inner: Arc<CommInner>,
     cfg: Config,
     traffic: Arc<crate::stats::Traffic>,
+    local_rank: usize,
 }
 
 impl std::fmt::Debug for MpiComm {
@@ -248,9 +249,9 @@ impl MpiComm {
             ffi::MPI_Comm_size(comm, &mut size)
         })?;
         inner.rank = usize::try_from(rank)
-            .map_err(|_| Error::Mpi(format!("MPI_Comm_rank returned {rank}")))?;
+            .map_err(|_| Error::mpi(format!("MPI_Comm_rank returned {rank}")))?;
         inner.size = usize::try_from(size)
-            .map_err(|_| Error::Mpi(format!("MPI_Comm_size returned {size}")))?;
+            .map_err(|_| Error::mpi(format!("MPI_Comm_size returned {size}")))?;
         let mut val: *mut c_int = std::ptr::null_mut();
         let mut flag: c_int = 0;
         // SAFETY: for a predefined attribute MPI stores a pointer to the value into `val`.
@@ -268,11 +269,44 @@ impl MpiComm {
         }
         // it inherits MPI_ERRORS_RETURN
         inner.p2p = timed_dup(&s, comm, cfg.timeout, "MPI_Comm_idup")?;
-        Ok(MpiComm {
+        let mut c = MpiComm {
             inner: Arc::new(inner),
             cfg,
             traffic: Arc::new(crate::stats::Traffic::new()),
-        })
+            local_rank: 0,
+        };
+        c.local_rank = c.find_local_rank()?;
+        c.traffic.reset(); // count the user's traffic only
+        Ok(c)
+    }
+
+    /// This rank's index among the ranks of this communicator on the same host (what an
+    /// `MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)` would number it), found by a timed all-gather of
+    /// a hash of `MPI_Get_processor_name`, so that it is bounded by the timeout like every
+    /// collective (the split itself cannot be).
+    fn find_local_rank(&self) -> Result<usize> {
+        // SAFETY: reading rsmpi's exported constant.
+        let cap = usize::try_from(unsafe { ffi::RSMPI_MAX_PROCESSOR_NAME }).unwrap_or(256);
+        let mut name = vec![0u8; cap.max(1) + 1];
+        let mut len: c_int = 0;
+        let p = name.as_mut_ptr().cast();
+        // SAFETY: `name` holds MPI_MAX_PROCESSOR_NAME bytes (and one more); `len` is an out-pointer.
+        self.inner
+            .session
+            .call("MPI_Get_processor_name", || unsafe {
+                ffi::MPI_Get_processor_name(p, &mut len)
+            })?;
+        name.truncate(usize::try_from(len).unwrap_or(0).min(cap));
+        // FNV-1a: stable across processes (std's hasher is seeded per process)
+        let hash = name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        }) as i64;
+        let mut all = vec![0i64; self.inner.size];
+        self.all_gather(&[hash], &mut all)?;
+        Ok(all[..self.inner.rank]
+            .iter()
+            .filter(|&&h| h == hash)
+            .count())
     }
 
     /// The thread level MPI provided (see the module docs on threads).
@@ -556,6 +590,10 @@ impl Communicator for MpiComm {
 
     fn traffic(&self) -> Option<&crate::stats::Traffic> {
         Some(&self.traffic)
+    }
+
+    fn local_rank(&self) -> usize {
+        self.local_rank
     }
 }
 

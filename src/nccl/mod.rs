@@ -73,10 +73,10 @@ fn err_string(r: sys::ncclResult_t) -> String {
 fn ck(r: sys::ncclResult_t, what: &str) -> Result<()> {
     match r {
         sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => Ok(()),
-        e => Err(Error::Cuda(format!(
-            "NCCL {what}: {} ({e:?})",
-            err_string(e)
-        ))),
+        e => Err(Error::cuda_code(
+            e as i32,
+            format!("NCCL {what}: {} ({e:?})", err_string(e)),
+        )),
     }
 }
 
@@ -666,6 +666,14 @@ impl Communicator for NcclComm {
     }
     fn supports_device(&self) -> bool {
         true
+    }
+    fn local_rank(&self) -> usize {
+        // one rank per GPU: the device it was given is its slot on the host (LOCAL_RANK under
+        // torchrun, the node-local rank under mpirun)
+        self.stream.context().ordinal()
+    }
+    fn device(&self) -> Option<usize> {
+        Some(self.stream.context().ordinal())
     }
     fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
         // Again here, not only in `run`: this hook is public and hands NCCL device pointers and
