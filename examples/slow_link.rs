@@ -122,7 +122,8 @@ fn run_rank(comm: &dyn Communicator, a: &Args) -> Result<Option<serde_json::Valu
         .final_density(a.density)
         .warmup_enabled(false);
     let mut dgc = Dgc::new(a.n, cfg.clone())?;
-    let mut hook = Some(DgcHook::new(cfg)?);
+    // warm-up is off, so the hook's epoch counter does not matter
+    let mut hook = Some(DgcHook::new(cfg, 1)?);
     let per = a.n.div_ceil(a.tensors.max(1));
     let bucket_bytes = a.bucket_mib << 20;
     let mut o = Out::default();
@@ -144,8 +145,7 @@ fn run_rank(comm: &dyn Communicator, a: &Args) -> Result<Option<serde_json::Valu
             b.finish(|id, v| g[id * per..id * per + v.len()].copy_from_slice(v))
         })?;
         let bs = timed(comm, t0, &mut || {
-            let mut h = hook.take().expect("hook");
-            h.epoch = 1e3;
+            let h = hook.take().expect("hook");
             let mut b = Bucketer::with_hook(comm, bucket_bytes, h);
             for (id, t) in base.chunks(per).enumerate() {
                 b.push(id, t)?;
