@@ -4,7 +4,8 @@
 //! neither MPI nor NCCL applies — Gloo's role in torch.distributed. Workflow:
 //!
 //! 1. [`crate::rendezvous::EnvRendezvous`] connects every rank to the store on rank 0.
-//! 2. Each rank listens on an ephemeral port (`FERROCCL_TCP_BIND`, default `0.0.0.0:0`) and publishes
+//! 2. Each rank listens on an ephemeral port (`FERROCCL_TCP_BIND`, default `0.0.0.0:0`; without a
+//!    `FERROCCL_TOKEN`, only the advertised address below, i.e. loopback on one machine) and publishes
 //!    the address its peers should dial (`FERROCCL_TCP_ADDR`, default: the local address of the route
 //!    to `MASTER_ADDR`).
 //! 3. Rank i dials every rank j < i and accepts every j > i. The first bytes on each socket are a hello
@@ -195,6 +196,15 @@ fn advertised_ip(master: &str) -> Result<String> {
         .map_err(|e| Error::io("finding the local address", e))?
         .ip()
         .to_string())
+}
+
+/// `ip:port`, bracketing IPv6 addresses.
+fn join_ip_port(ip: &str, port: u16) -> String {
+    if ip.contains(':') && !ip.starts_with('[') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
 }
 
 /// Dial `addr` (rank `j`'s transport port) until it answers or `deadline` passes: the peer may not
@@ -606,7 +616,16 @@ impl TcpComm {
                 Ok(d)
             }
         };
-        let bind = std::env::var("FERROCCL_TCP_BIND").unwrap_or_else(|_| "0.0.0.0:0".into());
+        let ip = advertised_ip(master)?;
+        // Without a token, listen only where the peers dial (loopback for a one-machine job), not
+        // on every interface (issue 19); FERROCCL_TCP_BIND overrides either way.
+        let bind = std::env::var("FERROCCL_TCP_BIND").unwrap_or_else(|_| {
+            if token.is_empty() {
+                join_ip_port(&ip, 0)
+            } else {
+                "0.0.0.0:0".into()
+            }
+        });
         let listener = TcpListener::bind(&bind).map_err(|e| {
             Error::io(
                 format!("binding the TCP transport on {bind} (FERROCCL_TCP_BIND)"),
@@ -617,7 +636,7 @@ impl TcpComm {
             .local_addr()
             .map_err(|e| Error::io("listener address", e))?
             .port();
-        let me = format!("{}:{port}", advertised_ip(master)?);
+        let me = join_ip_port(&ip, port);
         store.set(&format!("{prefix}/addr/{rank}"), me.as_bytes())?;
         let mut sockets: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
         // dial lower ranks

@@ -762,7 +762,8 @@ fn env_missing_vars_give_none_and_defaults_apply() {
             master_addr: "127.0.0.1".into(),
             master_port: 29500,
             token: String::new(),
-            bind: "0.0.0.0:29500".into(),
+            // no token: loopback only (issue 19)
+            bind: "127.0.0.1:29500".into(),
         }
     );
     assert_eq!(e.store_addr(), "127.0.0.1:29500");
@@ -793,6 +794,36 @@ fn env_missing_vars_give_none_and_defaults_apply() {
     .unwrap();
     assert_eq!(e.bind, "[::1]:5000");
     assert_eq!(e.store_addr(), "[::1]:29500");
+    // Without a token the store listens on loopback only; a remote MASTER_ADDR then needs a token
+    // or an explicit bind, and the error names both.
+    let e = EnvRendezvous::from_lookup(lookup(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "::1"),
+    ]))
+    .unwrap()
+    .unwrap();
+    assert_eq!(e.bind, "[::1]:29500");
+    match EnvRendezvous::from_lookup(lookup(&[
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "10.1.2.3"),
+    ])) {
+        Err(Error::Config { var, why, .. }) => {
+            assert_eq!(var, "FERROCCL_TOKEN");
+            assert!(why.contains("FERROCCL_STORE_BIND"), "{why}");
+        }
+        other => panic!("expected a config error naming FERROCCL_TOKEN, got {other:?}"),
+    }
+    let open = EnvRendezvous::from_lookup(lookup(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "10.1.2.3"),
+        ("FERROCCL_STORE_BIND", "0.0.0.0:29500"),
+    ]))
+    .unwrap()
+    .unwrap();
+    assert_eq!(open.bind, "0.0.0.0:29500");
 }
 
 #[test]
