@@ -924,7 +924,7 @@ type Dev = Option<std::convert::Infallible>;
 
 #[cfg(feature = "cuda")]
 fn cu<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> ferroccl::Error {
-    move |e| ferroccl::Error::Cuda(format!("collectives bench: {what}: {e:?}"))
+    move |e| ferroccl::Error::cuda(format!("collectives bench: {what}: {e:?}"))
 }
 
 /// The GPU of this rank: its local rank (torchrun's `LOCAL_RANK`, or mpirun's), 0 for in-process

@@ -53,7 +53,7 @@ mod imp {
     }
 
     fn cu(e: impl std::fmt::Display) -> Error {
-        Error::Cuda(e.to_string())
+        Error::cuda(e.to_string())
     }
 
     /// Median milliseconds of `f` over ITERS runs (after WARMUP), timed with CUDA events on `stream`.

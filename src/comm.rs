@@ -594,6 +594,21 @@ pub trait Communicator: Send + Sync {
     /// `None` opts out (returns `Ok(None)`), like `MPI_UNDEFINED`. Collective over this communicator.
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>>;
 
+    /// This rank's index among the ranks on its host — what Horovod's `local_rank()` and torchrun's
+    /// `LOCAL_RANK` give, typically the GPU to use. In-process ranks all share one host, so there
+    /// it is the rank itself; TCP reads `LOCAL_RANK` (the rank when unset: a single-host launch);
+    /// MPI asks MPI which ranks share memory with this one; NCCL is its device's launch slot.
+    /// Backends that know nothing better report [`Communicator::rank`].
+    fn local_rank(&self) -> usize {
+        self.rank()
+    }
+
+    /// The CUDA ordinal this communicator works on (NCCL: its device), `None` for host backends,
+    /// which take device buffers of any device through staging.
+    fn device(&self) -> Option<usize> {
+        None
+    }
+
     /// True if the backend works on device memory directly (NCCL); host-only backends get device
     /// buffers staged through pinned host memory by [`Communicator::run`]/[`Communicator::start`].
     fn supports_device(&self) -> bool {
@@ -617,9 +632,27 @@ pub trait Communicator: Send + Sync {
         Ok(())
     }
 
-    /// Bytes this rank has sent so far (payload, all operations).
+    /// Backend hook: this communicator's traffic counters ([`crate::stats`] says what each backend
+    /// counts). `None` (the default) counts nothing and [`Communicator::stats`] reads zeros.
+    fn traffic(&self) -> Option<&crate::stats::Traffic> {
+        None
+    }
+
+    /// A snapshot of what this communicator moved: calls, bytes sent and received per operation kind.
+    fn stats(&self) -> crate::stats::Stats {
+        self.traffic().map(|t| t.snapshot()).unwrap_or_default()
+    }
+
+    /// Zero the traffic counters.
+    fn reset_stats(&self) {
+        if let Some(t) = self.traffic() {
+            t.reset();
+        }
+    }
+
+    /// Bytes this rank has sent so far (payload, all operations): `stats().bytes_sent()`.
     fn bytes_sent(&self) -> u64 {
-        0
+        self.stats().bytes_sent()
     }
 
     /// Charge `d` of computation to this rank. Real backends do nothing (the computation took real time);
@@ -640,6 +673,9 @@ pub trait Communicator: Send + Sync {
         #[cfg(feature = "cuda")]
         if !self.supports_device() && crate::device::stage::has_device(&c) {
             return crate::device::stage::run_staged(self, c);
+        }
+        if let Some(t) = self.traffic() {
+            t.call(c.kind());
         }
         if self.config().check {
             check_signatures(self, &c)?;
@@ -672,6 +708,9 @@ pub trait Communicator: Send + Sync {
             if !self.supports_device() && crate::device::stage::has_device(&v) {
                 return crate::device::stage::start_staged(self, c);
             }
+            if let Some(t) = self.traffic() {
+                t.call(v.kind());
+            }
             if self.config().check {
                 check_signatures(self, &v)?;
             }
@@ -699,6 +738,81 @@ pub trait Communicator: Send + Sync {
         }))
     }
 }
+
+/// Forward every method, the provided ones included, so that a wrapped communicator behaves
+/// exactly as the one it wraps (its own `run`/`start` overrides, link-model hooks and byte counts,
+/// and no second validation) — `Bucketer::new(&comm, ..)` and `dgc.step(&comm, ..)` then take
+/// what [`crate::init`] returns (`Box<dyn Communicator>`), a reference or an `Arc` as written.
+macro_rules! forward_communicator {
+    ($($t:tt)*) => {
+        impl<C: Communicator + ?Sized> Communicator for $($t)* {
+            fn rank(&self) -> usize {
+                (**self).rank()
+            }
+            fn world_size(&self) -> usize {
+                (**self).world_size()
+            }
+            fn backend(&self) -> &'static str {
+                (**self).backend()
+            }
+            fn config(&self) -> &Config {
+                (**self).config()
+            }
+            fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
+                (**self).exec(c)
+            }
+            fn exec_async(&self, c: CollectiveOwned) -> Result<Work<CollectiveOwned>> {
+                (**self).exec_async(c)
+            }
+            fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
+                (**self).split(color, key)
+            }
+            fn local_rank(&self) -> usize {
+                (**self).local_rank()
+            }
+            fn device(&self) -> Option<usize> {
+                (**self).device()
+            }
+            fn supports_device(&self) -> bool {
+                (**self).supports_device()
+            }
+            fn exchange_signatures(&self, mine: &[i64], all: &mut [i64]) -> Result<()> {
+                (**self).exchange_signatures(mine, all)
+            }
+            fn synchronize(&self) -> Result<()> {
+                (**self).synchronize()
+            }
+            fn traffic(&self) -> Option<&crate::stats::Traffic> {
+                (**self).traffic()
+            }
+            fn stats(&self) -> crate::stats::Stats {
+                (**self).stats()
+            }
+            fn reset_stats(&self) {
+                (**self).reset_stats()
+            }
+            fn bytes_sent(&self) -> u64 {
+                (**self).bytes_sent()
+            }
+            fn compute(&self, d: Duration) -> Result<()> {
+                (**self).compute(d)
+            }
+            fn virtual_time(&self) -> Option<Duration> {
+                (**self).virtual_time()
+            }
+            fn run(&self, c: CollectiveRef<'_>) -> Result<()> {
+                (**self).run(c)
+            }
+            fn start(&self, c: CollectiveOwned) -> Result<Work<CollectiveOwned>> {
+                (**self).start(c)
+            }
+        }
+    };
+}
+
+forward_communicator!(&C);
+forward_communicator!(Box<C>);
+forward_communicator!(std::sync::Arc<C>);
 
 fn check_signatures<C: Communicator + ?Sized>(comm: &C, c: &CollectiveRef<'_>) -> Result<()> {
     if matches!(c, Collective::Send { .. } | Collective::Recv { .. }) {

@@ -321,11 +321,12 @@ fn div_t<T: Arith + bytemuck::Pod>(buf: &mut [u8], n: usize) -> Result<()> {
 /// [`finish_avg`] once at the end.
 pub fn reduce_into(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]) -> Result<()> {
     if dst.len() != src.len() {
-        return Err(Error::LengthMismatch {
-            what: "reduction operands (bytes)".into(),
-            expected: dst.len(),
-            got: src.len(),
-        });
+        return Err(Error::byte_lengths(
+            "reduction operands",
+            dtype,
+            dst.len(),
+            src.len(),
+        ));
     }
     dispatch!(dtype, reduce_into_t, dst, src, op)
 }
@@ -333,11 +334,12 @@ pub fn reduce_into(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]) -> Re
 /// `dst[i] = op(a[i], b[i])`: a fused copy-and-reduce, so out-of-place reductions read each input once.
 pub fn reduce3(dtype: DType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8]) -> Result<()> {
     if dst.len() != a.len() || a.len() != b.len() {
-        return Err(Error::LengthMismatch {
-            what: "reduction operands (bytes)".into(),
-            expected: dst.len(),
-            got: a.len().min(b.len()),
-        });
+        return Err(Error::byte_lengths(
+            "reduction operands",
+            dtype,
+            dst.len(),
+            a.len().min(b.len()),
+        ));
     }
     dispatch!(dtype, reduce3_t, dst, a, b, op)
 }

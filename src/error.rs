@@ -116,12 +116,41 @@ pub enum Error {
     /// A rendezvous protocol failure other than the token or framing.
     #[error("rendezvous: {0}")]
     Rendezvous(String),
-    /// An MPI call failed.
-    #[error("MPI: {0}")]
-    Mpi(String),
-    /// A CUDA, NVRTC or NCCL call failed, or one of their libraries is missing.
-    #[error("CUDA: {0}")]
-    Cuda(String),
+    /// An MPI call failed. `code` is the MPI error code the call returned (`None` when ferroccl
+    /// itself refused the call, e.g. after a timeout poisoned the session), so a caller can match on
+    /// `MPI_ERR_*` without parsing the message.
+    #[error("MPI: {message}{}", code.map(|c| format!(" (MPI error code {c})")).unwrap_or_default())]
+    Mpi {
+        /// The MPI error code, if an MPI call returned one.
+        code: Option<i32>,
+        /// What failed, with `MPI_Error_string`'s text.
+        message: String,
+    },
+    /// A CUDA, NVRTC or NCCL call failed, or one of their libraries is missing. `code` is the
+    /// library's own result code (`CUresult`, `nvrtcResult` or `ncclResult_t`, as a number; the
+    /// message names the library), `None` when no call returned one (a missing library, a check of
+    /// ferroccl's own).
+    #[error("CUDA: {message}{}", code.map(|c| format!(" (error code {c})")).unwrap_or_default())]
+    Cuda {
+        /// The library's result code, if a call returned one.
+        code: Option<i32>,
+        /// What failed, naming the library and the call.
+        message: String,
+    },
+    /// A rank of an in-process world ([`crate::local::run`]) panicked; the other ranks saw it as
+    /// [`Error::PeerLost`], and `run` reports this instead, because the panic is the cause.
+    #[error("rank {rank} panicked: {message}")]
+    RankPanicked {
+        /// The rank whose closure panicked.
+        rank: usize,
+        /// The panic's message (or "non-string panic").
+        message: String,
+    },
+    /// An error of the caller's own code, carried through ferroccl so that a closure given to
+    /// [`crate::local::run`] (or any function returning [`Result`]) can use `?` on it. Build it
+    /// with [`Error::user`]; I/O errors convert into [`Error::Io`] by `?` directly.
+    #[error("{0}")]
+    User(Box<dyn std::error::Error + Send + Sync + 'static>),
     /// An I/O error, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -142,8 +171,109 @@ impl Error {
         }
     }
 
+    /// Carry an error of the caller's own code (anything implementing `std::error::Error`, or a
+    /// `String`/`&str` message): `parse().map_err(Error::user)?`.
+    pub fn user(e: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        Error::User(e.into())
+    }
+
+    /// A CUDA/NVRTC/NCCL failure without a result code (a check of ferroccl's own).
+    pub fn cuda(message: impl Into<String>) -> Self {
+        Error::Cuda {
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    /// A CUDA/NVRTC/NCCL failure with the library's result code.
+    pub fn cuda_code(code: i32, message: impl Into<String>) -> Self {
+        Error::Cuda {
+            code: Some(code),
+            message: message.into(),
+        }
+    }
+
+    /// An MPI failure without an MPI error code (refused by ferroccl itself).
+    pub fn mpi(message: impl Into<String>) -> Self {
+        Error::Mpi {
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    /// An MPI failure with the code the call returned.
+    pub fn mpi_code(code: i32, message: impl Into<String>) -> Self {
+        Error::Mpi {
+            code: Some(code),
+            message: message.into(),
+        }
+    }
+
+    /// A length mismatch counted in bytes by the layer that found it (a received message, a raw
+    /// operand), reported in elements of `dtype` — the unit the caller's buffers count in. When a
+    /// byte count is not a whole number of elements (the peers use different element types) the
+    /// error says so in bytes instead.
+    pub fn byte_lengths(
+        what: impl Into<String>,
+        dtype: crate::DType,
+        expected_bytes: usize,
+        got_bytes: usize,
+    ) -> Self {
+        let es = dtype.size();
+        let what = what.into();
+        if expected_bytes % es == 0 && got_bytes % es == 0 {
+            Error::LengthMismatch {
+                what,
+                expected: expected_bytes / es,
+                got: got_bytes / es,
+            }
+        } else {
+            Error::InvalidArgument(format!(
+                "{what}: expected {expected_bytes} bytes ({} elements), got {got_bytes} bytes, \
+                 which is not a whole number of {} elements (do the ranks pass different element types?)",
+                expected_bytes / es,
+                dtype.name()
+            ))
+        }
+    }
+
     /// True for errors after which the communicator must be rebuilt.
     pub fn is_fatal(&self) -> bool {
         matches!(self, Error::PeerLost { .. } | Error::Timeout { .. })
     }
 }
+
+/// `?` on an I/O error inside a function returning [`Result`] (a `local::run` closure reading a
+/// file, say) gives [`Error::Io`].
+impl From<std::io::Error> for Error {
+    fn from(source: std::io::Error) -> Self {
+        Error::Io {
+            context: "I/O".into(),
+            source,
+        }
+    }
+}
+
+/// `?` on a boxed error of the caller's code gives [`Error::User`].
+impl From<Box<dyn std::error::Error + Send + Sync + 'static>> for Error {
+    fn from(e: Box<dyn std::error::Error + Send + Sync + 'static>) -> Self {
+        Error::User(e)
+    }
+}
+
+macro_rules! user_from {
+    ($($t:ty),*) => {$(
+        /// `?` on this common error type of the caller's code gives [`Error::User`].
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::User(Box::new(e))
+            }
+        }
+    )*};
+}
+user_from!(
+    std::num::ParseIntError,
+    std::num::ParseFloatError,
+    std::str::Utf8Error,
+    std::string::FromUtf8Error
+);

@@ -40,18 +40,34 @@ pub mod mpi;
 pub mod nccl;
 pub mod rendezvous;
 pub mod sim;
+pub mod stats;
 pub mod tcp;
 pub mod work;
 
+pub use bucket::{BucketHook, Bucketer};
 pub use buffer::{Buf, BufMut, Buffer, BufferMut, Location, OwnedBuffer};
+pub use coding::{Aggregator, CodedAllReduce, GradientCode, SequentialRuntime};
 pub use comm::{Collective, CollectiveOwned, CollectiveRef, Communicator, CommunicatorExt};
 pub use config::Config;
+pub use dgc::{Dgc, DgcConfig, DgcHook};
 pub use dtype::{DType, Element, ReduceOp};
 pub use error::{Error, Result};
 pub use init::{init, init_with, Backend};
 pub use work::Work;
 
+/// The `half` crate ferroccl was built with (its `f16`/`bf16` are element types here), so that a
+/// program names the very types the collectives accept without pinning a matching version.
+pub use half;
+
+/// The `cudarc` crate ferroccl was built with (feature `cuda`): its `CudaSlice`, `CudaView` and
+/// `CudaViewMut` are buffers here, and a second copy of another version would not be.
+#[cfg(feature = "cuda")]
+pub use cudarc;
+
 /// The names most programs need.
 pub mod prelude {
-    pub use crate::{Communicator, CommunicatorExt, DType, Error, ReduceOp, Result, Work};
+    pub use crate::{
+        Aggregator, Bucketer, CodedAllReduce, Communicator, CommunicatorExt, DType, Dgc, DgcConfig,
+        DgcHook, Error, GradientCode, ReduceOp, Result, Work,
+    };
 }

@@ -81,7 +81,7 @@ pub struct TcpComm {
     health: Arc<Health>,
     sockets: Vec<TcpStream>,
     io_threads: Vec<JoinHandle<()>>,
-    bytes_sent: Arc<AtomicU64>,
+    traffic: Arc<crate::stats::Traffic>,
     store: Arc<StoreClient>,
     _server: Arc<Option<StoreServer>>,
     prefix: String,
@@ -717,7 +717,7 @@ impl TcpComm {
             io_threads.push(r);
         }
         drop(inbox_tx);
-        let bytes_sent = Arc::new(AtomicU64::new(0));
+        let traffic = Arc::new(crate::stats::Traffic::new());
         let engine = Engine::new(
             rank,
             size,
@@ -726,7 +726,7 @@ impl TcpComm {
             health.clone(),
             None,
             cfg.clone(),
-            bytes_sent.clone(),
+            traffic.clone(),
             true,
         );
         let worker =
@@ -739,7 +739,7 @@ impl TcpComm {
             health,
             sockets: kept,
             io_threads,
-            bytes_sent,
+            traffic,
             store,
             _server: server,
             prefix: prefix.to_string(),
@@ -786,8 +786,19 @@ impl Communicator for TcpComm {
         )?;
         Ok(Some(Box::new(c)))
     }
-    fn bytes_sent(&self) -> u64 {
-        self.bytes_sent.load(Ordering::Relaxed)
+    fn traffic(&self) -> Option<&crate::stats::Traffic> {
+        Some(&self.traffic)
+    }
+    fn local_rank(&self) -> usize {
+        // torchrun's LOCAL_RANK (a process property, the same for sub-communicators); without
+        // it the launch is taken as single-host, where the rank is the local rank
+        match std::env::var("LOCAL_RANK")
+            .ok()
+            .map(|v| v.trim().parse::<usize>())
+        {
+            Some(Ok(r)) => r,
+            _ => self.rank,
+        }
     }
 }
 

@@ -28,7 +28,7 @@ fn missing_library_is_a_clear_error_not_a_panic() {
         let e = ferroccl::init_with(ferroccl::Backend::Nccl)
             .err()
             .expect("no driver");
-        assert!(matches!(e, Error::Cuda(_)), "{e}");
+        assert!(matches!(e, Error::Cuda { .. }), "{e}");
         assert_eq!(ferroccl::device::device_count(), 0);
     }
 }
@@ -168,10 +168,10 @@ fn nccl_world_1_every_collective_on_device_buffers() {
 #[ignore = "needs a GPU"]
 fn four_in_process_ranks_share_one_gpu_through_pinned_staging() {
     let ks = ferroccl::local::run(4, |c| {
-        let ctx = CudaContext::new(0).map_err(|e| Error::Cuda(format!("{e:?}")))?;
+        let ctx = CudaContext::new(0).map_err(|e| Error::cuda(format!("{e:?}")))?;
         let s = ctx
             .new_stream()
-            .map_err(|e| Error::Cuda(format!("{e:?}")))?;
+            .map_err(|e| Error::cuda(format!("{e:?}")))?;
         all_types(c, &s, true)
     })
     .unwrap();

@@ -323,7 +323,7 @@ mod cuda {
         let e =
             probe_with(&[CudaLib::Driver, CudaLib::Nvrtc], |l| l == CudaLib::Driver).unwrap_err();
         let s = e.to_string();
-        assert!(matches!(e, Error::Cuda(_)));
+        assert!(matches!(e, Error::Cuda { .. }));
         assert!(
             s.contains("libnvrtc.so") && s.contains("LD_LIBRARY_PATH"),
             "{s}"

@@ -348,8 +348,8 @@ fn recv_length_mismatch_is_an_error() {
         matches!(
             out[1],
             Some(Error::LengthMismatch {
-                expected: 8,
-                got: 12,
+                expected: 2,
+                got: 3,
                 ..
             })
         ),
@@ -928,5 +928,14 @@ mod reference_data {
             .unwrap()
             .1;
         assert!(eq("all_gather", &swapped, &ag).is_err());
+    }
+}
+
+#[test]
+fn traffic_counters_match_a_hand_count_on_every_transport() {
+    for (name, opts) in transports() {
+        let checks = local::run_with(4, &opts, common::traffic::hand_count)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(checks.iter().all(|&k| k >= 7), "{name}: {checks:?}");
     }
 }

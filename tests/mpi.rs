@@ -692,6 +692,43 @@ mod imp {
         c.iall_reduce(vec![0f64; 100], ReduceOp::Max)?.wait()?;
         let d = c.bytes_sent() - before;
         ensure!(d == 1200, "iall_reduce counted {d}, want 1200");
+        // the per-kind counters (stats): calls and bytes received, by the module docs' formulas
+        c.reset_stats();
+        c.all_reduce(&mut vec![0f32; 1000], ReduceOp::Sum)?;
+        let mut b = [0u8; 40];
+        c.broadcast(&mut b, 0)?;
+        if c.rank() == 0 {
+            c.send(&[1i32; 5], 1, 9)?;
+        } else if c.rank() == 1 {
+            c.recv(&mut [0i32; 5], 0, 9)?;
+        }
+        let s = c.stats();
+        use ferroccl::stats::OpKind as K;
+        let ar = s.op(K::AllReduce);
+        ensure!(
+            (ar.calls, ar.bytes_sent, ar.bytes_received) == (1, 6000, 6000),
+            "all_reduce stats {ar:?}"
+        );
+        let bc = s.op(K::Broadcast);
+        let want_recv = if c.rank() == 0 { 0 } else { 40 };
+        let want_sent = if c.rank() == 3 { 0 } else { 40 };
+        ensure!(
+            (bc.calls, bc.bytes_sent, bc.bytes_received) == (1, want_sent, want_recv),
+            "broadcast stats {bc:?}"
+        );
+        let (sd, rv) = (s.op(K::Send), s.op(K::Recv));
+        let want = match c.rank() {
+            0 => ((1, 20, 0), (0, 0, 0)),
+            1 => ((0, 0, 0), (1, 0, 20)),
+            _ => ((0, 0, 0), (0, 0, 0)),
+        };
+        ensure!(
+            (
+                (sd.calls, sd.bytes_sent, sd.bytes_received),
+                (rv.calls, rv.bytes_sent, rv.bytes_received)
+            ) == want,
+            "p2p stats {sd:?} {rv:?}"
+        );
         Ok(())
     }
 

@@ -27,7 +27,7 @@ trait DevElem: TestElem + Default + DeviceRepr + ValidAsZeroBits + Debug {}
 impl<T: TestElem + Default + DeviceRepr + ValidAsZeroBits + Debug> DevElem for T {}
 
 fn cu<E: Debug>(e: E) -> Error {
-    Error::Cuda(format!("{e:?}"))
+    Error::cuda(format!("{e:?}"))
 }
 
 fn up<T: DevElem>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {

@@ -592,3 +592,9 @@ fn processes_launched_torchrun_style_run_the_example() {
         "{s}"
     );
 }
+
+#[test]
+fn traffic_counters_match_a_hand_count_over_sockets() {
+    let checks = mesh(4, common::traffic::hand_count);
+    assert!(checks.iter().all(|&k| k >= 7), "{checks:?}");
+}

@@ -52,7 +52,7 @@ impl Lib {
                 "install NCCL or `pip install nvidia-nccl-cu13`, then add the folder holding libnccl.so.2 to LD_LIBRARY_PATH",
             ),
         };
-        Error::Cuda(format!("{name} could not be loaded: {hint}"))
+        Error::cuda(format!("{name} could not be loaded: {hint}"))
     }
 }
 
@@ -81,5 +81,5 @@ pub fn device_count() -> usize {
 
 /// Wrap a CUDA driver error.
 pub(crate) fn drv(context: &str, e: cudarc::driver::DriverError) -> Error {
-    Error::Cuda(format!("{context}: {e:?}"))
+    Error::cuda_code(e.0 as i32, format!("{context}: {e:?}"))
 }

@@ -79,8 +79,14 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-fn cuda<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
-    move |e| Error::Cuda(format!("dgc {what}: {e:?}"))
+fn cuda<E: std::fmt::Debug + 'static>(what: &str) -> impl Fn(E) -> Error + '_ {
+    // keep the driver's result code when the error is the driver's (most of them)
+    move |e| Error::Cuda {
+        code: (&e as &dyn std::any::Any)
+            .downcast_ref::<cudarc::driver::DriverError>()
+            .map(|d| d.0 as i32),
+        message: format!("dgc {what}: {e:?}"),
+    }
 }
 
 /// Every kernel of `cuda/dgc.cu` that [`DgcKernels`] loads.
@@ -587,7 +593,7 @@ impl DgcKernels {
         self.stream.synchronize().map_err(cuda("synchronize"))?;
         let c = host.as_slice().map_err(cuda("pinned control words"))?;
         if c.len() < CTL_LEN {
-            return Err(Error::Cuda("dgc: control buffer too short".into()));
+            return Err(Error::cuda("dgc: control buffer too short"));
         }
         Ok(c.to_vec())
     }
@@ -597,7 +603,7 @@ impl DgcKernels {
     fn wait_published(&self, host: &PinnedHostSlice<u32>, seq: u32) -> Result<Vec<u32>> {
         let p = host.as_ptr().map_err(cuda("pinned control words"))?;
         if host.len() < CTL_LEN {
-            return Err(Error::Cuda("dgc: control buffer too short".into()));
+            return Err(Error::cuda("dgc: control buffer too short"));
         }
         let t0 = std::time::Instant::now();
         let limit = self.timeout;
@@ -613,9 +619,8 @@ impl DgcKernels {
                     st.result().map_err(cuda("dgc step"))?;
                     // The stream is done: the words are there (or the kernel did not write them).
                     if unsafe { std::ptr::read_volatile(p.add(CTL_SEQ)) } != seq {
-                        return Err(Error::Cuda(
-                            "dgc: the top-k kernel finished without publishing its control words"
-                                .into(),
+                        return Err(Error::cuda(
+                            "dgc: the top-k kernel finished without publishing its control words",
                         ));
                     }
                     break;
@@ -640,7 +645,7 @@ impl DgcKernels {
     pub fn read_ctl(&self, ws: &Workspace) -> Result<Vec<u32>> {
         let c = self.download(&ws.ctl)?;
         if c.len() < CTL_LEN {
-            return Err(Error::Cuda("dgc: control buffer too short".into()));
+            return Err(Error::cuda("dgc: control buffer too short"));
         }
         Ok(c)
     }
@@ -1270,7 +1275,7 @@ impl DgcKernels {
         let mut c0 = ws
             .ctl
             .try_slice_mut(CTL_COUNT..CTL_COUNT + 1)
-            .ok_or_else(|| Error::Cuda("dgc: control buffer too short".into()))?;
+            .ok_or_else(|| Error::cuda("dgc: control buffer too short"))?;
         self.stream.memset_zeros(&mut c0).map_err(cuda("memset"))?;
         self.launch_select(v, thr, ws)?;
         Ok(self.read_ctl(ws)?[CTL_COUNT] as usize)
@@ -1489,11 +1494,10 @@ impl DgcKernels {
             // void. Later steps use one launch per round; this one is an error.
             ws.clean = false;
             self.set_one_launch_select(false);
-            return Err(Error::Cuda(
+            return Err(Error::cuda(
                 "dgc: a one-launch radix select timed out waiting for its own blocks (is the GPU \
                  partitioned, e.g. by MPS?); this step's selection is void, later steps use one \
-                 launch per round (DgcKernels::set_one_launch_select(false))"
-                    .into(),
+                 launch per round (DgcKernels::set_one_launch_select(false))",
             ));
         }
         mark("count read-back")?;
@@ -2026,7 +2030,7 @@ impl DeviceDgc {
                         kern.stream.clone_dtoh(&i).map_err(cuda("download"))?,
                         kern.stream.clone_dtoh(&x).map_err(cuda("download"))?,
                     ),
-                    _ => return Err(Error::Cuda("dgc: candidate count out of range".into())),
+                    _ => return Err(Error::cuda("dgc: candidate count out of range")),
                 }
             };
             select::finish_selection(&mut idx, &mut val, k);

@@ -37,17 +37,18 @@ fn host_mut<'a>(b: &'a mut crate::BufMut<'_>) -> Result<&'a mut [u8]> {
     })
 }
 
-pub(super) fn check_len(src: usize, got: usize, want: usize) -> Result<()> {
+/// A message's byte length against the one this rank expects, reported in elements of the
+/// operation's `dtype` (what the ranks' buffers count in).
+pub(super) fn check_len(dtype: DType, src: usize, got: usize, want: usize) -> Result<()> {
     if got == want {
         Ok(())
     } else {
-        Err(Error::LengthMismatch {
-            what: format!(
-                "message from rank {src} (bytes): peers disagree on the collective's size"
-            ),
-            expected: want,
+        Err(Error::byte_lengths(
+            format!("message from rank {src}: peers disagree on the collective's size"),
+            dtype,
+            want,
             got,
-        })
+        ))
     }
 }
 
@@ -59,16 +60,15 @@ fn rank_in(what: &'static str, rank: usize, world: usize) -> Result<()> {
     }
 }
 
-/// Byte lengths must agree (`want` is `None` when it overflowed, which no real buffer matches).
-fn bytes_eq(what: &'static str, want: Option<usize>, got: usize) -> Result<()> {
-    if want == Some(got) {
-        Ok(())
-    } else {
-        Err(Error::LengthMismatch {
-            what: format!("{what} (bytes; the buffer's length and its byte size disagree?)"),
-            expected: want.unwrap_or(usize::MAX),
-            got,
-        })
+/// Byte lengths must agree (`want` is `None` when it overflowed, which no real buffer matches);
+/// reported in elements of `dtype`.
+fn bytes_eq(dtype: DType, what: &'static str, want: Option<usize>, got: usize) -> Result<()> {
+    match want {
+        Some(w) if w == got => Ok(()),
+        Some(w) => Err(Error::byte_lengths(what, dtype, w, got)),
+        None => Err(Error::InvalidArgument(format!(
+            "{what}: the expected length overflows usize"
+        ))),
     }
 }
 
@@ -80,7 +80,10 @@ impl Engine {
     /// the algorithms index by — ranks and byte lengths — are checked here (a handful of integer
     /// comparisons), and a bad call is an error rather than a panic on the worker.
     pub fn execute(&mut self, c: CollectiveRef<'_>) -> Result<()> {
-        self.with_deadline(|e| e.execute_op(c))
+        self.cur = c.kind();
+        let r = self.with_deadline(|e| e.execute_op(c));
+        self.cur = crate::stats::OpKind::Recv;
+        r
     }
 
     fn execute_op(&mut self, c: CollectiveRef<'_>) -> Result<()> {
@@ -89,6 +92,7 @@ impl Engine {
             self.health.check(c.name())?;
         }
         let n = self.size;
+        self.op_dtype = c.dtype();
         match c {
             Collective::Send { buf, peer, tag } => {
                 rank_in("send peer", peer, n)?;
@@ -112,7 +116,12 @@ impl Engine {
                 };
                 let out = Raw::from_mut(host_mut(&mut recv)?);
                 if let Some(i) = inp {
-                    bytes_eq("all_reduce: recv vs send", Some(i.len()), out.len())?;
+                    bytes_eq(
+                        self.op_dtype,
+                        "all_reduce: recv vs send",
+                        Some(i.len()),
+                        out.len(),
+                    )?;
                 }
                 let count = out.len() / dtype.size();
                 if self.size == 1 {
@@ -134,6 +143,7 @@ impl Engine {
                 let inp = Raw::from_ref(host(&send)?);
                 let out = Raw::from_mut(host_mut(&mut recv)?);
                 bytes_eq(
+                    self.op_dtype,
                     "reduce_scatter: send vs world_size x recv",
                     out.len().checked_mul(n),
                     inp.len(),
@@ -150,6 +160,7 @@ impl Engine {
                 let inp = host(&send)?;
                 let out = Raw::from_mut(host_mut(&mut recv)?);
                 bytes_eq(
+                    self.op_dtype,
                     "all_gather: recv vs world_size x send",
                     inp.len().checked_mul(n),
                     out.len(),
@@ -182,7 +193,12 @@ impl Engine {
                     _ => None,
                 };
                 if let Some(o) = out {
-                    bytes_eq("reduce: recv vs send", Some(inp.len()), o.len())?;
+                    bytes_eq(
+                        self.op_dtype,
+                        "reduce: recv vs send",
+                        Some(inp.len()),
+                        o.len(),
+                    )?;
                 }
                 self.tree_reduce(seq, inp, out, dtype, op, root)?;
                 if let Some(o) = out {
@@ -277,7 +293,7 @@ impl Engine {
                 None
             } else {
                 let m = self.recv(r - 1, Tag::Coll { seq, step: 0 }, during)?;
-                check_len(r - 1, m.payload.len(), len)?;
+                check_len(self.op_dtype, r - 1, m.payload.len(), len)?;
                 // lower rank's data is the left operand, as in the exchange below
                 let mine = Aligned::copy_of(out.get(0, len));
                 m.payload.with(r - 1, |b| {
@@ -296,7 +312,7 @@ impl Engine {
                 let peer = if pnr < rem { pnr * 2 + 1 } else { pnr + rem };
                 self.send_copy(peer, Tag::Coll { seq, step }, out.get(0, len))?;
                 let m = self.recv(peer, Tag::Coll { seq, step }, during)?;
-                check_len(peer, m.payload.len(), len)?;
+                check_len(self.op_dtype, peer, m.payload.len(), len)?;
                 if peer < r {
                     let mine = Aligned::copy_of(out.get(0, len));
                     m.payload.with(peer, |b| {
@@ -316,7 +332,7 @@ impl Engine {
                 self.send_copy(r - 1, Tag::Coll { seq, step: last }, out.get(0, len))?;
             } else {
                 let m = self.recv(r + 1, Tag::Coll { seq, step: last }, during)?;
-                check_len(r + 1, m.payload.len(), len)?;
+                check_len(self.op_dtype, r + 1, m.payload.len(), len)?;
                 m.payload
                     .with(r + 1, |b| out.get_mut(0, len).copy_from_slice(b))?;
             }
@@ -365,7 +381,7 @@ impl Engine {
                 during,
             )?;
             let (a, b) = range(t);
-            check_len(prev, m.payload.len(), b - a)?;
+            check_len(self.op_dtype, prev, m.payload.len(), b - a)?;
             m.payload.with(prev, |x| match inp {
                 Some(i) => reduce3(dtype, op, out.get_mut(a, b), i.get(a, b), x),
                 None => reduce_into(dtype, op, out.get_mut(a, b), x),
@@ -382,7 +398,7 @@ impl Engine {
             // our reduce-scatter loan of chunk t (step k) must be read before we overwrite it
             self.wait_guard(rs_k)?;
             let (a, b) = range(t);
-            check_len(prev, m.payload.len(), b - a)?;
+            check_len(self.op_dtype, prev, m.payload.len(), b - a)?;
             m.payload
                 .with(prev, |x| out.get_mut(a, b).copy_from_slice(x))?;
         }
@@ -425,7 +441,7 @@ impl Engine {
             guards.push(self.send_lend(next, Tag::Coll { seq, step }, src)?);
             let t = (r + 2 * n - k - 2) % n;
             let m = self.recv(prev, Tag::Coll { seq, step }, during)?;
-            check_len(prev, m.payload.len(), bl)?;
+            check_len(self.op_dtype, prev, m.payload.len(), bl)?;
             let mine = inp.get(t * bl, (t + 1) * bl);
             if k == n - 2 {
                 m.payload
@@ -459,7 +475,7 @@ impl Engine {
             )?);
             let t = (r + 2 * n - k - 1) % n;
             let m = self.recv(prev, Tag::Coll { seq, step }, "all_gather")?;
-            check_len(prev, m.payload.len(), bl)?;
+            check_len(self.op_dtype, prev, m.payload.len(), bl)?;
             m.payload.with(prev, |x| {
                 out.get_mut(t * bl, (t + 1) * bl).copy_from_slice(x)
             })?;
@@ -476,7 +492,7 @@ impl Engine {
             if v & mask != 0 {
                 let parent = (v - mask + root) % n;
                 let m = self.recv(parent, Tag::Coll { seq, step: 0 }, "broadcast")?;
-                check_len(parent, m.payload.len(), len)?;
+                check_len(self.op_dtype, parent, m.payload.len(), len)?;
                 m.payload
                     .with(parent, |x| buf.get_mut(0, len).copy_from_slice(x))?;
                 break;
@@ -522,7 +538,7 @@ impl Engine {
                 if v + mask < n {
                     let child = (v + mask + root) % n;
                     let m = self.recv(child, Tag::Coll { seq, step: 0 }, "reduce")?;
-                    check_len(child, m.payload.len(), len)?;
+                    check_len(self.op_dtype, child, m.payload.len(), len)?;
                     m.payload
                         .with(child, |x| reduce_into(dtype, op, acc.get_mut(0, len), x))??;
                 }
@@ -550,11 +566,13 @@ impl Engine {
         let sd = offsets(sc, es);
         let rd = offsets(rc, es);
         bytes_eq(
+            self.op_dtype,
             "all_to_all(v): send vs sum of send counts",
             sd.as_ref().and_then(|o| o.last().copied()),
             inp.len(),
         )?;
         bytes_eq(
+            self.op_dtype,
             "all_to_all(v): recv vs sum of recv counts",
             rd.as_ref().and_then(|o| o.last().copied()),
             out.len(),
@@ -578,7 +596,7 @@ impl Engine {
         for k in 1..n {
             let src = (r + n - k) % n;
             let m = self.recv(src, Tag::Coll { seq, step: 0 }, "all_to_all")?;
-            check_len(src, m.payload.len(), rd[src + 1] - rd[src])?;
+            check_len(self.op_dtype, src, m.payload.len(), rd[src + 1] - rd[src])?;
             m.payload.with(src, |x| {
                 out.get_mut(rd[src], rd[src + 1]).copy_from_slice(x)
             })?;

@@ -71,8 +71,13 @@ impl Engine {
             reduce_tiles(all, &dsts, dtype, op, stream)
         })??;
         // what a network transport would have sent: the reduced chunk to every peer
-        self.bytes_sent
-            .fetch_add(((n - 1) * (b - a)) as u64, Ordering::Relaxed);
+        // (and would have received: every peer's reduced chunk)
+        self.traffic.sent(self.cur, ((n - 1) * (b - a)) as u64);
+        let others: usize = (0..n)
+            .filter(|&j| j != r)
+            .map(|j| range(j).1 - range(j).0)
+            .sum();
+        self.traffic.received(self.cur, others as u64);
         for g in &guards {
             self.wait_guard(g)?;
         }
@@ -149,7 +154,7 @@ impl Engine {
         let mut msgs = Vec::with_capacity(n);
         for j in (0..n).filter(|&j| j != r) {
             let m = self.recv(j, tag, during)?;
-            super::algo::check_len(j, m.payload.len(), len)?;
+            super::algo::check_len(self.op_dtype, j, m.payload.len(), len)?;
             msgs.push(m);
         }
         Ok(msgs)

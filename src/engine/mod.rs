@@ -24,12 +24,13 @@ use crate::buffer::BufMut;
 use crate::comm::CollectiveOwned;
 use crate::config::deadline_after;
 use crate::local::link::Clock;
+use crate::stats::{OpKind, Traffic};
 use crate::{Collective, Config, Error, Result};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use msg::{Lend, LendGuard, Msg, Payload, Tag};
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -116,7 +117,11 @@ pub(crate) struct Engine {
     pub health: Arc<Health>,
     pub clock: Option<Arc<Mutex<Clock>>>,
     pub cfg: Config,
-    pub bytes_sent: Arc<AtomicU64>,
+    /// This communicator's traffic counters (see [`crate::stats`]).
+    pub traffic: Arc<Traffic>,
+    /// The kind of the operation being executed: what its messages are charged to (a receive posted
+    /// by `irecv` and completed while idle is charged to `Recv`).
+    pub cur: OpKind,
     /// Allow loans (zero-copy) to peers — or, for TCP, to the socket writer threads.
     pub lend_ok: bool,
     /// Peers run in this process and read loans directly (in-process transport), so algorithms may
@@ -127,6 +132,9 @@ pub(crate) struct Engine {
     seq: u64,
     /// The deadline of the operation being executed (`None` while idle); see the module docs.
     op_deadline: Option<Instant>,
+    /// The element type of the operation being executed: length errors found on raw bytes are
+    /// reported in its elements.
+    pub(crate) op_dtype: crate::DType,
 }
 
 /// Raw view of a host buffer for the algorithms: sub-slices can be lent and written independently.
@@ -194,7 +202,7 @@ impl Engine {
         health: Arc<Health>,
         clock: Option<Arc<Mutex<Clock>>>,
         cfg: Config,
-        bytes_sent: Arc<AtomicU64>,
+        traffic: Arc<Traffic>,
         lend_ok: bool,
     ) -> Engine {
         Engine {
@@ -205,13 +213,15 @@ impl Engine {
             health,
             clock,
             cfg,
-            bytes_sent,
+            traffic,
+            cur: OpKind::Recv,
             lend_ok,
             peers_share_memory: false,
             stash: VecDeque::new(),
             posted: Vec::new(),
             seq: 0,
             op_deadline: None,
+            op_dtype: crate::DType::U8,
         }
     }
 
@@ -318,7 +328,7 @@ impl Engine {
             None => 0.0,
         };
         if dst != self.rank {
-            self.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+            self.traffic.sent(self.cur, n as u64);
         }
         peer.send(Msg {
             src: self.rank,
@@ -462,8 +472,14 @@ impl Engine {
                 "internal: posted op is not a receive".into(),
             )),
         };
+        let got = (r.is_ok() && m.src != self.rank).then(|| m.payload.len() as u64);
         match p.reply.send(r.map(|_| p.op)) {
-            Ok(()) => None,
+            Ok(()) => {
+                if let Some(n) = got {
+                    self.traffic.received(OpKind::Recv, n);
+                }
+                None
+            }
             // Nobody saw it: give it back. Only point-to-point copies are posted, and reading a
             // copy leaves it intact.
             Err(_) => Some(m),
@@ -613,6 +629,9 @@ impl Engine {
         during: &'static str,
     ) -> Result<Msg> {
         if self.take_clock(&m, deadline) {
+            if m.src != self.rank {
+                self.traffic.received(self.cur, m.payload.len() as u64);
+            }
             return Ok(m);
         }
         let src = m.src;
@@ -628,15 +647,20 @@ impl Engine {
 pub(crate) fn copy_in(mut buf: BufMut<'_>, m: &Msg) -> Result<()> {
     let n = m.payload.len();
     let want = buf.byte_len();
+    let dtype = buf.dtype;
     let dst = buf
         .host_bytes_mut()
         .ok_or_else(|| Error::Unsupported("this backend only takes host buffers".into()))?;
     if n != want {
-        return Err(Error::LengthMismatch {
-            what: format!("recv from rank {}: message bytes vs buffer bytes", m.src),
-            expected: want,
-            got: n,
-        });
+        return Err(Error::byte_lengths(
+            format!(
+                "recv from rank {}: the message's length differs from the buffer's",
+                m.src
+            ),
+            dtype,
+            want,
+            n,
+        ));
     }
     m.payload.with(m.src, |b| dst.copy_from_slice(b))
 }
@@ -780,7 +804,7 @@ mod tests {
             Health::new(n),
             None,
             Config::default().with_timeout(Duration::from_secs(1)),
-            Arc::new(AtomicU64::new(0)),
+            Arc::new(Traffic::new()),
             true,
         );
         (e, inboxes.into_iter().flatten().collect())

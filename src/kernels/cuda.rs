@@ -123,7 +123,7 @@ impl CudaLib {
 /// loader check; tests call it with a fake.
 pub fn probe_with(libs: &[CudaLib], present: impl Fn(CudaLib) -> bool) -> Result<()> {
     match libs.iter().find(|&&l| !present(l)) {
-        Some(&l) => Err(Error::Cuda(l.missing_message())),
+        Some(&l) => Err(Error::cuda(l.missing_message())),
         None => Ok(()),
     }
 }
@@ -189,7 +189,7 @@ fn cstring(what: &str, s: &str) -> Result<CString> {
 }
 
 fn nvrtc_err(what: &str, r: nvrtc_sys::nvrtcResult) -> Error {
-    Error::Cuda(format!("NVRTC {what} failed: {r:?}"))
+    Error::cuda_code(r as i32, format!("NVRTC {what} failed: {r:?}"))
 }
 
 /// Destroys an NVRTC program on drop.
@@ -240,9 +240,10 @@ fn nvrtc_compile(name: &str, source: &str, arch: &str) -> Result<Compiled> {
         unsafe { nvrtc_sys::nvrtcCompileProgram(prog.0, opt_ptrs.len() as i32, opt_ptrs.as_ptr()) };
     let log = program_log(&prog)?;
     if compiled != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(Error::Cuda(format!(
-            "NVRTC could not compile {name} for {arch} ({compiled:?}):\n{log}"
-        )));
+        return Err(Error::cuda_code(
+            compiled as i32,
+            format!("NVRTC could not compile {name} for {arch} ({compiled:?}):\n{log}"),
+        ));
     }
     let ptx_bytes = get_bytes(
         &prog,
@@ -257,7 +258,7 @@ fn nvrtc_compile(name: &str, source: &str, arch: &str) -> Result<Compiled> {
         nvrtc_sys::nvrtcGetCUBIN,
     )?;
     let ptx = ptx_text(ptx_bytes)
-        .ok_or_else(|| Error::Cuda(format!("NVRTC returned malformed PTX for {name}")))?;
+        .ok_or_else(|| Error::cuda(format!("NVRTC returned malformed PTX for {name}")))?;
     Ok(Compiled { ptx, cubin, log })
 }
 
@@ -387,14 +388,14 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
 }
 
 fn cu_err(what: impl std::fmt::Display) -> impl FnOnce(DriverError) -> Error {
-    move |e| Error::Cuda(format!("{what}: {e}"))
+    move |e| Error::cuda_code(e.0 as i32, format!("{what}: {e}"))
 }
 
 fn load_compiled(ctx: &Arc<CudaContext>, name: &str, c: Compiled) -> Result<Arc<CudaModule>> {
     match ctx.load_module(Ptx::from_binary(c.cubin)) {
         Ok(m) => Ok(m),
         Err(cubin_err) => ctx.load_module(Ptx::from_src(c.ptx)).map_err(|ptx_err| {
-            Error::Cuda(format!(
+            Error::cuda(format!(
                 "loading the compiled {name} failed: as CUBIN ({cubin_err}) and as PTX ({ptx_err}); \
                  the driver may be older than the NVRTC that compiled it (CUDA 13)"
             ))
@@ -581,7 +582,7 @@ impl CudaKernels {
             .map_err(cu_err("synchronizing the kernel stream"))?;
         let (code, index) = match flag.as_slice() {
             [code, index, ..] => (*code, *index),
-            _ => return Err(Error::Cuda("the kernels' error flag is too short".into())),
+            _ => return Err(Error::cuda("the kernels' error flag is too short")),
         };
         if code == 0 {
             return Ok(());

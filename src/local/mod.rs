@@ -18,7 +18,7 @@
 //!
 //! Failure semantics: if a rank's closure panics or a rank drops its communicator while others still
 //! wait on it, the others' pending and later collectives return [`crate::Error::PeerLost`] (never a
-//! hang); [`run`] returns the first rank's error or panic message. The same holds when something
+//! hang); [`run`] returns the cause: the panicking rank and its message ([`crate::Error::RankPanicked`]) or the failing rank's own error, not a peer's `PeerLost`. The same holds when something
 //! panics on a rank's worker thread (a buffer implementation, an internal assertion): that rank's
 //! call returns `PeerLost` naming itself and the peers see the rank gone at once, not after their
 //! timeout. A bad [`LinkModel`] or a zero timeout is rejected by [`world`]/[`run_with`].
@@ -84,7 +84,7 @@ pub struct LocalComm {
     worker: Worker,
     health: Arc<Health>,
     clock: Option<Arc<Mutex<Clock>>>,
-    bytes_sent: Arc<AtomicU64>,
+    traffic: Arc<crate::stats::Traffic>,
     world: Arc<WorldShared>,
     opts: Options,
     splits: AtomicU64,
@@ -112,7 +112,7 @@ impl LocalComm {
             .link
             .clone()
             .map(|m| Arc::new(Mutex::new(Clock::new(m, rank, size, world.epoch))));
-        let bytes_sent = Arc::new(AtomicU64::new(0));
+        let traffic = Arc::new(crate::stats::Traffic::new());
         let mut engine = Engine::new(
             rank,
             size,
@@ -121,7 +121,7 @@ impl LocalComm {
             setup.health.clone(),
             clock.clone(),
             cfg.clone(),
-            bytes_sent.clone(),
+            traffic.clone(),
             !opts.copy_only,
         );
         engine.peers_share_memory = true;
@@ -134,7 +134,7 @@ impl LocalComm {
             worker,
             health: setup.health.clone(),
             clock,
-            bytes_sent,
+            traffic,
             world,
             opts: opts.clone(),
             splits: AtomicU64::new(0),
@@ -198,8 +198,8 @@ impl Communicator for LocalComm {
         Ok(Some(Box::new(c)))
     }
 
-    fn bytes_sent(&self) -> u64 {
-        self.bytes_sent.load(Ordering::Relaxed)
+    fn traffic(&self) -> Option<&crate::stats::Traffic> {
+        Some(&self.traffic)
     }
 
     fn compute(&self, d: Duration) -> Result<()> {
@@ -267,8 +267,10 @@ fn validate(cfg: &Config, opts: &Options) -> Result<()> {
 
 /// Run `f` on `n` ranks (one thread each) and return every rank's result, in rank order.
 ///
-/// If any rank returns an error or panics, the first failure (lowest rank) is returned; the other ranks
-/// are not left hanging (their collectives fail with `PeerLost` within the timeout).
+/// If any rank returns an error or panics, the failure that caused the others is returned: a panic
+/// as [`Error::RankPanicked`] naming the rank and its message, else the lowest rank's own error
+/// (a user error passed up with `?`, see [`Error::user`]) rather than the `PeerLost` its peers saw;
+/// the other ranks are not left hanging (their collectives fail with `PeerLost` within the timeout).
 pub fn run<T, F>(n: usize, f: F) -> Result<Vec<T>>
 where
     T: Send,
@@ -305,10 +307,34 @@ where
                         .map(|s| s.to_string())
                         .or_else(|| p.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "non-string panic".into());
-                    Err(Error::InvalidArgument(format!("rank {r} panicked: {msg}")))
+                    Err(Error::RankPanicked {
+                        rank: r,
+                        message: msg,
+                    })
                 }),
             })
             .collect()
     });
-    results.into_iter().collect()
+    first_cause(results)
+}
+
+/// Every rank's value, or the failure that explains the others: a panic first (the other ranks
+/// only saw its rank vanish, as `PeerLost`), then the lowest rank's error that is not a
+/// consequence of another rank failing (`PeerLost`, `Timeout`), else the lowest rank's error.
+fn first_cause<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    if results.iter().all(Result::is_ok) {
+        return results.into_iter().collect();
+    }
+    let rank_of = |e: &Error| match e {
+        Error::RankPanicked { .. } => 0,
+        e if !e.is_fatal() => 1,
+        _ => 2,
+    };
+    let cause = results
+        .into_iter()
+        .filter_map(Result::err)
+        .enumerate()
+        .min_by_key(|(i, e)| (rank_of(e), *i))
+        .map(|(_, e)| e);
+    Err(cause.unwrap_or_else(|| Error::InvalidArgument("internal: no failure found".into())))
 }

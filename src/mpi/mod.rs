@@ -87,16 +87,19 @@
 //! Each `MpiComm::world` is a collective `MPI_Comm_dup` of `MPI_COMM_WORLD` (so ferroccl's traffic never
 //! matches the application's own messages); dropping a communicator calls `MPI_Comm_free`.
 //!
-//! # `bytes_sent`
+//! # Traffic counters
 //!
-//! MPI chooses its algorithms internally, so [`Communicator::bytes_sent`] counts what the
+//! MPI chooses its algorithms internally, so [`Communicator::stats`] counts what the
 //! bandwidth-optimal algorithm that nccl-tests' "bus bandwidth" assumes would send from this rank, for
 //! each completed operation (world `n`, `S` the operation's size in bytes as nccl-tests counts it):
 //! all-reduce `2(n-1)/n·S`; reduce-scatter `(n-1)/n·S` (`S` = send buffer); all-gather `(n-1)/n·S`
 //! (`S` = receive buffer); broadcast `S` on every rank except the one before the root in ring order
 //! (a pipelined chain `root → root+1 → …`); reduce `S` on every rank but the root; all-to-all and
 //! all-to-allv the blocks addressed to other ranks; send `S`; receive and barrier `0`. So `bytes_sent /
-//! time` is directly comparable with nccl-tests' busbw and with the other backends' counts.
+//! time` is directly comparable with nccl-tests' busbw and with the other backends' counts. Bytes
+//! received mirror it: all-reduce, reduce-scatter and all-gather the same as sent; broadcast `S` on
+//! every rank but the root; reduce `S` on every rank but the one after the root (the chain
+//! `root+1 → … → root`); all-to-all(v) the blocks from other ranks; receive `S`; send and barrier `0`.
 
 mod flight;
 mod p2p;
@@ -109,7 +112,6 @@ use flight::{Flight, Target};
 use mpi::ffi;
 use session::Session;
 use std::os::raw::{c_int, c_void};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -185,7 +187,8 @@ impl Drop for CommInner {
 pub struct MpiComm {
     inner: Arc<CommInner>,
     cfg: Config,
-    bytes_sent: Arc<AtomicU64>,
+    traffic: Arc<crate::stats::Traffic>,
+    local_rank: usize,
 }
 
 impl std::fmt::Debug for MpiComm {
@@ -246,9 +249,9 @@ impl MpiComm {
             ffi::MPI_Comm_size(comm, &mut size)
         })?;
         inner.rank = usize::try_from(rank)
-            .map_err(|_| Error::Mpi(format!("MPI_Comm_rank returned {rank}")))?;
+            .map_err(|_| Error::mpi(format!("MPI_Comm_rank returned {rank}")))?;
         inner.size = usize::try_from(size)
-            .map_err(|_| Error::Mpi(format!("MPI_Comm_size returned {size}")))?;
+            .map_err(|_| Error::mpi(format!("MPI_Comm_size returned {size}")))?;
         let mut val: *mut c_int = std::ptr::null_mut();
         let mut flag: c_int = 0;
         // SAFETY: for a predefined attribute MPI stores a pointer to the value into `val`.
@@ -266,11 +269,44 @@ impl MpiComm {
         }
         // it inherits MPI_ERRORS_RETURN
         inner.p2p = timed_dup(&s, comm, cfg.timeout, "MPI_Comm_idup")?;
-        Ok(MpiComm {
+        let mut c = MpiComm {
             inner: Arc::new(inner),
             cfg,
-            bytes_sent: Arc::new(AtomicU64::new(0)),
-        })
+            traffic: Arc::new(crate::stats::Traffic::new()),
+            local_rank: 0,
+        };
+        c.local_rank = c.find_local_rank()?;
+        c.traffic.reset(); // count the user's traffic only
+        Ok(c)
+    }
+
+    /// This rank's index among the ranks of this communicator on the same host (what an
+    /// `MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)` would number it), found by a timed all-gather of
+    /// a hash of `MPI_Get_processor_name`, so that it is bounded by the timeout like every
+    /// collective (the split itself cannot be).
+    fn find_local_rank(&self) -> Result<usize> {
+        // SAFETY: reading rsmpi's exported constant.
+        let cap = usize::try_from(unsafe { ffi::RSMPI_MAX_PROCESSOR_NAME }).unwrap_or(256);
+        let mut name = vec![0u8; cap.max(1) + 1];
+        let mut len: c_int = 0;
+        let p = name.as_mut_ptr().cast();
+        // SAFETY: `name` holds MPI_MAX_PROCESSOR_NAME bytes (and one more); `len` is an out-pointer.
+        self.inner
+            .session
+            .call("MPI_Get_processor_name", || unsafe {
+                ffi::MPI_Get_processor_name(p, &mut len)
+            })?;
+        name.truncate(usize::try_from(len).unwrap_or(0).min(cap));
+        // FNV-1a: stable across processes (std's hasher is seeded per process)
+        let hash = name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        }) as i64;
+        let mut all = vec![0i64; self.inner.size];
+        self.all_gather(&[hash], &mut all)?;
+        Ok(all[..self.inner.rank]
+            .iter()
+            .filter(|&&h| h == hash)
+            .count())
     }
 
     /// The thread level MPI provided (see the module docs on threads).
@@ -410,39 +446,42 @@ fn backoff(spins: &mut u32) {
 }
 
 /// Bytes this rank sends for `c` under the convention of the module docs.
-fn traffic(c: &CollectiveRef<'_>, rank: usize, n: usize) -> u64 {
+/// (bytes sent, bytes received) for one completed operation; see the module docs.
+fn traffic(c: &CollectiveRef<'_>, rank: usize, n: usize) -> (u64, u64) {
     use Collective as C;
-    if n <= 1 && !matches!(c, C::Send { .. }) {
-        return 0;
+    if n <= 1 && !matches!(c, C::Send { .. } | C::Recv { .. }) {
+        return (0, 0);
     }
     let share = |bytes: usize| (bytes as u128 * (n as u128 - 1) / n as u128) as u64;
+    let unless = |skip: bool, bytes: usize| if skip { 0 } else { bytes as u64 };
     match c {
-        C::AllReduce { recv, .. } => 2 * share(recv.byte_len()),
-        C::ReduceScatter { send, .. } => share(send.byte_len()),
-        C::AllGather { recv, .. } => share(recv.byte_len()),
-        C::Broadcast { buf, root } => {
-            if (root + n - 1) % n == rank {
-                0
-            } else {
-                buf.byte_len() as u64
-            }
-        }
-        C::Reduce { send, root, .. } => {
-            if *root == rank {
-                0
-            } else {
-                send.byte_len() as u64
-            }
-        }
-        C::AllToAll { send, .. } => share(send.byte_len()),
+        C::AllReduce { recv, .. } => (2 * share(recv.byte_len()), 2 * share(recv.byte_len())),
+        C::ReduceScatter { send, .. } => (share(send.byte_len()), share(send.byte_len())),
+        C::AllGather { recv, .. } => (share(recv.byte_len()), share(recv.byte_len())),
+        C::Broadcast { buf, root } => (
+            unless((root + n - 1) % n == rank, buf.byte_len()),
+            unless(*root == rank, buf.byte_len()),
+        ),
+        C::Reduce { send, root, .. } => (
+            unless(*root == rank, send.byte_len()),
+            unless((root + 1) % n == rank, send.byte_len()),
+        ),
+        C::AllToAll { send, .. } => (share(send.byte_len()), share(send.byte_len())),
         C::AllToAllv {
-            send, send_counts, ..
+            send,
+            send_counts,
+            recv_counts,
+            ..
         } => {
-            let own = send_counts.get(rank).copied().unwrap_or(0);
-            (send_counts.iter().sum::<usize>().saturating_sub(own) * send.dtype.size()) as u64
+            let others = |counts: &[usize]| {
+                let own = counts.get(rank).copied().unwrap_or(0);
+                (counts.iter().sum::<usize>().saturating_sub(own) * send.dtype.size()) as u64
+            };
+            (others(send_counts), others(recv_counts))
         }
-        C::Send { buf, .. } => buf.byte_len() as u64,
-        C::Recv { .. } | C::Barrier => 0,
+        C::Send { buf, .. } => (buf.byte_len() as u64, 0),
+        C::Recv { buf, .. } => (0, buf.byte_len() as u64),
+        C::Barrier => (0, 0),
     }
 }
 
@@ -473,6 +512,11 @@ impl Communicator for MpiComm {
         c.validate(self.inner.rank, self.inner.size)?;
         let (during, peer) = (c.name(), peer_of(&c));
         let bytes = traffic(&c, self.inner.rank, self.inner.size);
+        let kind = c.kind();
+        let count = |(sent, received): (u64, u64)| {
+            self.traffic.sent(kind, sent);
+            self.traffic.received(kind, received);
+        };
         let c = match c {
             Collective::AllReduce { send, mut recv, op }
                 if self.inner.size > 1 && recv.byte_len() <= p2p::MAX_BYTES =>
@@ -481,7 +525,7 @@ impl Communicator for MpiComm {
                 match (send.as_ref().map(|s| s.host_bytes()), recv.host_bytes_mut()) {
                     (host_send @ (None | Some(Some(_))), Some(out)) => {
                         self.p2p().all_reduce(host_send.flatten(), out, dtype, op)?;
-                        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+                        count(bytes);
                         return Ok(());
                     }
                     // not host memory: the flight below reports it
@@ -492,7 +536,7 @@ impl Communicator for MpiComm {
         };
         let flight = Flight::post(&self.inner.target(), c)?;
         self.wait_blocking(flight, during, peer)?;
-        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+        count(bytes);
         Ok(())
     }
 
@@ -501,7 +545,7 @@ impl Communicator for MpiComm {
         let (flight, bytes) = {
             let v = c.views();
             v.validate(self.inner.rank, self.inner.size)?; // as in `exec`
-            let bytes = traffic(&v, self.inner.rank, self.inner.size);
+            let bytes = (v.kind(), traffic(&v, self.inner.rank, self.inner.size));
             // The views point into the boxes' heap memory, which does not move when `c` does.
             (Flight::post(&self.inner.target(), v)?, bytes)
         };
@@ -510,7 +554,7 @@ impl Communicator for MpiComm {
             flight: Some(flight),
             c: Some(c),
             bytes,
-            counter: self.bytes_sent.clone(),
+            counter: self.traffic.clone(),
         };
         Ok(Work::new(Box::new(pending), self.cfg.timeout, during))
     }
@@ -544,8 +588,12 @@ impl Communicator for MpiComm {
         Ok(Some(Box::new(sub)))
     }
 
-    fn bytes_sent(&self) -> u64 {
-        self.bytes_sent.load(Ordering::Relaxed)
+    fn traffic(&self) -> Option<&crate::stats::Traffic> {
+        Some(&self.traffic)
+    }
+
+    fn local_rank(&self) -> usize {
+        self.local_rank
     }
 }
 
@@ -554,8 +602,8 @@ struct MpiPending {
     inner: Arc<CommInner>,
     flight: Option<Flight>,
     c: Option<CollectiveOwned>,
-    bytes: u64,
-    counter: Arc<AtomicU64>,
+    bytes: (crate::stats::OpKind, (u64, u64)),
+    counter: Arc<crate::stats::Traffic>,
 }
 
 impl Pending<CollectiveOwned> for MpiPending {
@@ -569,7 +617,9 @@ impl Pending<CollectiveOwned> for MpiPending {
             Ok(false) => None,
             Ok(true) => {
                 self.flight = None;
-                self.counter.fetch_add(self.bytes, Ordering::Relaxed);
+                let (kind, (sent, received)) = self.bytes;
+                self.counter.sent(kind, sent);
+                self.counter.received(kind, received);
                 Some(
                     self.c
                         .take()

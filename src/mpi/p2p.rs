@@ -78,11 +78,12 @@ impl P2p<'_> {
         let len = out.len();
         if let Some(s) = send {
             if s.len() != len {
-                return Err(Error::LengthMismatch {
-                    what: "all_reduce send vs receive (bytes)".into(),
-                    expected: len,
-                    got: s.len(),
-                });
+                return Err(Error::byte_lengths(
+                    "all_reduce: recv must have as many elements as send",
+                    dtype,
+                    len,
+                    s.len(),
+                ));
             }
         }
         if n > 1 && len > 0 {
@@ -120,10 +121,10 @@ impl P2p<'_> {
         let mut cur = Running { src };
         let newrank = if r < 2 * rem {
             if r % 2 == 0 {
-                self.exchange(r + 1, FOLD, Some(cur.get(out, 0..out.len())), None)?;
+                self.exchange(r + 1, FOLD, Some(cur.get(out, 0..out.len())), None, dtype)?;
                 None
             } else {
-                self.exchange(r - 1, FOLD, None, Some(scratch))?;
+                self.exchange(r - 1, FOLD, None, Some(scratch), dtype)?;
                 cur.combine(dtype, op, out, scratch, true)?;
                 Some(r / 2)
             }
@@ -146,9 +147,9 @@ impl P2p<'_> {
         }
         if r < 2 * rem {
             if r % 2 == 1 {
-                self.exchange(r - 1, UNFOLD, Some(out), None)?;
+                self.exchange(r - 1, UNFOLD, Some(out), None, dtype)?;
             } else {
-                self.exchange(r + 1, UNFOLD, None, Some(out))?;
+                self.exchange(r + 1, UNFOLD, None, Some(out), dtype)?;
             }
         }
         Ok(())
@@ -167,7 +168,13 @@ impl P2p<'_> {
         let mut step = STEP;
         while mask < p {
             let peer = plan.real(nr ^ mask);
-            self.exchange(peer, step, Some(cur.get(out, 0..out.len())), Some(scratch))?;
+            self.exchange(
+                peer,
+                step,
+                Some(cur.get(out, 0..out.len())),
+                Some(scratch),
+                plan.dtype,
+            )?;
             cur.combine(plan.dtype, plan.op, out, scratch, peer < r)?;
             mask <<= 1;
             step += 1;
@@ -207,6 +214,7 @@ impl P2p<'_> {
                 step,
                 Some(cur.get(out, at(give.0)..at(give.1))),
                 Some(&mut scratch[k0..k1]),
+                dtype,
             )?;
             cur.combine_range(dtype, op, out, scratch, k0..k1, peer < r)?;
             (lo, hi) = keep;
@@ -230,7 +238,7 @@ impl P2p<'_> {
             } else {
                 (second, first)
             };
-            self.exchange(peer, step, Some(mine), Some(theirs))?;
+            self.exchange(peer, step, Some(mine), Some(theirs), dtype)?;
             (lo, hi) = (lo.min(plo), hi.max(phi));
             mask <<= 1;
             step += 1;
@@ -245,6 +253,7 @@ impl P2p<'_> {
         tag: c_int,
         send: Option<&[u8]>,
         recv: Option<&mut [u8]>,
+        dtype: DType,
     ) -> Result<()> {
         let s = self.t.session;
         let peer_c = c_int::try_from(peer)
@@ -310,14 +319,15 @@ impl P2p<'_> {
                         // partners' later steps (fixed tags on the private communicator) could match
                         // the next all-reduce, so no further MPI use, as on the partner's truncation.
                         s.poison();
-                        return Err(Error::LengthMismatch {
-                            what: format!(
-                                "all_reduce: bytes from rank {peer} (every rank must pass the \
+                        return Err(Error::byte_lengths(
+                            format!(
+                                "all_reduce: message from rank {peer} (every rank must pass the \
                                  same length)"
                             ),
-                            expected: nr as usize,
-                            got: usize::try_from(got).unwrap_or(0),
-                        });
+                            dtype,
+                            nr as usize,
+                            usize::try_from(got).unwrap_or(0),
+                        ));
                     }
                 }
                 return Ok(());

@@ -75,26 +75,25 @@ pub(crate) fn session() -> Result<Arc<Session>> {
         return Ok(s);
     }
     if g.initialised_here {
-        return Err(Error::Mpi(
+        return Err(Error::mpi(
             "MPI was finalised when the last MpiComm of this process was dropped, and MPI cannot be \
-             initialised twice in one process; keep one MpiComm alive for as long as the program communicates"
-                .into(),
+             initialised twice in one process; keep one MpiComm alive for as long as the program communicates",
         ));
     }
     let (universe, threading) = if mpi::is_initialized() {
         if mpi::is_finalized() {
-            return Err(Error::Mpi(
-                "MPI has already been finalised by the application; create the MpiComm before MPI_Finalize".into(),
+            return Err(Error::mpi(
+                "MPI has already been finalised by the application; create the MpiComm before MPI_Finalize",
             ));
         }
         let mut provided: c_int = 0;
         // SAFETY: MPI is initialised and not finalised; `provided` is a valid out-pointer.
         let rc = unsafe { ffi::MPI_Query_thread(&mut provided) };
         if rc != SUCCESS {
-            return Err(Error::Mpi(format!(
-                "MPI_Query_thread failed: {}",
-                error_string(rc)
-            )));
+            return Err(Error::mpi_code(
+                rc,
+                format!("MPI_Query_thread failed: {}", error_string(rc)),
+            ));
         }
         // SAFETY: reading link-time constants exported by the rsmpi C shim.
         let level = unsafe {
@@ -111,9 +110,7 @@ pub(crate) fn session() -> Result<Arc<Session>> {
         (None, level)
     } else {
         let (u, t) = mpi::initialize_with_threading(Threading::Multiple).ok_or_else(|| {
-            Error::Mpi(
-                "MPI_Init_thread did not initialise MPI (was it initialised concurrently?)".into(),
-            )
+            Error::mpi("MPI_Init_thread did not initialise MPI (was it initialised concurrently?)")
         })?;
         g.initialised_here = true;
         (Some(u), t)
@@ -314,11 +311,10 @@ impl Session {
     /// Fail if an earlier timeout left MPI in an unknown state.
     pub(crate) fn alive(&self) -> Result<()> {
         if self.poisoned.load(Ordering::Acquire) {
-            return Err(Error::Mpi(
+            return Err(Error::mpi(
                 "an earlier MPI operation of this process timed out while MPI may still have been using its \
                  buffers, so ferroccl makes no further MPI call in this process (MPI_Finalize included); \
-                 exit and relaunch the job"
-                    .into(),
+                 exit and relaunch the job",
             ));
         }
         Ok(())
@@ -348,7 +344,10 @@ impl Session {
         if rc == SUCCESS {
             Ok(())
         } else {
-            Err(Error::Mpi(format!("{what} failed: {}", error_string(rc))))
+            Err(Error::mpi_code(
+                rc,
+                format!("{what} failed: {}", error_string(rc)),
+            ))
         }
     }
 
@@ -363,9 +362,8 @@ impl Session {
                 DType::I64 => ffi::RSMPI_INT64_T,
                 DType::U8 => ffi::RSMPI_UINT8_T,
                 DType::F16 | DType::BF16 => {
-                    return self.half_types[usize::from(d == DType::BF16)].ok_or_else(|| {
-                        Error::Mpi("internal: half-precision datatype missing".into())
-                    })
+                    return self.half_types[usize::from(d == DType::BF16)]
+                        .ok_or_else(|| Error::mpi("internal: half-precision datatype missing"))
                 }
             }
         })
@@ -375,7 +373,7 @@ impl Session {
     pub(crate) fn op(&self, d: DType, op: ReduceOp) -> Result<ffi::MPI_Op> {
         if matches!(d, DType::F16 | DType::BF16) {
             return self.half_ops[usize::from(d == DType::BF16)][op_index(op)]
-                .ok_or_else(|| Error::Mpi("internal: half-precision operator missing".into()));
+                .ok_or_else(|| Error::mpi("internal: half-precision operator missing"));
         }
         // SAFETY: reading rsmpi's exported predefined handles.
         Ok(unsafe {

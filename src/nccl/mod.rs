@@ -30,12 +30,13 @@ mod wait;
 use crate::buffer::{Buf, BufMut, Mem, MemMut};
 use crate::comm::{CollectiveOwned, CollectiveRef};
 use crate::device::{drv, probe, Lib};
+use crate::stats::OpKind;
 use crate::{Collective, Communicator, Config, DType, Error, ReduceOp, Result, Work};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use cudarc::nccl::sys;
 use p2p::{Posted, Slot};
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use wait::{EventWait, Handle, NcclPending, State};
 
@@ -53,7 +54,7 @@ pub struct NcclComm {
     stream: Arc<CudaStream>,
     /// Streams with stream-ordered work not yet synchronised (`Config::stream_ordered`).
     inflight: Mutex<Vec<Arc<CudaStream>>>,
-    bytes_sent: AtomicU64,
+    traffic: crate::stats::Traffic,
     _keep: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
@@ -72,10 +73,10 @@ fn err_string(r: sys::ncclResult_t) -> String {
 fn ck(r: sys::ncclResult_t, what: &str) -> Result<()> {
     match r {
         sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => Ok(()),
-        e => Err(Error::Cuda(format!(
-            "NCCL {what}: {} ({e:?})",
-            err_string(e)
-        ))),
+        e => Err(Error::cuda_code(
+            e as i32,
+            format!("NCCL {what}: {} ({e:?})", err_string(e)),
+        )),
     }
 }
 
@@ -254,7 +255,7 @@ impl NcclComm {
             h: Handle::new(raw, ctx, rank),
             stream,
             inflight: Mutex::new(Vec::new()),
-            bytes_sent: AtomicU64::new(0),
+            traffic: crate::stats::Traffic::new(),
             _keep: None,
         })
     }
@@ -337,9 +338,12 @@ impl NcclComm {
                 ))
             }
         };
-        if send {
-            self.count((len * dtype.size()) as u64);
-        }
+        let (k, b) = if send {
+            (OpKind::Send, (len * dtype.size()) as u64)
+        } else {
+            (OpKind::Recv, 0)
+        };
+        self.count(k, b, (len * dtype.size()) as u64 - b);
         Ok(Posted {
             send,
             ptr: d.ptr,
@@ -419,7 +423,8 @@ impl NcclComm {
                     },
                     "all_reduce",
                 )?;
-                self.count((2 * (n - 1) * recv.byte_len() / n) as u64);
+                let b = (2 * (n - 1) * recv.byte_len() / n) as u64;
+                self.count(OpKind::AllReduce, b, b);
                 r.stream
             }
             C::ReduceScatter { send, recv, op } => {
@@ -438,7 +443,8 @@ impl NcclComm {
                     },
                     "reduce_scatter",
                 )?;
-                self.count(((n - 1) * recv.byte_len()) as u64);
+                let b = ((n - 1) * recv.byte_len()) as u64;
+                self.count(OpKind::ReduceScatter, b, b);
                 r.stream
             }
             C::AllGather { send, recv } => {
@@ -456,7 +462,8 @@ impl NcclComm {
                     },
                     "all_gather",
                 )?;
-                self.count(((n - 1) * send.byte_len()) as u64);
+                let b = ((n - 1) * send.byte_len()) as u64;
+                self.count(OpKind::AllGather, b, b);
                 r.stream
             }
             C::Broadcast { buf, root } => {
@@ -475,7 +482,9 @@ impl NcclComm {
                     },
                     "broadcast",
                 )?;
-                self.count(buf.byte_len() as u64);
+                let bytes = buf.byte_len() as u64;
+                let got = if self.rank == *root { 0 } else { bytes };
+                self.count(OpKind::Broadcast, bytes, got);
                 b.stream
             }
             C::Reduce {
@@ -504,7 +513,9 @@ impl NcclComm {
                     },
                     "reduce",
                 )?;
-                self.count(send.byte_len() as u64);
+                let b = send.byte_len() as u64;
+                let last = (root + 1) % n == self.rank;
+                self.count(OpKind::Reduce, b, if last { 0 } else { b });
                 s.stream
             }
             C::AllToAll { send, recv } => {
@@ -517,6 +528,7 @@ impl NcclComm {
                     &counts,
                     send.dtype,
                     es,
+                    OpKind::AllToAll,
                 )?
             }
             C::AllToAllv {
@@ -532,6 +544,7 @@ impl NcclComm {
                 recv_counts,
                 send.dtype,
                 es,
+                OpKind::AllToAllv,
             )?,
             C::Send { .. } | C::Recv { .. } => {
                 return Err(Error::InvalidArgument(
@@ -556,6 +569,7 @@ impl NcclComm {
         rc: &[usize],
         dtype: DType,
         es: usize,
+        kind: OpKind,
     ) -> Result<Arc<CudaStream>> {
         let st = r.stream.cu_stream() as sys::cudaStream_t;
         // SAFETY: offsets are prefix sums of validated counts inside the buffers.
@@ -596,7 +610,11 @@ impl NcclComm {
             ck(sys::ncclGroupEnd(), "group_end")?;
             res?;
         }
-        self.count(((sc.iter().sum::<usize>() - sc[self.rank]) * es) as u64);
+        self.count(
+            kind,
+            ((sc.iter().sum::<usize>() - sc[self.rank]) * es) as u64,
+            ((rc.iter().sum::<usize>() - rc[self.rank]) * es) as u64,
+        );
         Ok(r.stream)
     }
 
@@ -618,8 +636,13 @@ impl NcclComm {
         Ok(s)
     }
 
-    fn count(&self, b: u64) {
-        self.bytes_sent.fetch_add(b, Ordering::Relaxed);
+    /// Traffic of one operation (see [`crate::stats`]: NCCL's own algorithm is invisible here, so
+    /// these are the bus-bandwidth figures nccl-tests uses: all-reduce `2(n-1)/n·S`, reduce-scatter
+    /// and all-gather `(n-1)·S` of the per-rank block, broadcast and reduce `S`, all-to-all the
+    /// blocks to and from other ranks, point-to-point the message).
+    fn count(&self, kind: OpKind, sent: u64, received: u64) {
+        self.traffic.sent(kind, sent);
+        self.traffic.received(kind, received);
     }
 
     fn event_on(&self, s: &Arc<CudaStream>) -> Result<CudaEvent> {
@@ -643,6 +666,14 @@ impl Communicator for NcclComm {
     }
     fn supports_device(&self) -> bool {
         true
+    }
+    fn local_rank(&self) -> usize {
+        // one rank per GPU: the device it was given is its slot on the host (LOCAL_RANK under
+        // torchrun, the node-local rank under mpirun)
+        self.stream.context().ordinal()
+    }
+    fn device(&self) -> Option<usize> {
+        Some(self.stream.context().ordinal())
     }
     fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
         // Again here, not only in `run`: this hook is public and hands NCCL device pointers and
@@ -743,12 +774,12 @@ impl Communicator for NcclComm {
             h: Handle::new(new, self.h.ctx.clone(), nr as usize),
             stream: self.stream.clone(),
             inflight: Mutex::new(Vec::new()),
-            bytes_sent: AtomicU64::new(0),
+            traffic: crate::stats::Traffic::new(),
             _keep: None,
         })))
     }
-    fn bytes_sent(&self) -> u64 {
-        self.bytes_sent.load(Ordering::Relaxed)
+    fn traffic(&self) -> Option<&crate::stats::Traffic> {
+        Some(&self.traffic)
     }
     fn exchange_signatures(&self, mine: &[i64], all: &mut [i64]) -> Result<()> {
         // NCCL only moves device memory: round-trip the few words through the communicator's stream

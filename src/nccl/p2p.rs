@@ -81,7 +81,7 @@ pub(super) fn launch(h: &Handle, extra: Option<Posted>) -> Result<()> {
         Err(e) => {
             let msg = e.to_string();
             for op in &ops {
-                op.slot.put(Err(Error::Cuda(format!(
+                op.slot.put(Err(Error::cuda(format!(
                     "launching a group of point-to-point operations: {msg}"
                 ))));
             }

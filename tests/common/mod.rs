@@ -286,3 +286,4 @@ pub fn random_f32(seed: u64, n: usize) -> Vec<f32> {
 }
 
 pub mod suite;
+pub mod traffic;
