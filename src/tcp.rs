@@ -478,6 +478,9 @@ fn writer_loop(
     }
     // The engine is gone: deliver what is buffered and a goodbye (a clean close: how far this rank
     // got, so the peer knows it will join no later collective), then tell the peer we are done.
+    if let Some(why) = health.broken_ctl() {
+        let _ = w.write_msg(&why.msg(me));
+    }
     let bye = Ctl::Bye {
         entered: health.entered[me].load(Ordering::Acquire),
         completed: health.completed[me].load(Ordering::Acquire),

@@ -234,6 +234,37 @@ impl Health {
         first
     }
 
+    /// Break for the loss of `rank` (unless already broken) and return the communicator's error,
+    /// which names the *first* break, so every rank reports the same cause.
+    pub fn fail(&self, rank: usize, during: &'static str) -> Error {
+        self.break_for(rank);
+        match self.broken.load(Ordering::Acquire) {
+            usize::MAX => Error::PeerLost { rank, during },
+            first => self.broken_error(first, during),
+        }
+    }
+
+    /// The control frame that tells a peer why this communicator broke (`None` while healthy): a
+    /// closing rank sends it before its goodbye, so a peer that hears of the close first still
+    /// learns the cause rather than blaming the closing rank.
+    pub fn broken_ctl(&self) -> Option<Ctl> {
+        let rank = self.broken.load(Ordering::Acquire);
+        if rank == usize::MAX {
+            return None;
+        }
+        Some(
+            match &*self.mismatch.lock().unwrap_or_else(|e| e.into_inner()) {
+                Some(m) => Ctl::Mismatch {
+                    rank: m.rank,
+                    other_rank: m.other_rank,
+                    mine: m.mine.clone(),
+                    theirs: m.theirs.clone(),
+                },
+                None => Ctl::Lost(rank),
+            },
+        )
+    }
+
     /// Healthy, or the error every collective now returns.
     pub fn check(&self, during: &'static str) -> Result<()> {
         match self.broken.load(Ordering::Acquire) {

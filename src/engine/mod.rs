@@ -447,11 +447,7 @@ impl Engine {
                         health.left_before(me, seq)
                     };
                     if let Some(rank) = lost {
-                        health.break_for(rank);
-                        return Err(Error::PeerLost {
-                            rank,
-                            during: "waiting for a peer to read",
-                        });
+                        return Err(health.fail(rank, "waiting for a peer to read"));
                     }
                     Ok(())
                 })
@@ -622,18 +618,16 @@ impl Engine {
             Tag::Coll { seq, .. } => Some(seq),
             _ => None,
         };
-        if let Some(i) = self.stash.iter().position(|m| m.src == src && m.tag == tag) {
-            if let Some(m) = self.stash.remove(i) {
-                if let Some(e) = cur.and_then(|c| self.mismatch_in(&m, c)) {
-                    return Err(e);
-                }
-                return self.take_in_time(m, deadline, Some(i), during);
-            }
-        }
         if let Some(c) = cur {
-            // a message that arrived while idle (filed by the worker) may already tell
+            // a message that arrived earlier (filed while idle, or during another wait) may already
+            // tell of a mismatch: a late message of a finished collective, or another signature
             if let Some(e) = self.stash.iter().find_map(|m| self.mismatch_in(m, c)) {
                 return Err(e);
+            }
+        }
+        if let Some(i) = self.stash.iter().position(|m| m.src == src && m.tag == tag) {
+            if let Some(m) = self.stash.remove(i) {
+                return self.take_in_time(m, deadline, Some(i), during);
             }
         }
         let p2p = cur.is_none();
@@ -643,8 +637,7 @@ impl Engine {
                 // A rank that left before this collective will never send its part: fail now,
                 // naming it, whoever this rank waits for (issue 19).
                 if let Some(r) = self.health.left_before(self.rank, c) {
-                    self.health.break_for(r);
-                    return Err(Error::PeerLost { rank: r, during });
+                    return Err(self.health.fail(r, during));
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -680,7 +673,7 @@ impl Engine {
                     self.file(m);
                 }
                 if !p2p {
-                    self.health.break_for(src);
+                    return Err(self.health.fail(src, during));
                 }
                 return Err(Error::PeerLost { rank: src, during });
             }
