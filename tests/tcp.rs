@@ -426,7 +426,10 @@ fn dropping_with_work_queued_for_a_hung_peer_is_bounded() {
     for w in works {
         let r = w.wait();
         assert!(
-            matches!(r, Err(Error::Timeout { .. } | Error::PeerLost { .. })),
+            matches!(
+                r,
+                Err(Error::Timeout { .. } | Error::Hang { .. } | Error::PeerLost { .. })
+            ),
             "{:?}",
             r.map(|v| v.len())
         );
