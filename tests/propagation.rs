@@ -43,7 +43,7 @@ fn tcp_threads<R: Send>(n: usize, timeout: Duration, f: impl Fn(TcpComm) -> R + 
 }
 
 fn small(c: &dyn Communicator) -> Result<()> {
-    let mut v = vec![1f32; 16];
+    let mut v = [1f32; 16];
     c.all_reduce(&mut v[..], ReduceOp::Sum)
 }
 

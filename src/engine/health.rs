@@ -28,6 +28,9 @@ pub(crate) struct Mismatch {
     pub theirs: String,
 }
 
+/// This process's rank, and a sender to each peer's writer (TCP).
+type Links = (usize, Vec<(usize, Sender<Msg>)>);
+
 /// Liveness of the ranks of one communicator.
 #[derive(Debug)]
 pub(crate) struct Health {
@@ -51,7 +54,7 @@ pub(crate) struct Health {
     pub timed_out: AtomicBool,
     /// Over TCP: this process's rank and a sender to every peer's writer, for control frames;
     /// `None` in one process (the ranks share this struct) and once the communicator is dropped.
-    links: Mutex<Option<(usize, Vec<(usize, Sender<Msg>)>)>>,
+    links: Mutex<Option<Links>>,
 }
 
 /// A control frame between TCP ranks (never sent in one process).
@@ -194,7 +197,7 @@ impl Health {
         let g = self.links.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((me, links)) = g.as_ref() {
             for (j, tx) in links {
-                if to.is_none_or(|t| t == *j) {
+                if to.map_or(true, |t| t == *j) {
                     let _ = tx.send(c.msg(*me));
                 }
             }
