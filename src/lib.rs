@@ -33,6 +33,7 @@ mod engine;
 pub mod error;
 mod init;
 pub mod kernels;
+pub mod link;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;

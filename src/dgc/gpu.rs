@@ -1,5 +1,5 @@
 //! The CUDA path of DGC (feature `cuda`): the kernels of `cuda/dgc.cu`, compiled with NVRTC for the
-//! running GPU (through [`CudaKernels::load_function`], so they share its compile caches), launched on
+//! running GPU (through [`CudaKernels::load`], so they share its compile caches), launched on
 //! one stream; and [`DeviceDgc`], the whole [`Dgc::step`](super::Dgc::step) with the gradient and the
 //! state in device memory.
 //!
@@ -74,19 +74,14 @@ use cudarc::driver::{
     DevicePtrMut, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, SyncOnDrop,
     ValidAsZeroBits,
 };
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-fn cuda<E: std::fmt::Debug + 'static>(what: &str) -> impl Fn(E) -> Error + '_ {
-    // keep the driver's result code when the error is the driver's (most of them)
-    move |e| Error::Cuda {
-        code: (&e as &dyn std::any::Any)
-            .downcast_ref::<cudarc::driver::DriverError>()
-            .map(|d| d.0 as i32),
-        message: format!("dgc {what}: {e:?}"),
-    }
+/// The crate's CUDA error helper ([`crate::device::drv`]) with this module's `dgc` prefix.
+fn cuda(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| crate::device::drv(&format!("dgc {what}"), e)
 }
 
 /// Every kernel of `cuda/dgc.cu` that [`DgcKernels`] loads.
@@ -105,17 +100,10 @@ pub const KERNELS: [&str; 12] = [
     "dgc_topk_select",
 ];
 
-/// Compile `cuda/dgc.cu` to PTX for `arch` (e.g. `"sm_90"`); needs only libnvrtc.
+/// Compile `cuda/dgc.cu` to PTX for `arch` (e.g. `"sm_90"`); needs only libnvrtc. The same NVRTC
+/// path and options as at run time ([`crate::kernels::cuda::compile_ptx`]).
 pub fn compile_ptx(arch: &str) -> Result<Ptx> {
-    let opts = CompileOptions {
-        options: vec![
-            format!("--gpu-architecture={arch}"),
-            "-default-device".into(),
-        ],
-        name: Some("dgc.cu".into()),
-        ..Default::default()
-    };
-    compile_ptx_with_opts(super::DGC_CU, opts).map_err(cuda("NVRTC compile of cuda/dgc.cu"))
+    crate::kernels::cuda::compile_ptx(crate::kernels::registry::DGC, arch).map(Ptx::from_src)
 }
 
 /// Set when a one-launch select gave up waiting for its blocks.
@@ -385,7 +373,7 @@ impl DgcKernels {
         DgcKernels::with_kernels(&CudaKernels::new(ordinal)?)
     }
 
-    /// The kernels on `k`'s device and stream, compiled and cached by [`CudaKernels::load_function`].
+    /// The kernels on `k`'s device and stream, compiled and cached by [`CudaKernels::load`].
     pub fn with_kernels(k: &CudaKernels) -> Result<DgcKernels> {
         let ctx = k.context().clone();
         let sms = ctx
@@ -395,7 +383,7 @@ impl DgcKernels {
             .map_err(cuda("SM count"))?;
         let f = |name: &str| {
             debug_assert!(KERNELS.contains(&name), "{name} missing from KERNELS");
-            k.load_function("dgc.cu", super::DGC_CU, name)
+            k.load(crate::kernels::registry::DGC, name)
         };
         let sms = (sms.max(1)) as u32;
         let major = ctx

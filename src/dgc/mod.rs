@@ -80,8 +80,9 @@ pub mod wire;
 use crate::{Communicator, CommunicatorExt, Error, Result};
 use serde::{Deserialize, Serialize};
 
-/// The source of the fused kernels (`cuda/dgc.cu`), compiled with NVRTC by the CUDA path.
-pub const DGC_CU: &str = include_str!("../../cuda/dgc.cu");
+/// The source of the fused kernels (`cuda/dgc.cu`), compiled with NVRTC by the CUDA path; the
+/// file is registered as [`crate::kernels::registry::DGC`].
+pub const DGC_CU: &str = crate::kernels::registry::DGC.source;
 
 /// How the top-k threshold is found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

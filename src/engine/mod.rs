@@ -26,7 +26,7 @@ pub(crate) use health::Health;
 use crate::buffer::BufMut;
 use crate::comm::CollectiveOwned;
 use crate::config::deadline_after;
-use crate::local::link::Clock;
+use crate::link::Clock;
 use crate::stats::{OpKind, Traffic};
 use crate::{Collective, Config, Error, Result};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
@@ -467,7 +467,7 @@ impl Engine {
     /// (the real-time sleep stops there).
     fn take_clock(&self, m: &Msg, limit: Instant) -> bool {
         match &self.clock {
-            Some(c) => crate::local::link::take(c, m.arrive, limit),
+            Some(c) => crate::link::take(c, m.arrive, limit),
             None => true,
         }
     }

@@ -4,13 +4,14 @@
 //! See the [parent module](super) for the workflow and the shared semantics. This module adds:
 //!
 //! * [`CudaKernels`] — owns a context and a stream of one device; buffers are `CudaSlice<T>`.
-//! * [`compile_all`] — compiles every embedded kernel file for an architecture with NVRTC alone (no
-//!   GPU), returning NVRTC's log per file; CI fails on any error or warning. [`compile_source`] does
-//!   the same for one source (the test uses it on every file of `cuda/`, including kernels that other
-//!   modules embed themselves), and [`CudaKernels::load_function`] gives such modules the same
-//!   compile-and-cache path at run time.
-//! * [`probe_with`] / [`nvrtc_available`] / [`driver_available`] — the library checks that turn a
-//!   missing `libcuda`/`libnvrtc` into an [`Error::Cuda`] with a fix, instead of cudarc's panic.
+//! * [`compile_all`] — compiles every file of the [kernel registry](super::registry) for an
+//!   architecture with NVRTC alone (no GPU), returning NVRTC's log per file; CI fails on any error or
+//!   warning. [`compile_source`] / [`compile_ptx`] do the same for one source, with the same options
+//!   (there is one NVRTC path). [`CudaKernels::load`] gives other modules' kernels (DGC's, MoE's,
+//!   ...) the same compile-and-cache path at run time.
+//! * [`nvrtc_available`] / [`driver_available`] — the library checks (the crate's one probe,
+//!   [`crate::device::probe`]) that turn a missing `libcuda`/`libnvrtc` into an [`Error::Cuda`] with a
+//!   fix, instead of cudarc's panic.
 //!
 //! # Index checks on the device
 //!
@@ -24,14 +25,16 @@
 //! [`CudaKernels::check_index_errors`]. Either way the destination's contents are unspecified after
 //! such an error.
 
+use super::registry::{self, KernelFile, COMMON_HEADER};
 use super::{
     bad_index, check_gather, check_same_len, check_scatter, check_scatter_add, FloatElem,
     FloatKind, KernelElem, Kernels,
 };
+use crate::device::{cu_err, Lib};
 use crate::{Error, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
 };
 use cudarc::nvrtc::{sys as nvrtc_sys, Ptx};
 use half::{bf16, f16};
@@ -41,43 +44,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 // ------------------------------------------------------------------------------------------------
-// Embedded sources.
+// Sources: the kernel registry.
 
-/// The shared header, visible to every kernel file as `#include "common.cuh"`.
-const COMMON_NAME: &str = "common.cuh";
-const COMMON: &str = include_str!("../../cuda/common.cuh");
-
-/// Every kernel file of `cuda/`, in [`KernelFile`] order.
-const SOURCES: [(&str, &str); 5] = [
-    ("pack.cu", include_str!("../../cuda/pack.cu")),
-    ("unpack.cu", include_str!("../../cuda/unpack.cu")),
-    ("scatter_add.cu", include_str!("../../cuda/scatter_add.cu")),
-    ("cast.cu", include_str!("../../cuda/cast.cu")),
-    ("axpy.cu", include_str!("../../cuda/axpy.cu")),
-];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum KernelFile {
-    Pack = 0,
-    Unpack = 1,
-    ScatterAdd = 2,
-    Cast = 3,
-    Axpy = 4,
-}
-
-impl KernelFile {
-    fn name(self) -> &'static str {
-        SOURCES[self as usize].0
-    }
-    fn source(self) -> &'static str {
-        SOURCES[self as usize].1
-    }
-}
-
-/// The embedded kernel files: `(file name, source)` for every `.cu` file of `cuda/` (the shared
-/// header `common.cuh` is not listed; it is supplied to each compilation).
-pub fn kernel_sources() -> &'static [(&'static str, &'static str)] {
-    &SOURCES
+/// Every kernel file of `cuda/` (see [`registry`]); the shared header
+/// `common.cuh` is not listed, it is supplied to each compilation.
+pub fn kernel_sources() -> &'static [KernelFile] {
+    registry::ALL
 }
 
 /// NVRTC options used for every compilation (plus `--gpu-architecture=<arch>`). `--fmad=false` keeps
@@ -91,67 +63,12 @@ const NVRTC_OPTIONS: [&str; 5] = [
     "--prec-sqrt=true",
 ];
 
-// ------------------------------------------------------------------------------------------------
-// Library probes.
+/// The library checks (one probe for the crate, in [`crate::device`]), re-exported here because
+/// kernel code and tests ask them before compiling.
+pub use crate::device::{driver_available, nvrtc_available};
 
-/// A shared library the CUDA implementation loads at run time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CudaLib {
-    /// `libcuda.so` — the NVIDIA driver (needed to run kernels).
-    Driver,
-    /// `libnvrtc.so.13` — the run-time compiler (needed to compile kernels).
-    Nvrtc,
-}
-
-impl CudaLib {
-    fn missing_message(self) -> String {
-        match self {
-            CudaLib::Driver => "libcuda.so not found: CudaKernels needs an NVIDIA GPU and its driver \
-                (libcuda.so.1 on the loader's path); on machines without one use CpuKernels"
-                .to_string(),
-            CudaLib::Nvrtc => "libnvrtc.so not found: ferroccl compiles its CUDA kernels at run time \
-                with NVRTC; add the folder holding libnvrtc.so.13 to LD_LIBRARY_PATH (e.g. pip install \
-                nvidia-cuda-nvrtc, then .../site-packages/nvidia/cu13/lib), or set \
-                FERROCCL_KERNEL_CACHE to a folder already holding compiled kernels"
-                .to_string(),
-        }
-    }
-}
-
-/// Checks that each library of `libs` is present according to `present`, returning the first
-/// missing one as [`Error::Cuda`] with what to install. [`CudaKernels::new`] calls it with the real
-/// loader check; tests call it with a fake.
-pub fn probe_with(libs: &[CudaLib], present: impl Fn(CudaLib) -> bool) -> Result<()> {
-    match libs.iter().find(|&&l| !present(l)) {
-        Some(&l) => Err(Error::cuda(l.missing_message())),
-        None => Ok(()),
-    }
-}
-
-fn lib_present(lib: CudaLib) -> bool {
-    static DRIVER: OnceLock<bool> = OnceLock::new();
-    static NVRTC: OnceLock<bool> = OnceLock::new();
-    // SAFETY: these only try to dlopen the library by its usual names.
-    match lib {
-        CudaLib::Driver => {
-            *DRIVER.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
-        }
-        CudaLib::Nvrtc => *NVRTC.get_or_init(|| unsafe { nvrtc_sys::is_culib_present() }),
-    }
-}
-
-/// True if `libnvrtc` can be loaded (so [`compile_all`] can run).
-pub fn nvrtc_available() -> bool {
-    lib_present(CudaLib::Nvrtc)
-}
-
-/// True if `libcuda` (the driver) can be loaded. A GPU may still be absent.
-pub fn driver_available() -> bool {
-    lib_present(CudaLib::Driver)
-}
-
-fn probe(libs: &[CudaLib]) -> Result<()> {
-    probe_with(libs, lib_present)
+fn probe(libs: &[Lib]) -> Result<()> {
+    crate::device::probe(libs)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -206,11 +123,11 @@ impl Drop for Program {
 
 fn nvrtc_compile(name: &str, source: &str, arch: &str) -> Result<Compiled> {
     check_arch(arch)?;
-    probe(&[CudaLib::Nvrtc])?;
+    probe(&[Lib::Nvrtc])?;
     let src = cstring(name, source)?;
     let c_name = cstring("kernel file name", name)?;
-    let header = cstring(COMMON_NAME, COMMON)?;
-    let header_name = cstring("header name", COMMON_NAME)?;
+    let header = cstring(COMMON_HEADER.name, COMMON_HEADER.source)?;
+    let header_name = cstring("header name", COMMON_HEADER.name)?;
     let headers = [header.as_ptr()];
     let include_names = [header_name.as_ptr()];
     let mut raw = std::ptr::null_mut();
@@ -303,24 +220,30 @@ fn program_log(prog: &Program) -> Result<String> {
     Ok(String::from_utf8_lossy(&bytes[..end]).trim().to_string())
 }
 
-/// Compiles every embedded kernel file (see [`kernel_sources`]) for `arch` (`"sm_80"`, `"sm_90"`,
+/// Compiles every registered kernel file (see [`kernel_sources`]) for `arch` (`"sm_80"`, `"sm_90"`,
 /// ...) with NVRTC — no GPU needed, only `libnvrtc`. Returns `(file name, NVRTC log)` per file; an
 /// empty log means no warnings. A compilation error, or a missing `libnvrtc`, is [`Error::Cuda`]
 /// (with the log).
 pub fn compile_all(arch: &str) -> Result<Vec<(String, String)>> {
     check_arch(arch)?;
-    probe(&[CudaLib::Nvrtc])?;
-    SOURCES
+    probe(&[Lib::Nvrtc])?;
+    registry::ALL
         .iter()
-        .map(|&(name, src)| compile_source(name, src, arch).map(|log| (name.to_string(), log)))
+        .map(|f| compile_source(f.name, f.source, arch).map(|log| (f.name.to_string(), log)))
         .collect()
 }
 
 /// Compiles one CUDA source (named `name` in messages) for `arch` with NVRTC, exactly as kernels are
 /// compiled at run time (same options; `#include "common.cuh"` resolves to `cuda/common.cuh`), and
-/// returns NVRTC's log (empty when clean). For kernel files that other modules embed themselves.
+/// returns NVRTC's log (empty when clean).
 pub fn compile_source(name: &str, source: &str, arch: &str) -> Result<String> {
     nvrtc_compile(name, source, arch).map(|c| c.log)
+}
+
+/// Compiles one registered file for `arch` exactly as at run time and returns its PTX text (for
+/// checks of which entry points a file defines, e.g. `dgc::gpu::compile_ptx`).
+pub fn compile_ptx(file: KernelFile, arch: &str) -> Result<String> {
+    nvrtc_compile(file.name, file.source, arch).map(|c| c.ptx)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -358,7 +281,7 @@ fn disk_cache_dir() -> Option<PathBuf> {
 }
 
 fn cache_paths(dir: &std::path::Path, name: &str, source: &str, arch: &str) -> (PathBuf, PathBuf) {
-    let mut parts = vec![COMMON, source, arch];
+    let mut parts = vec![COMMON_HEADER.source, source, arch];
     parts.extend(NVRTC_OPTIONS);
     let key = fnv1a(&parts);
     let stem: String = name
@@ -385,10 +308,6 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
-}
-
-fn cu_err(what: impl std::fmt::Display) -> impl FnOnce(DriverError) -> Error {
-    move |e| Error::cuda_code(e.0 as i32, format!("{what}: {e}"))
 }
 
 fn load_compiled(ctx: &Arc<CudaContext>, name: &str, c: Compiled) -> Result<Arc<CudaModule>> {
@@ -487,9 +406,9 @@ pub struct CudaKernels {
 impl CudaKernels {
     /// Kernels on device `ordinal` (its primary context), on a new stream.
     pub fn new(ordinal: usize) -> Result<Self> {
-        let mut libs = vec![CudaLib::Driver];
+        let mut libs = vec![Lib::Cuda];
         if disk_cache_dir().is_none() {
-            libs.push(CudaLib::Nvrtc);
+            libs.push(Lib::Nvrtc);
         }
         probe(&libs)?;
         let ctx = CudaContext::new(ordinal)
@@ -500,7 +419,7 @@ impl CudaKernels {
 
     /// Kernels that enqueue their work on an existing stream (and its context).
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
-        probe(&[CudaLib::Driver])?;
+        probe(&[Lib::Cuda])?;
         let ctx = stream.context().clone();
         let (major, minor) = ctx
             .compute_capability()
@@ -550,13 +469,13 @@ impl CudaKernels {
     /// Compiles (or loads from the caches) every kernel file now instead of at first use.
     pub fn warm_up(&self) -> Result<()> {
         for f in [
-            KernelFile::Pack,
-            KernelFile::Unpack,
-            KernelFile::ScatterAdd,
-            KernelFile::Cast,
-            KernelFile::Axpy,
+            registry::PACK,
+            registry::UNPACK,
+            registry::SCATTER_ADD,
+            registry::CAST,
+            registry::AXPY,
         ] {
-            load_module(&self.ctx, &self.arch, f.name(), f.source())?;
+            load_module(&self.ctx, &self.arch, f.name, f.source)?;
         }
         Ok(())
     }
@@ -623,16 +542,24 @@ impl CudaKernels {
         if let Some(f) = fns.get(name) {
             return Ok(f.clone());
         }
-        let module = load_module(&self.ctx, &self.arch, file.name(), file.source())?;
+        let module = load_module(&self.ctx, &self.arch, file.name, file.source)?;
         let f = module.load_function(name).map_err(cu_err(format_args!(
             "loading kernel {name} from {}",
-            file.name()
+            file.name
         )))?;
         fns.insert(name, f.clone());
         Ok(f)
     }
 
-    /// A kernel from a CUDA source embedded elsewhere (e.g. `cuda/dgc.cu` by the DGC module),
+    /// Kernel `kernel` of the registered file `file` (e.g. `registry::DGC`), compiled and cached like
+    /// this module's own kernels. Launch it on [`CudaKernels::stream`] with cudarc's
+    /// `launch_builder`.
+    pub fn load(&self, file: KernelFile, kernel: &str) -> Result<CudaFunction> {
+        self.load_function(file.name, file.source, kernel)
+    }
+
+    /// A kernel from any CUDA source (prefer [`CudaKernels::load`] with a registered file, so CI
+    /// compiles it too),
     /// compiled and cached exactly like this module's own kernels (per device in the process, and on
     /// disk under `FERROCCL_KERNEL_CACHE`). `file` names the source in messages and cache files and
     /// must be unique per source; `#include "common.cuh"` is available. Launch the returned function
@@ -706,7 +633,7 @@ impl CudaKernels {
         if n == 0 {
             return Ok(());
         }
-        let f = self.function(KernelFile::Cast, name)?;
+        let f = self.function(registry::CAST, name)?;
         let cfg = self.elems_cfg(x.len(), 1);
         let mut b = self.stream.launch_builder(&f);
         b.arg(x).arg(y).arg(&n);
@@ -800,7 +727,7 @@ impl Kernels for CudaKernels {
         let row_bytes = row_len * std::mem::size_of::<T>();
         let unit = unit_bytes(row_bytes, &[self.ptr(src), self.ptr(dst)]);
         let units = row_bytes / unit;
-        let f = self.function(KernelFile::Pack, copy_kernel("gather", unit))?;
+        let f = self.function(registry::PACK, copy_kernel("gather", unit))?;
         let cfg = self.rows_cfg(idx.len(), units);
         let (n_out, n_src, upr) = (idx.len() as u64, src_rows as u64, units as u64);
         let mut err = lock(&self.err);
@@ -855,7 +782,7 @@ impl Kernels for CudaKernels {
             // Plain overwrite: a byte copy, like gather.
             let unit = unit_bytes(row_bytes, &ptrs);
             let units = row_bytes / unit;
-            let f = self.function(KernelFile::Unpack, copy_kernel("scatter", unit))?;
+            let f = self.function(registry::UNPACK, copy_kernel("scatter", unit))?;
             let cfg = self.rows_cfg(idx.len(), units);
             let upr = units as u64;
             let mut b = self.stream.launch_builder(&f);
@@ -887,7 +814,7 @@ impl Kernels for CudaKernels {
                 FloatKind::F16 => ("scatter_rows_f16_v1", 1),
             };
             let units = row_len / per_unit;
-            let f = self.function(KernelFile::Unpack, name)?;
+            let f = self.function(registry::UNPACK, name)?;
             let cfg = self.rows_cfg(idx.len(), units);
             let upr = units as u64;
             let acc = u32::from(accumulate);
@@ -925,7 +852,7 @@ impl Kernels for CudaKernels {
         if idx.is_empty() {
             return Ok(());
         }
-        let f = self.function(KernelFile::ScatterAdd, "scatter_add_f32")?;
+        let f = self.function(registry::SCATTER_ADD, "scatter_add_f32")?;
         let cfg = self.elems_cfg(idx.len(), ROW_UNROLL);
         let (n, n_dense) = (idx.len() as u64, dense.len() as u64);
         let mut err = lock(&self.err);
@@ -974,7 +901,7 @@ impl Kernels for CudaKernels {
         } else {
             ("axpy_f32_v1", 1)
         };
-        let f = self.function(KernelFile::Axpy, name)?;
+        let f = self.function(registry::AXPY, name)?;
         let cfg = self.elems_cfg(x.len(), per_thread);
         let n = x.len() as u64;
         let mut b = self.stream.launch_builder(&f);

@@ -30,7 +30,8 @@
 //! # How the CUDA side is built
 //!
 //! The kernels are the `.cu` files of the crate's `cuda/` folder, embedded in the library with
-//! `include_str!` (plus the shared header `cuda/common.cuh`). Nothing is compiled at build time (no
+//! `include_str!` (plus the shared header `cuda/common.cuh`) and listed in one place, the
+//! [`registry`] (adding a kernel file is one line there). Nothing is compiled at build time (no
 //! `nvcc`): the first call that needs a file compiles it with NVRTC for the running GPU's architecture
 //! (`sm_XY` from its compute capability) and loads the resulting CUBIN (the PTX is kept as a
 //! fallback). Loaded modules are cached per (device, file) for the life of the process. If the
@@ -81,10 +82,12 @@ use half::{bf16, f16};
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod registry;
 
 pub use cpu::CpuKernels;
 #[cfg(feature = "cuda")]
 pub use cuda::{compile_all, compile_source, kernel_sources, CudaKernels};
+pub use registry::KernelFile;
 
 mod sealed {
     pub trait Sealed {}

@@ -23,7 +23,9 @@
 //! call returns `PeerLost` naming itself and the peers see the rank gone at once, not after their
 //! timeout. A bad [`LinkModel`] or a zero timeout is rejected by [`world`]/[`run_with`].
 
-pub mod link;
+/// The link model now lives at [`crate::link`] (the shared engine uses it, and the engine must not
+/// import a backend); this re-export keeps `ferroccl::local::link::*` paths working.
+pub use crate::link;
 
 use crate::comm::{plan_split, CollectiveOwned, CollectiveRef};
 use crate::engine::{Engine, Health, Worker};
