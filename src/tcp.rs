@@ -865,7 +865,7 @@ impl Drop for TcpComm {
     /// the writers then deliver what is left and a goodbye. A healthy communicator waits up to 10 s
     /// (or the timeout, if shorter) for its peers to reach their drop, so nobody closes a socket a
     /// peer still reads from; after a timeout or a lost peer it waits only for its writers to
-    /// flush what is left (at most [`BROKEN_FLUSH`]), not for the peers (issue 19). Then every
+    /// flush what is left (at most 1 s), not for the peers (issue 19). Then every
     /// socket is shut down, which also wakes a writer blocked on a peer that stopped reading, and
     /// the I/O threads are joined.
     fn drop(&mut self) {
