@@ -359,10 +359,10 @@ fn assert_hang(backend: &str, r: usize, e: &Error) {
 
 #[test]
 fn in_process_a_timeout_names_the_ranks_that_never_entered() {
-    let out = local::run_with(4, &opts(Duration::from_millis(800)), |c| {
+    let out = local::run_with(4, &opts(Duration::from_millis(2000)), |c| {
         small(c)?;
         if c.rank() == 3 {
-            std::thread::sleep(Duration::from_millis(1500));
+            std::thread::sleep(Duration::from_millis(3000));
             return Ok(None);
         }
         Ok(Some(small(c).unwrap_err()))
@@ -376,11 +376,11 @@ fn in_process_a_timeout_names_the_ranks_that_never_entered() {
 
 #[test]
 fn tcp_a_timeout_names_the_ranks_that_never_entered_and_drop_is_prompt() {
-    let out = tcp_threads(4, Duration::from_millis(800), |c| {
+    let out = tcp_threads(4, Duration::from_millis(2000), |c| {
         small(&c).unwrap();
         if c.rank() == 3 {
             // idle (not in any collective): its reader threads still answer the progress probe
-            std::thread::sleep(Duration::from_millis(1500));
+            std::thread::sleep(Duration::from_millis(3000));
             return None;
         }
         let e = small(&c).unwrap_err();
