@@ -128,6 +128,8 @@ fn train<C: Communicator + ?Sized>(
     let mut grads = MLP.zeros();
     let tensors = MLP.tensors();
     let (mut final_loss, mut test_accuracy, mut buckets_per_step) = (f64::NAN, 0.0, 0);
+    // one bucketer for the whole run: each `finish` ends a step, and its bucket memory is reused
+    let mut bucketer = Bucketer::new(comm, args.bucket_bytes, ReduceOp::Avg);
     for epoch in 1..=args.epochs {
         // The same shuffle on every rank; rank r takes the r-th shard of each global batch.
         let mut order = data.train.clone();
@@ -142,7 +144,6 @@ fn train<C: Communicator + ?Sized>(
             // Average the gradients across ranks. A real backward pass would push each tensor as soon
             // as it is computed, last layer first, so the first buckets travel while later ones are
             // still being computed; here the gradient is computed whole, then pushed in that order.
-            let mut bucketer = Bucketer::new(comm, args.bucket_bytes, ReduceOp::Avg);
             for (id, t) in tensors.iter().enumerate().rev() {
                 bucketer.push(id, &grads[t.clone()])?;
             }

@@ -7,7 +7,7 @@
 //! `Storage`. Backends match on the variant and either use the memory directly or stage it.
 //!
 //! Users never build views by hand: anything implementing [`Buffer`]/[`BufferMut`] (`[T]`, `Vec<T>`,
-//! and later `CudaSlice<T>`) is accepted by the typed methods of [`crate::CommunicatorExt`].
+//! and with the `cuda` feature `CudaSlice<T>` and its views `CudaView`/`CudaViewMut`) is accepted by the typed methods of [`crate::CommunicatorExt`].
 //! Non-blocking collectives take ownership of an [`OwnedBuffer`] and hand it back on completion, so the
 //! memory cannot be touched while the communication is in flight.
 
@@ -326,7 +326,9 @@ impl OwnedBuffer for Empty {
 #[cfg(feature = "cuda")]
 mod device {
     use super::*;
-    use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+    use cudarc::driver::{
+        CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
+    };
 
     // The pointer is taken on the slice's own stream; the guard that cudarc returns records a read /
     // write event for its multi-stream tracking and is dropped at once, since ferroccl enqueues its
@@ -370,6 +372,61 @@ mod device {
     impl<T: Element + DeviceRepr> OwnedBuffer for CudaSlice<T> {
         fn into_any(self: Box<Self>) -> Box<dyn Any> {
             self
+        }
+    }
+
+    // Views of part of an allocation (`slice.slice(a..b)`, `slice_mut(a..b)`) are buffers too, so a
+    // trainer can communicate one tensor of a flat parameter buffer without copying it out. They
+    // borrow the allocation, so they serve blocking calls only (non-blocking ones own a buffer).
+    impl<T: Element + DeviceRepr> Buffer for CudaView<'_, T> {
+        fn buf(&self) -> Buf<'_> {
+            let stream = DeviceSlice::stream(self);
+            let (ptr, _sync) = self.device_ptr(stream);
+            Buf {
+                dtype: T::DTYPE,
+                len: DeviceSlice::len(self),
+                mem: Mem::Device(DevPtr {
+                    ptr,
+                    bytes: DeviceSlice::num_bytes(self),
+                    stream,
+                }),
+            }
+        }
+    }
+
+    impl<T: Element + DeviceRepr> Buffer for CudaViewMut<'_, T> {
+        fn buf(&self) -> Buf<'_> {
+            let stream = DeviceSlice::stream(self);
+            let (ptr, _sync) = self.device_ptr(stream);
+            Buf {
+                dtype: T::DTYPE,
+                len: DeviceSlice::len(self),
+                mem: Mem::Device(DevPtr {
+                    ptr,
+                    bytes: DeviceSlice::num_bytes(self),
+                    stream,
+                }),
+            }
+        }
+    }
+
+    impl<T: Element + DeviceRepr> BufferMut for CudaViewMut<'_, T> {
+        fn buf_mut(&mut self) -> BufMut<'_> {
+            let (len, bytes) = (DeviceSlice::len(self), DeviceSlice::num_bytes(self));
+            let stream = DeviceSlice::stream(self).clone();
+            let ptr = {
+                let (ptr, _sync) = self.device_ptr_mut(&stream);
+                ptr
+            };
+            BufMut {
+                dtype: T::DTYPE,
+                len,
+                mem: MemMut::Device(DevPtr {
+                    ptr,
+                    bytes,
+                    stream: DeviceSlice::stream(self),
+                }),
+            }
         }
     }
 }

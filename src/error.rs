@@ -146,11 +146,55 @@ pub enum Error {
         /// The panic's message (or "non-string panic").
         message: String,
     },
+    /// A bucketer whose hook keeps state per bucket (DGC residuals) was given a different set of
+    /// tensors than in its first step, which would silently apply one tensor's residuals to another.
+    #[error("bucket layout changed in step {step}: push #{position} is {got}, but the first step pushed {expected} there; a hook with per-bucket state (DgcHook) needs the same tensors, in the same order, every step (start a new Bucketer and hook to change the model)")]
+    LayoutChanged {
+        /// The step (0-based) in which the change was found.
+        step: u64,
+        /// The position of the push within the step (0-based).
+        position: usize,
+        /// What the first step pushed there (e.g. "tensor 3 (120 elements)").
+        expected: String,
+        /// What was pushed now (or "the end of the step").
+        got: String,
+    },
     /// An error of the caller's own code, carried through ferroccl so that a closure given to
     /// [`crate::local::run`] (or any function returning [`Result`]) can use `?` on it. Build it
     /// with [`Error::user`]; I/O errors convert into [`Error::Io`] by `?` directly.
     #[error("{0}")]
     User(Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// An MoE layout, dispatch or combine was given bad input (see [`crate::moe::MoeError`]).
+    #[error("MoE: {0}")]
+    Moe(#[from] crate::moe::MoeError),
+    /// The ranks of a local-SGD group hand over different parameter layouts ([`crate::local_sgd`]).
+    #[error("local SGD: rank {rank} has parameter layout {mine} but rank {other_rank} has {theirs}; every rank must hand over the same tensors (names, lengths, order)")]
+    LayoutMismatch {
+        /// This rank.
+        rank: usize,
+        /// This rank's layout (tensor count, elements, hash).
+        mine: String,
+        /// The first rank that disagreed.
+        other_rank: usize,
+        /// That rank's layout.
+        theirs: String,
+    },
+    /// A NaN or infinity where only finite values can be used (nothing was changed).
+    #[error("{what} is not finite (NaN or infinity); nothing was updated: lower the learning rate, check the data, or skip this batch")]
+    NonFinite {
+        /// Which value, on which rank.
+        what: String,
+    },
+    /// Calls made in the wrong order (e.g. an EDiT layer synced out of forward order); nothing changed.
+    #[error("{what}: expected {expected}, got {got}")]
+    OutOfOrder {
+        /// What was called and what order is required.
+        what: String,
+        /// The call that was due.
+        expected: usize,
+        /// The call that was made.
+        got: usize,
+    },
     /// An I/O error, with what was being done.
     #[error("{context}: {source}")]
     Io {

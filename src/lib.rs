@@ -17,12 +17,38 @@
 //! assert!(sums.iter().all(|v| v == &vec![6.0; 3]));
 //! ```
 //!
+//! What [`init`] returns (a `Box<dyn Communicator>`) is a communicator itself, as are `&C` and
+//! `Arc<C>`, so it goes into every primitive as written — the README's first program:
+//!
+//! ```no_run
+//! use ferroccl::prelude::*;
+//!
+//! fn main() -> ferroccl::Result<()> {
+//!     let comm = ferroccl::init()?;
+//!     let mut grad = vec![comm.rank() as f32; 1024];
+//!     comm.all_reduce(&mut grad, ReduceOp::Avg)?;
+//!     let work = comm.iall_reduce(grad, ReduceOp::Sum)?;
+//!     let grad = work.wait()?;
+//!     let _ = grad;
+//!     let mut b = Bucketer::with_hook(&comm, 25 << 20, DgcHook::new(DgcConfig::default(), 100)?);
+//!     for _step in 0..3 {
+//!         let mut g = vec![vec![0.5f32; 4096], vec![1.0; 512]];
+//!         for (id, t) in g.iter().enumerate().rev() {
+//!             b.push(id, t)?;
+//!         }
+//!         b.finish(|id, update| g[id].copy_from_slice(update))?;
+//!     }
+//!     Ok(())
+//! }
+//! ```
+//!
 //! See ARCHITECTURE.md for the layers and where each algorithm lives.
 #![deny(missing_docs)]
 
 pub mod bucket;
 pub mod buffer;
 pub mod coding;
+mod collective;
 pub mod comm;
 pub mod config;
 #[cfg(feature = "cuda")]
@@ -35,11 +61,14 @@ mod init;
 pub mod kernels;
 pub mod link;
 pub mod local;
+pub mod local_sgd;
+pub mod moe;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod rendezvous;
+pub mod rng;
 pub mod sim;
 pub mod stats;
 pub mod tcp;
@@ -48,7 +77,8 @@ pub mod work;
 pub use bucket::{BucketHook, Bucketer};
 pub use buffer::{Buf, BufMut, Buffer, BufferMut, Location, OwnedBuffer};
 pub use coding::{Aggregator, CodedAllReduce, GradientCode, SequentialRuntime};
-pub use comm::{Collective, CollectiveOwned, CollectiveRef, Communicator, CommunicatorExt};
+pub use collective::{Collective, CollectiveOwned, CollectiveRef};
+pub use comm::{Communicator, CommunicatorExt, LinkClock};
 pub use config::Config;
 pub use dgc::{Dgc, DgcConfig, DgcHook};
 pub use dtype::{DType, Element, ReduceOp};
@@ -69,6 +99,6 @@ pub use cudarc;
 pub mod prelude {
     pub use crate::{
         Aggregator, Bucketer, CodedAllReduce, Communicator, CommunicatorExt, DType, Dgc, DgcConfig,
-        DgcHook, Error, GradientCode, ReduceOp, Result, Work,
+        DgcHook, Error, GradientCode, LinkClock, ReduceOp, Result, Work,
     };
 }

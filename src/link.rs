@@ -7,11 +7,11 @@
 //! message. This is the classic α–β (latency–bandwidth) model with per-link serialisation: a ring
 //! all-reduce of `S` bytes over `N` ranks then costs `2(N−1)(α + S/(N·β))`, as the textbooks say.
 //!
-//! Ranks also have a compute model: [`crate::Communicator::compute`]`(d)` charges
+//! Ranks also have a compute model: [`crate::LinkClock::compute`]`(d)` charges
 //! `d × slowdown[rank] + delay[rank]`, so stragglers can be injected.
 //!
 //! Two clocks: [`TimeMode::Virtual`] advances per-rank virtual clocks only (fast, deterministic; read them
-//! with [`crate::Communicator::virtual_time`]); [`TimeMode::Real`] sleeps so wall-clock measurements see
+//! with [`crate::LinkClock::virtual_time`]); [`TimeMode::Real`] sleeps so wall-clock measurements see
 //! the modelled network (use it to show overlap of real compute with modelled communication).
 //!
 //! A model is validated when a world is created ([`LinkModel::validate`]): a zero, negative or NaN
@@ -21,7 +21,7 @@
 //! later than the timeout is a [`crate::Error::Timeout`], not a sleep past it.
 
 use crate::{Error, Result};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How modelled time is charged.
@@ -161,6 +161,30 @@ impl LinkModel {
     }
 }
 
+/// One rank's clock under a link model, shared by its communicator and its engine worker: what
+/// [`crate::LinkClock`] charges and reads ([`crate::Communicator::link_clock`] hands it out). Made by
+/// the in-process backend for each rank of a world with a model.
+#[derive(Debug, Clone)]
+pub struct RankClock(pub(crate) Arc<Mutex<Clock>>);
+
+impl RankClock {
+    /// Charge nominal compute `d`: `d × slowdown + delay` of this rank, on the virtual clock or as a
+    /// real sleep (see [`crate::LinkClock::compute`]).
+    pub fn charge(&self, d: Duration) {
+        charge(&self.0, d)
+    }
+
+    /// This rank's model time now, saturating to `Duration::MAX`.
+    pub fn now(&self) -> Duration {
+        secs(self.0.lock().unwrap_or_else(|e| e.into_inner()).now)
+    }
+
+    /// This rank's model time in seconds.
+    pub(crate) fn seconds(&self) -> f64 {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).now
+    }
+}
+
 /// A rank's clock and link occupancy under a model.
 #[derive(Debug)]
 pub(crate) struct Clock {
@@ -231,7 +255,7 @@ pub(crate) fn take(clock: &Mutex<Clock>, arrive: f64, limit: Instant) -> bool {
     in_time
 }
 
-/// Charge nominal compute `d` on `clock` (the user thread's [`crate::Communicator::compute`]). In
+/// Charge nominal compute `d` on `clock` (the user thread's [`crate::LinkClock::compute`]). In
 /// real time this sleeps the charged time, without holding the lock (see [`take`]); that sleep is what
 /// the caller asked for, not a wait on a peer, so it is not bounded by the timeout.
 pub(crate) fn charge(clock: &Mutex<Clock>, d: Duration) {

@@ -29,13 +29,12 @@
 //! reading makes the collective time out (the caller's loan is revoked at once) and then its
 //! connection fail, so that peer counts as lost; dropping the communicator stays bounded.
 
-use crate::comm::{plan_split, CollectiveOwned, CollectiveRef};
+use crate::comm::plan_split;
 use crate::engine::health::Ctl;
 use crate::engine::msg::{Aligned, Lend, Msg, Payload, Sig, Tag};
 use crate::engine::{Engine, Health, Worker};
 use crate::rendezvous::frame::{constant_time_eq, MAX_TOKEN_LEN};
 use crate::rendezvous::{StoreClient, StoreServer};
-use crate::work::Work;
 use crate::{Communicator, Config, Error, Result};
 use crossbeam::channel::{unbounded, Receiver, Sender};
 use std::collections::VecDeque;
@@ -807,24 +806,8 @@ impl TcpComm {
 }
 
 impl Communicator for TcpComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.size
-    }
-    fn backend(&self) -> &'static str {
-        "tcp"
-    }
-    fn config(&self) -> &Config {
-        &self.cfg
-    }
-    fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
-        self.worker.exec(c)
-    }
-    fn exec_async(&self, c: CollectiveOwned) -> Result<Work<CollectiveOwned>> {
-        self.worker.exec_async(c)
-    }
+    crate::engine::engine_communicator!("tcp");
+
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
         let no = self.splits.fetch_add(1, Ordering::Relaxed);
         let Some(plan) = plan_split(self, color, key)? else {
@@ -842,9 +825,6 @@ impl Communicator for TcpComm {
             self.cfg.clone(),
         )?;
         Ok(Some(Box::new(c)))
-    }
-    fn traffic(&self) -> Option<&crate::stats::Traffic> {
-        Some(&self.traffic)
     }
     fn local_rank(&self) -> usize {
         // torchrun's LOCAL_RANK (a process property, the same for sub-communicators); without

@@ -147,6 +147,7 @@ fn bucketed_matches_per_tensor_for_random_floats() {
 struct Recording(Vec<usize>);
 
 impl BucketHook<f32> for Recording {
+    type Flight = Work<Vec<f32>>;
     fn launch<C: Communicator + ?Sized>(
         &mut self,
         comm: &C,
@@ -155,6 +156,14 @@ impl BucketHook<f32> for Recording {
     ) -> Result<Work<Vec<f32>>> {
         self.0.push(data.len());
         comm.iall_reduce(data, ReduceOp::Sum)
+    }
+    fn complete<C: Communicator + ?Sized>(
+        &mut self,
+        _comm: &C,
+        _bucket: usize,
+        flight: Work<Vec<f32>>,
+    ) -> Result<Vec<f32>> {
+        flight.wait()
     }
 }
 
@@ -262,25 +271,29 @@ fn dgc_composes_with_the_bucketer() {
         }
         b.finish(|id, r| dense[id].copy_from_slice(r))?;
         let mut via_dgc = grads(c.rank(), &sizes);
-        let mut b = Bucketer::with_hook(c, 4096, DgcHook::new(plain(1.0))?);
+        let mut b = Bucketer::with_hook(c, 4096, DgcHook::new(plain(1.0), 1)?);
         for (id, g) in via_dgc.iter().enumerate().rev() {
             b.push(id, g)?;
         }
         b.finish(|id, r| via_dgc[id].copy_from_slice(r))?;
         let buckets = b.launched().0;
-        // sparse: two steps with the same hook, residuals carried per bucket
-        let mut hook = DgcHook::new(plain(0.01))?;
+        // sparse: two steps with one bucketer, residuals carried per bucket
+        let mut b = Bucketer::with_hook(c, 4096, DgcHook::new(plain(0.01), 1)?);
         let mut sent = 0usize;
         for _step in 0..2 {
             let mut g = grads(c.rank(), &sizes);
-            let mut b = Bucketer::with_hook(c, 4096, hook);
             for (id, t) in g.iter().enumerate().rev() {
                 b.push(id, t)?;
             }
             b.finish(|id, r| g[id].copy_from_slice(r))?;
-            hook = b.into_hook();
-            sent += hook.take_stats().iter().map(|s| s.selected).sum::<usize>();
+            sent += b
+                .hook()
+                .step_stats()
+                .iter()
+                .map(|s| s.selected)
+                .sum::<usize>();
         }
+        let hook = b.into_hook();
         let kept: usize = (0..buckets)
             .filter_map(|i| hook.state(i))
             .map(|d| d.state().v.iter().filter(|x| **x != 0.0).count())

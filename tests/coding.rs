@@ -4,7 +4,7 @@
 use ferroccl::coding::{Aggregator, CodedAllReduce, GradientCode, Scheme};
 use ferroccl::local::{Link, LinkModel, Options, TimeMode};
 use ferroccl::sim::rng::Rng;
-use ferroccl::{Communicator, Config};
+use ferroccl::{Communicator, Config, LinkClock};
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -223,3 +223,43 @@ fn nccl_init_times_out_when_a_rank_never_joins_and_bad_colors_are_refused() {
         .expect("color 7 keeps this rank");
     assert_eq!((sub.rank(), sub.world_size()), (0, 1));
 }
+
+#[test]
+#[ignore = "needs a GPU"]
+fn a_slice_of_a_larger_allocation_is_a_buffer() {
+    // Two ranks share one GPU through staging; each all-reduces only elements 100..300 of a
+    // 1000-element allocation (a CudaViewMut), reads another part through a CudaView, and the rest
+    // of the allocation is untouched.
+    let out = ferroccl::local::run(2, |c| {
+        let ctx = CudaContext::new(0).map_err(|e| Error::cuda(format!("{e:?}")))?;
+        let s = ctx
+            .new_stream()
+            .map_err(|e| Error::cuda(format!("{e:?}")))?;
+        let host: Vec<f32> = (0..1000).map(|i| (i + c.rank()) as f32).collect();
+        let mut d = up(&s, &host);
+        {
+            let mut view = d.slice_mut(100..300);
+            c.all_reduce(&mut view, ReduceOp::Sum)?;
+        }
+        let mut gathered = vec![0f32; 20];
+        // host destination, device source: staged
+        let view = d.slice(0..10);
+        c.all_gather(&view, &mut gathered)?;
+        Ok((down(&s, &d), gathered))
+    })
+    .unwrap();
+    for (r, (v, g)) in out.iter().enumerate() {
+        for (i, x) in v.iter().enumerate() {
+            let want = if (100..300).contains(&i) {
+                (2 * i + 1) as f32
+            } else {
+                (i + r) as f32
+            };
+            assert_eq!(*x, want, "rank {r} element {i}");
+        }
+        let want: Vec<f32> = (0..2)
+            .flat_map(|q| (0..10).map(move |i| (i + q) as f32))
+            .collect();
+        assert_eq!(g, &want);
+    }
+}

@@ -558,6 +558,53 @@ fn link_model_charges_alpha_beta_in_virtual_time() {
     }
 }
 
+/// The link-model hooks are a capability trait (`LinkClock`, in the prelude) that every
+/// communicator has: on what `split` returns (`Box<dyn Communicator>`), through `&dyn` and `Arc`,
+/// the charge is the rank's own (slowdown 3 on rank 1), the same as on the world communicator;
+/// without a model `compute` is a no-op and `virtual_time` is `None`.
+#[test]
+fn link_clock_works_on_boxed_borrowed_and_shared_communicators() {
+    use ferroccl::local::{Link, LinkModel, TimeMode};
+    use std::sync::Arc;
+    let model = LinkModel::uniform(TimeMode::Virtual, Link::gbit(10.0, Duration::ZERO))
+        .with_slowdown(1, 3.0);
+    let opts = Options {
+        link: Some(model),
+        ..Options::default()
+    };
+    let out = local::run_with(2, &opts, |c| {
+        let t0 = c.virtual_time().unwrap();
+        c.compute(Duration::from_millis(2))?;
+        let world = c.virtual_time().unwrap() - t0;
+        let sub: Box<dyn Communicator> = c.split(Some(0), 0)?.unwrap();
+        let s0 = sub.virtual_time().unwrap();
+        sub.compute(Duration::from_millis(2))?;
+        let boxed = sub.virtual_time().unwrap() - s0;
+        let dynref: &dyn Communicator = &*sub;
+        let d0 = dynref.virtual_time().unwrap();
+        dynref.compute(Duration::from_millis(2))?;
+        let borrowed = dynref.virtual_time().unwrap() - d0;
+        let shared = Arc::new(sub);
+        let a0 = shared.virtual_time().unwrap();
+        shared.compute(Duration::from_millis(2))?;
+        let arc = shared.virtual_time().unwrap() - a0;
+        Ok([world, boxed, borrowed, arc])
+    })
+    .unwrap();
+    for (r, got) in out.iter().enumerate() {
+        let want = Duration::from_millis(if r == 1 { 6 } else { 2 });
+        assert_eq!(got, &[want; 4], "rank {r}");
+    }
+    // No link model: a no-op, and no clock.
+    let out = local::run(2, |c| {
+        let b: Box<dyn Communicator> = c.split(Some(0), 0)?.unwrap();
+        b.compute(Duration::from_secs(3600))?;
+        Ok((c.virtual_time(), b.virtual_time()))
+    })
+    .unwrap();
+    assert!(out.iter().all(|t| *t == (None, None)), "{out:?}");
+}
+
 #[test]
 fn point_to_point_between_live_ranks_survives_a_lost_rank() {
     let opts = Options {

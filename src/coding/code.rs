@@ -1,7 +1,7 @@
 //! Gradient codes (Tandon et al., ICML 2017): the encoding matrix `B`, the assignment of data
 //! partitions to workers, and decoding vectors for any set of responders.
 
-use crate::sim::rng::Rng;
+use crate::rng::Rng;
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

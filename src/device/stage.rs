@@ -2,8 +2,8 @@
 
 use super::drv;
 use crate::buffer::{Buf, BufMut, Buffer, BufferMut, DevPtr, Mem, MemMut, OwnedBuffer};
-use crate::comm::{CollectiveOwned, CollectiveRef};
-use crate::{Communicator, DType, Error, Result, Work};
+use crate::collective::{Collective, CollectiveOwned, CollectiveRef};
+use crate::{DType, Error, Result, Work};
 use cudarc::driver::{CudaContext, CudaStream, PinnedHostSlice};
 use std::any::Any;
 use std::collections::HashMap;
@@ -117,7 +117,7 @@ pub fn has_device(c: &CollectiveRef<'_>) -> bool {
     let mut any = false;
     // A cheap walk: views are Copy-able references.
     let probe = |b: &Buf<'_>| matches!(b.mem, Mem::Device(_));
-    use crate::Collective as C;
+    use crate::collective::Collective as C;
     match c {
         C::AllReduce { send, recv, .. } => {
             any |= send.as_ref().is_some_and(probe) || recv.device().is_some()
@@ -206,15 +206,19 @@ fn stage_dst(b: BufMut<'_>, copy_in: bool) -> Result<Dst<'_>> {
     }
 }
 
-/// Run a collective with device buffers on a host-only backend (blocking).
-pub fn run_staged<C: Communicator + ?Sized>(comm: &C, c: CollectiveRef<'_>) -> Result<()> {
+/// Run a collective with device buffers on a host-only backend (blocking): `run` runs the staged
+/// host collective (`Communicator::run` passes itself, so this module names no communicator).
+pub fn run_staged(
+    c: CollectiveRef<'_>,
+    run: impl FnOnce(CollectiveRef<'_>) -> Result<()>,
+) -> Result<()> {
     let copy_in = matches!(
         c,
-        crate::Collective::AllReduce { send: None, .. } | crate::Collective::Broadcast { .. }
+        Collective::AllReduce { send: None, .. } | Collective::Broadcast { .. }
     );
     let staged = c.map(stage_src, |d| stage_dst(d, copy_in))?;
     let mut boxed = staged.map(|s| Ok(Box::new(s)), |d| Ok(Box::new(d)))?;
-    comm.run(boxed.views())?;
+    run(boxed.views())?;
     boxed.map(
         |_| Ok(()),
         |d| match *d {
@@ -252,14 +256,15 @@ struct Back {
 }
 
 /// Start a non-blocking collective whose buffers are all device memory on a host-only backend: inputs
-/// are staged now, the host collective runs asynchronously, results are copied back on completion.
-pub fn start_staged<C: Communicator + ?Sized>(
-    comm: &C,
+/// are staged now, the host collective runs asynchronously (`start` starts it: `Communicator::start`
+/// passes itself), results are copied back on completion.
+pub fn start_staged(
     mut c: CollectiveOwned,
+    start: impl FnOnce(CollectiveOwned) -> Result<Work<CollectiveOwned>>,
 ) -> Result<Work<CollectiveOwned>> {
     let copy_in = matches!(
         c,
-        crate::Collective::AllReduce { send: None, .. } | crate::Collective::Broadcast { .. }
+        Collective::AllReduce { send: None, .. } | Collective::Broadcast { .. }
     );
     // Stage from views of the owned op; remember where each destination goes back to.
     let mut backs: Vec<Back> = Vec::new();
@@ -296,7 +301,7 @@ pub fn start_staged<C: Communicator + ?Sized>(
             },
         )?
     };
-    let w = comm.start(host)?;
+    let w = start(host)?;
     Ok(w.map(move |mut done| {
         let mut i = 0;
         let mut result = Ok(());

@@ -618,10 +618,31 @@ impl Dgc {
 
         // Compress (state updated unless the gradient is bad), keeping a copy of the state to undo
         // the update if another rank skipped this step.
-        let backup = (cfg.non_finite == NonFinite::SkipStep)
-            .then(|| (self.st.u.clone(), self.st.v.clone(), self.st.step));
+        let backup = self.backup();
         self.compress(grad, world, epoch, &mut stats)?;
         let (max_len, any_skip) = exchange(comm, &cfg, &mut self.msg, &mut self.gathered)?;
+        self.conclude(max_len, any_skip, backup, grad, &mut stats)?;
+        stats.bytes_sent = comm.bytes_sent() - before;
+        Ok(stats)
+    }
+
+    /// A copy of the state to undo a step with, under the skip policy (`None` otherwise).
+    fn backup(&self) -> Option<Backup> {
+        (self.st.config.non_finite == NonFinite::SkipStep)
+            .then(|| (self.st.u.clone(), self.st.v.clone(), self.st.step))
+    }
+
+    /// After the exchange (`self.gathered` holds `world` slots of `max_len` bytes): undo the step if
+    /// some rank skipped it, else decode the averaged update into `grad`.
+    fn conclude(
+        &mut self,
+        max_len: usize,
+        any_skip: bool,
+        backup: Option<Backup>,
+        grad: &mut [f32],
+        stats: &mut StepStats,
+    ) -> Result<()> {
+        let cfg = &self.st.config;
         if any_skip {
             if let Some((u, v, step)) = backup {
                 self.st.u = u;
@@ -635,11 +656,13 @@ impl Dgc {
             wire::decode_average(&msgs, cfg.index_coding, cfg.values, grad)?;
         }
         stats.message_bytes = max_len;
-        stats.compression_ratio = (4 * n) as f64 / max_len.max(1) as f64;
-        stats.bytes_sent = comm.bytes_sent() - before;
-        Ok(stats)
+        stats.compression_ratio = (4 * grad.len()) as f64 / max_len.max(1) as f64;
+        Ok(())
     }
 }
+
+/// Residuals, velocities and step count before a step (to undo it when a rank skipped it).
+type Backup = (Vec<f32>, Vec<f32>, u64);
 
 const PAD: u32 = wire::PAD_INDEX;
 
@@ -670,6 +693,20 @@ pub(crate) fn exchange<C: Communicator + ?Sized>(
             lens.iter().copied().max().unwrap_or(0).max(0) as usize
         }
     };
+    gather_messages(comm, max_len, msg, gathered)?;
+    Ok((max_len, any_skipped(gathered, max_len)))
+}
+
+/// The second half of [`exchange`]: all-gather `msg` padded to `max_len` bytes into `gathered`
+/// (`msg` keeps its length).
+pub(crate) fn gather_messages<C: Communicator + ?Sized>(
+    comm: &C,
+    max_len: usize,
+    msg: &mut Vec<u8>,
+    gathered: &mut Vec<u8>,
+) -> Result<()> {
+    let world = comm.world_size();
+    let mlen = msg.len();
     let total = max_len.checked_mul(world).ok_or_else(|| {
         Error::InvalidArgument(format!(
             "dgc exchange: a peer announced a {max_len}-byte message; x {world} ranks overflows"
@@ -679,10 +716,14 @@ pub(crate) fn exchange<C: Communicator + ?Sized>(
     gathered.resize(total, 0);
     comm.all_gather(&*msg, gathered)?;
     msg.truncate(mlen);
-    let any_skip = gathered.chunks(max_len.max(1)).any(|m| {
+    Ok(())
+}
+
+/// True if some rank's gathered message (slots of `max_len` bytes) carries the skip flag.
+pub(crate) fn any_skipped(gathered: &[u8], max_len: usize) -> bool {
+    gathered.chunks(max_len.max(1)).any(|m| {
         m.get(..4)
             .and_then(|h| h.try_into().ok())
             .is_some_and(|h: [u8; 4]| u32::from_le_bytes(h) & SKIP_FLAG != 0)
-    });
-    Ok((max_len, any_skip))
+    })
 }

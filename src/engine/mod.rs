@@ -24,7 +24,7 @@ pub(crate) mod msg;
 pub(crate) use health::Health;
 
 use crate::buffer::BufMut;
-use crate::comm::CollectiveOwned;
+use crate::collective::CollectiveOwned;
 use crate::config::deadline_after;
 use crate::link::Clock;
 use crate::stats::{OpKind, Traffic};
@@ -36,6 +36,41 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The [`Communicator`](crate::Communicator) methods that every engine-backed communicator (the
+/// in-process and the TCP backend) has identically, said once: identity, config, `exec`/`exec_async`
+/// through the engine's worker, traffic counters. Used inside `impl Communicator for X { .. }`; `X`
+/// has the fields `rank`, `size`, `cfg`, `worker` ([`Worker`]) and `traffic`
+/// ([`Arc<Traffic>`](Traffic)). The backend adds `split` and whatever is its own.
+macro_rules! engine_communicator {
+    ($backend:literal) => {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.size
+        }
+        fn backend(&self) -> &'static str {
+            $backend
+        }
+        fn config(&self) -> &crate::Config {
+            &self.cfg
+        }
+        fn exec(&self, c: crate::CollectiveRef<'_>) -> crate::Result<()> {
+            self.worker.exec(c)
+        }
+        fn exec_async(
+            &self,
+            c: crate::CollectiveOwned,
+        ) -> crate::Result<crate::Work<crate::CollectiveOwned>> {
+            self.worker.exec_async(c)
+        }
+        fn traffic(&self) -> Option<&crate::stats::Traffic> {
+            Some(&self.traffic)
+        }
+    };
+}
+pub(crate) use engine_communicator;
 
 fn out_of_range(what: &'static str, rank: usize, world: usize) -> Error {
     Error::RankOutOfRange { what, rank, world }
@@ -796,7 +831,7 @@ impl Worker {
     /// after the job starts, plus the time of the computation itself; jobs queued before it (earlier
     /// non-blocking operations) each have their own deadline. (The TCP writer threads copy a loan
     /// under its lock piece by piece and write with no lock held, so they do not hold it up.)
-    pub fn exec(&self, c: crate::CollectiveRef<'_>) -> Result<()> {
+    pub fn exec(&self, c: crate::collective::CollectiveRef<'_>) -> Result<()> {
         let mut c = Some(c);
         let (tx, rx) = crossbeam::channel::bounded::<Result<()>>(1);
         let slot = SlotPtr(&mut c as *mut Option<crate::CollectiveRef<'_>> as usize);

@@ -53,6 +53,7 @@ registry! {
     AXPY => "axpy.cu",
     CAST => "cast.cu",
     DGC => "dgc.cu",
+    LOCAL_SGD => "local_sgd.cu",
     PACK => "pack.cu",
     SCATTER_ADD => "scatter_add.cu",
     UNPACK => "unpack.cu",

@@ -27,9 +27,8 @@
 /// import a backend); this re-export keeps `ferroccl::local::link::*` paths working.
 pub use crate::link;
 
-use crate::comm::{plan_split, CollectiveOwned, CollectiveRef};
+use crate::comm::plan_split;
 use crate::engine::{Engine, Health, Worker};
-use crate::work::Work;
 use crate::{Communicator, Config, Error, Result};
 use crossbeam::channel::{unbounded, Sender};
 use link::Clock;
@@ -37,7 +36,7 @@ pub use link::{Link, LinkModel, TimeMode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Options for an in-process world.
 #[derive(Debug, Clone, Default)]
@@ -85,7 +84,7 @@ pub struct LocalComm {
     cfg: Config,
     worker: Worker,
     health: Arc<Health>,
-    clock: Option<Arc<Mutex<Clock>>>,
+    clock: Option<link::RankClock>,
     traffic: Arc<crate::stats::Traffic>,
     world: Arc<WorldShared>,
     opts: Options,
@@ -135,7 +134,7 @@ impl LocalComm {
             cfg,
             worker,
             health: setup.health.clone(),
-            clock,
+            clock: clock.map(link::RankClock),
             traffic,
             world,
             opts: opts.clone(),
@@ -145,33 +144,12 @@ impl LocalComm {
 
     /// The link model's clock as seconds, if a model is set.
     pub fn now(&self) -> Option<f64> {
-        self.clock
-            .as_ref()
-            .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).now)
+        self.clock.as_ref().map(link::RankClock::seconds)
     }
 }
 
 impl Communicator for LocalComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.size
-    }
-    fn backend(&self) -> &'static str {
-        "local"
-    }
-    fn config(&self) -> &Config {
-        &self.cfg
-    }
-
-    fn exec(&self, c: CollectiveRef<'_>) -> Result<()> {
-        self.worker.exec(c)
-    }
-
-    fn exec_async(&self, c: CollectiveOwned) -> Result<Work<CollectiveOwned>> {
-        self.worker.exec_async(c)
-    }
+    crate::engine::engine_communicator!("local");
 
     fn split(&self, color: Option<u32>, key: i32) -> Result<Option<Box<dyn Communicator>>> {
         // every rank counts every split, members or not, so the registry keys agree
@@ -200,20 +178,8 @@ impl Communicator for LocalComm {
         Ok(Some(Box::new(c)))
     }
 
-    fn traffic(&self) -> Option<&crate::stats::Traffic> {
-        Some(&self.traffic)
-    }
-
-    fn compute(&self, d: Duration) -> Result<()> {
-        if let Some(c) = &self.clock {
-            link::charge(c, d);
-        }
-        Ok(())
-    }
-
-    fn virtual_time(&self) -> Option<Duration> {
-        // A valid model can still drive virtual time past what a Duration holds: saturate.
-        self.now().map(link::secs)
+    fn link_clock(&self) -> Option<&link::RankClock> {
+        self.clock.as_ref()
     }
 }
 

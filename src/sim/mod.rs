@@ -14,7 +14,10 @@
 //! Everything is deterministic given the seeds ([`rng::Rng`] is a small xoshiro256**).
 
 pub mod cluster;
-pub mod rng;
+pub mod moe;
+/// The seeded PRNG now lives at [`crate::rng`] (coding uses it too, and coding must not import the
+/// simulator that drives it); this re-export keeps `ferroccl::sim::rng::Rng` working.
+pub use crate::rng;
 pub mod trace;
 
 pub use cluster::{order_statistic, simulate, simulate_with, CostModel, SchemeReport, WaitRule};

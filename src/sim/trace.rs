@@ -2,7 +2,7 @@
 //! unit of load (one partition); a worker with load `L` and fixed per-round overhead `α` takes
 //! `x[r][i] · (α + L)`.
 
-use super::rng::Rng;
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// A rounds × workers matrix of unit compute times (seconds per partition).
