@@ -204,6 +204,47 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A collective of the local or TCP backend timed out: a hang diagnosis. Besides the rank this
+    /// one waited for, it names every rank that has not entered the collective and the last
+    /// collective each rank finished (collectives are numbered per communicator from 1), what
+    /// torch's flight recorder tells and NCCL users ask for. Fatal, like [`Error::Timeout`].
+    #[error("{during} (collective #{seq} on this communicator) timed out after {after:?}{}; {}; raise FERROCCL_TIMEOUT (seconds) if the peers are just slow, otherwise check that every rank calls the same collectives in the same order", waiting_for.map(|r| format!(" waiting for rank {r}")).unwrap_or_default(), describe_hang(*seq, not_entered, last_completed))]
+    Hang {
+        /// The operation that was running.
+        during: &'static str,
+        /// How long it waited.
+        after: Duration,
+        /// The rank it was waiting for, if known.
+        waiting_for: Option<usize>,
+        /// The collective's sequence number on this communicator (the first is 1).
+        seq: u64,
+        /// Ranks that had not entered collective `seq` when this one gave up (among those whose
+        /// progress is known).
+        not_entered: Vec<usize>,
+        /// Per rank, the sequence number of the last collective it finished (0: none); `None`
+        /// where a TCP peer did not answer the progress probe (hung hard, or gone).
+        last_completed: Vec<Option<u64>>,
+    },
+}
+
+fn describe_hang(seq: u64, not_entered: &[usize], last: &[Option<u64>]) -> String {
+    let who = if not_entered.is_empty() {
+        format!("every rank that answered has entered #{seq}")
+    } else {
+        format!("ranks {not_entered:?} have not entered #{seq}")
+    };
+    let per: Vec<String> = last
+        .iter()
+        .enumerate()
+        .map(|(r, c)| match c {
+            Some(c) => format!("{r}:#{c}"),
+            None => format!("{r}:no answer"),
+        })
+        .collect();
+    format!(
+        "{who}; last collective finished per rank: {}",
+        per.join(" ")
+    )
 }
 
 impl Error {
@@ -283,7 +324,10 @@ impl Error {
 
     /// True for errors after which the communicator must be rebuilt.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Error::PeerLost { .. } | Error::Timeout { .. })
+        matches!(
+            self,
+            Error::PeerLost { .. } | Error::Timeout { .. } | Error::Hang { .. }
+        )
     }
 }
 

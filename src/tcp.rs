@@ -4,7 +4,8 @@
 //! neither MPI nor NCCL applies — Gloo's role in torch.distributed. Workflow:
 //!
 //! 1. [`crate::rendezvous::EnvRendezvous`] connects every rank to the store on rank 0.
-//! 2. Each rank listens on an ephemeral port (`FERROCCL_TCP_BIND`, default `0.0.0.0:0`) and publishes
+//! 2. Each rank listens on an ephemeral port (`FERROCCL_TCP_BIND`, default `0.0.0.0:0`; without a
+//!    `FERROCCL_TOKEN`, only the advertised address below, i.e. loopback on one machine) and publishes
 //!    the address its peers should dial (`FERROCCL_TCP_ADDR`, default: the local address of the route
 //!    to `MASTER_ADDR`).
 //! 3. Rank i dials every rank j < i and accepts every j > i. The first bytes on each socket are a hello
@@ -29,7 +30,8 @@
 //! connection fail, so that peer counts as lost; dropping the communicator stays bounded.
 
 use crate::comm::plan_split;
-use crate::engine::msg::{Aligned, Lend, Msg, Payload, Tag};
+use crate::engine::health::Ctl;
+use crate::engine::msg::{Aligned, Lend, Msg, Payload, Sig, Tag};
 use crate::engine::{Engine, Health, Worker};
 use crate::rendezvous::frame::{constant_time_eq, MAX_TOKEN_LEN};
 use crate::rendezvous::{StoreClient, StoreServer};
@@ -47,10 +49,14 @@ const MAGIC: &[u8; 4] = b"FCC1";
 const HELLO: &[u8; 4] = b"FCCH";
 /// Bytes of a hello before the token: magic, rank, token length.
 const HELLO_HEADER: usize = 12;
-/// Bytes of a frame header: magic, kind, seq, step/tag, length.
-const FRAME_HEADER: usize = 25;
+/// Bytes of a frame header: magic, kind, seq, step/tag, length, the collective's signature.
+const FRAME_HEADER: usize = 25 + Sig::WIRE;
 const KIND_COLL: u8 = 1;
 const KIND_P2P: u8 = 2;
+/// A control frame (`engine::health::Ctl`): lost peer, mismatch, goodbye, progress probe/report.
+const KIND_CTL: u8 = 3;
+/// Largest control frame payload (a mismatch carries two call descriptions).
+const MAX_CTL: u64 = 64 << 10;
 /// Largest payload accepted in one frame (1 TiB: a sanity bound against garbage, not a quota; the
 /// reader allocates as bytes arrive, never the declared length up front).
 const MAX_FRAME: u64 = 1 << 40;
@@ -67,6 +73,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PENDING_HELLOS: usize = 256;
 /// One connect attempt to a peer's transport port (retried until the setup deadline).
 const DIAL_ATTEMPT: Duration = Duration::from_secs(5);
+/// How long a broken or timed-out communicator's drop lets its writers flush what is left.
+const BROKEN_FLUSH: Duration = Duration::from_secs(1);
 /// How long a healthy communicator's drop waits for its peers to reach theirs.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
@@ -194,6 +202,15 @@ fn advertised_ip(master: &str) -> Result<String> {
         .map_err(|e| Error::io("finding the local address", e))?
         .ip()
         .to_string())
+}
+
+/// `ip:port`, bracketing IPv6 addresses.
+fn join_ip_port(ip: &str, port: u16) -> String {
+    if ip.contains(':') && !ip.starts_with('[') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
 }
 
 /// Dial `addr` (rank `j`'s transport port) until it answers or `deadline` passes: the peer may not
@@ -407,6 +424,7 @@ impl FrameWriter {
         let (kind, seq, step) = match m.tag {
             Tag::Coll { seq, step } => (KIND_COLL, seq, step),
             Tag::P2p(t) => (KIND_P2P, 0, t),
+            Tag::Ctl => (KIND_CTL, 0, 0),
         };
         let len = match &m.payload {
             Payload::Bytes(b) => b.as_bytes().len(),
@@ -418,6 +436,7 @@ impl FrameWriter {
         h[5..13].copy_from_slice(&seq.to_le_bytes());
         h[13..17].copy_from_slice(&step.to_le_bytes());
         h[17..25].copy_from_slice(&(len as u64).to_le_bytes());
+        h[25..].copy_from_slice(&m.sig.to_wire());
         self.put(&h)?;
         match &m.payload {
             Payload::Bytes(b) => self.put(b.as_bytes()),
@@ -428,7 +447,13 @@ impl FrameWriter {
 
 /// Pump `rx` into the socket to rank `j`. On any failure (a write timeout: the peer stopped reading;
 /// a reset; a revoked loan mid-frame) the connection is shut down and rank `j` counts as lost.
-fn writer_loop(s: TcpStream, rx: Receiver<Msg>, j: usize, health: Arc<Health>, timeout: Duration) {
+fn writer_loop(
+    s: TcpStream,
+    rx: Receiver<Msg>,
+    (me, j): (usize, usize),
+    health: Arc<Health>,
+    timeout: Duration,
+) {
     let mut w = FrameWriter::new(s);
     for m in rx.iter() {
         let r = w
@@ -445,11 +470,21 @@ fn writer_loop(s: TcpStream, rx: Receiver<Msg>, j: usize, health: Arc<Health>, t
                 );
             }
             health.gone[j].store(true, Ordering::Release);
+            health.break_for(j);
             let _ = w.s.shutdown(Shutdown::Both);
             return;
         }
     }
-    // The engine is gone: deliver what is buffered, then tell the peer we are done.
+    // The engine is gone: deliver what is buffered and a goodbye (a clean close: how far this rank
+    // got, so the peer knows it will join no later collective), then tell the peer we are done.
+    if let Some(why) = health.broken_ctl() {
+        let _ = w.write_msg(&why.msg(me));
+    }
+    let bye = Ctl::Bye {
+        entered: health.entered[me].load(Ordering::Acquire),
+        completed: health.completed[me].load(Ordering::Acquire),
+    };
+    let _ = w.write_msg(&bye.msg(me));
     let _ = w.flush();
     let _ = w.s.shutdown(Shutdown::Write);
 }
@@ -493,6 +528,12 @@ fn read_msg(r: &mut impl Read, src: usize) -> std::result::Result<Msg, ReadEnd> 
     let tag = match h[4] {
         KIND_COLL => Tag::Coll { seq, step },
         KIND_P2P => Tag::P2p(step),
+        KIND_CTL if len <= MAX_CTL => Tag::Ctl,
+        KIND_CTL => {
+            return Err(ReadEnd::Bad(format!(
+                "control frame of {len} bytes (at most {MAX_CTL})"
+            )))
+        }
         k => return Err(ReadEnd::Bad(format!("unknown frame kind {k}"))),
     };
     if len > MAX_FRAME {
@@ -522,27 +563,40 @@ fn read_msg(r: &mut impl Read, src: usize) -> std::result::Result<Msg, ReadEnd> 
         })?;
         got = end;
     }
+    let mut sig = [0u8; Sig::WIRE];
+    sig.copy_from_slice(&h[25..]);
     Ok(Msg {
         src,
         tag,
         payload: Payload::Bytes(a),
         arrive: 0.0,
+        sig: Sig::from_wire(&sig),
     })
 }
 
 /// Feed frames from rank `j` into the rank's inbox until the connection ends; then rank `j` is gone.
 fn reader_loop(s: TcpStream, j: usize, inbox: Sender<Msg>, health: Arc<Health>) {
     let mut r = BufReader::with_capacity(1 << 20, s);
-    loop {
+    // Once the engine is gone, frames are read and dropped until the peer closes, so our socket is
+    // never closed with unread input (which would reset the connection under the peer's last reads).
+    let mut engine_gone = false;
+    let clean = loop {
         match read_msg(&mut r, j) {
+            Ok(m) if m.tag == Tag::Ctl => match m.payload.with(j, Ctl::decode) {
+                Ok(Ok(c)) => health.on_ctl(j, c),
+                Ok(Err(why)) | Err(Error::InvalidArgument(why)) => {
+                    tracing::warn!("TCP transport: rank {j} sent a bad control frame: {why}");
+                }
+                Err(_) => {}
+            },
             Ok(m) => {
-                if inbox.send(m).is_err() {
-                    break;
+                if !engine_gone && inbox.send(m).is_err() {
+                    engine_gone = true;
                 }
             }
             Err(ReadEnd::Closed(why)) => {
                 tracing::debug!("TCP transport: rank {j} closed the connection ({why})");
-                break;
+                break health.bye[j].load(Ordering::Acquire);
             }
             Err(ReadEnd::Bad(why)) => {
                 tracing::warn!(
@@ -550,11 +604,16 @@ fn reader_loop(s: TcpStream, j: usize, inbox: Sender<Msg>, health: Arc<Health>) 
                 );
                 // Nothing after garbage can be trusted; the shutdown also ends our writer to it.
                 let _ = r.get_ref().shutdown(Shutdown::Both);
-                break;
+                break false;
             }
         }
-    }
+    };
     health.gone[j].store(true, Ordering::Release);
+    if !clean {
+        // Closed without a goodbye (killed, crashed, or its connection failed): rank j is lost, and
+        // every peer hears it from us at once (issue 19).
+        health.break_for(j);
+    }
 }
 
 impl TcpComm {
@@ -605,7 +664,16 @@ impl TcpComm {
                 Ok(d)
             }
         };
-        let bind = std::env::var("FERROCCL_TCP_BIND").unwrap_or_else(|_| "0.0.0.0:0".into());
+        let ip = advertised_ip(master)?;
+        // Without a token, listen only where the peers dial (loopback for a one-machine job), not
+        // on every interface (issue 19); FERROCCL_TCP_BIND overrides either way.
+        let bind = std::env::var("FERROCCL_TCP_BIND").unwrap_or_else(|_| {
+            if token.is_empty() {
+                join_ip_port(&ip, 0)
+            } else {
+                "0.0.0.0:0".into()
+            }
+        });
         let listener = TcpListener::bind(&bind).map_err(|e| {
             Error::io(
                 format!("binding the TCP transport on {bind} (FERROCCL_TCP_BIND)"),
@@ -616,7 +684,7 @@ impl TcpComm {
             .local_addr()
             .map_err(|e| Error::io("listener address", e))?
             .port();
-        let me = format!("{}:{port}", advertised_ip(master)?);
+        let me = join_ip_port(&ip, port);
         store.set(&format!("{prefix}/addr/{rank}"), me.as_bytes())?;
         let mut sockets: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
         // dial lower ranks
@@ -686,7 +754,7 @@ impl TcpComm {
             let (h, t) = (health.clone(), cfg.timeout);
             let w = std::thread::Builder::new()
                 .name(format!("ferroccl-tcp-w{j}"))
-                .spawn(move || writer_loop(ws, rx, j, h, t))
+                .spawn(move || writer_loop(ws, rx, (rank, j), h, t))
                 .map_err(|e| fail(&kept, Error::io("spawning a writer", e)))?;
             io_threads.push(w);
             let (h, itx) = (health.clone(), inbox_tx.clone());
@@ -697,6 +765,14 @@ impl TcpComm {
             io_threads.push(r);
         }
         drop(inbox_tx);
+        // Control frames (a lost peer, a mismatch, progress probes) go straight to the writers.
+        health.set_links(
+            rank,
+            (0..size)
+                .filter(|&j| j != rank)
+                .map(|j| (j, peers[j].clone()))
+                .collect(),
+        );
         let traffic = Arc::new(crate::stats::Traffic::new());
         let engine = Engine::new(
             rank,
@@ -765,11 +841,13 @@ impl Communicator for TcpComm {
 
 impl Drop for TcpComm {
     /// Bounded: the worker finishes what is queued, for at most one timeout (after that a watchdog
-    /// shuts the sockets down, every peer counts as lost and the rest of the queue fails at once); a
-    /// healthy communicator then waits up to 10 s (or the timeout, if shorter) for its peers
-    /// to reach their drop, so nobody closes a socket a peer still reads from; then every socket is
-    /// shut down, which also wakes a writer blocked on a peer that stopped reading, and the I/O
-    /// threads are joined.
+    /// shuts the sockets down, every peer counts as lost and the rest of the queue fails at once);
+    /// the writers then deliver what is left and a goodbye. A healthy communicator waits up to 10 s
+    /// (or the timeout, if shorter) for its peers to reach their drop, so nobody closes a socket a
+    /// peer still reads from; after a timeout or a lost peer it waits only for its writers to
+    /// flush what is left (at most 1 s), not for the peers (issue 19). Then every
+    /// socket is shut down, which also wakes a writer blocked on a peer that stopped reading, and
+    /// the I/O threads are joined.
     fn drop(&mut self) {
         let watchdog = self.watchdog();
         // The engine (and the writers' channels) drop here: writers flush what is queued and exit.
@@ -778,9 +856,25 @@ impl Drop for TcpComm {
             drop(done);
             let _ = t.join();
         }
-        // A broken communicator runs no more collectives: arrive at the barrier (so healthy peers
-        // are not kept waiting for us) but do not wait.
-        let wait = if self.health.check("closing").is_ok() {
+        self.health.clear_links();
+        // A broken (or timed-out) communicator runs no more collectives: arrive at the barrier (so
+        // healthy peers are not kept waiting for us) but do not wait for anyone.
+        let healthy =
+            self.health.check("closing").is_ok() && !self.health.timed_out.load(Ordering::Acquire);
+        if !healthy {
+            let until = Instant::now() + BROKEN_FLUSH;
+            // writers are the even entries (each peer's writer, then its reader)
+            while Instant::now() < until
+                && !self
+                    .io_threads
+                    .iter()
+                    .step_by(2)
+                    .all(JoinHandle::is_finished)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let wait = if healthy {
             CLOSE_WAIT.min(self.cfg.timeout)
         } else {
             Duration::ZERO

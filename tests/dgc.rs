@@ -1071,3 +1071,97 @@ fn dgc_cu_compiles_with_nvrtc() {
         }
     }
 }
+
+/// Issue 19: a finite gradient whose step would produce a non-finite state or value.
+fn overflowing_steps() -> Vec<(&'static str, DgcConfig, Vec<f32>)> {
+    vec![
+        (
+            "momentum overflow with clipping off",
+            plain(0.25).momentum_correction(true),
+            vec![0.0, 2e38, 2e38, 0.0],
+        ),
+        (
+            "bf16 rounds a finite value to Inf",
+            plain(0.25).momentum(0.0).values(ValueFormat::Bf16),
+            vec![f32::MAX, 0.0, 0.0, 0.0],
+        ),
+    ]
+}
+
+/// A gradient the state can take after either case: it cancels most of the large momentum of the
+/// momentum case (whose residual alone would overflow again with any small gradient).
+fn recover(bf16: bool) -> Vec<f32> {
+    if bf16 {
+        vec![1.0; 4]
+    } else {
+        vec![1.0, -2e38, -2e38, 1.0]
+    }
+}
+
+#[test]
+fn a_finite_gradient_that_overflows_the_state_is_caught_under_both_policies() {
+    for (name, cfg, g) in overflowing_steps() {
+        // Error policy: a named error, the state exactly as before the step, later steps fine.
+        ferroccl::local::run(1, |comm| {
+            let mut d = Dgc::new(4, cfg.clone())?;
+            let mut first = g.clone();
+            // the momentum case overflows on its second step, the bf16 case on its first
+            let bf16 = cfg.values == ValueFormat::Bf16;
+            if !bf16 {
+                d.step(comm, &mut first, 0.0)?;
+            }
+            let before = d.state().clone();
+            let mut x = g.clone();
+            let e = d.step(comm, &mut x, 0.0).unwrap_err();
+            assert!(e.to_string().contains("non-finite"), "{name}: {e}");
+            assert_eq!(d.state(), &before, "{name}: state poisoned");
+            // a later step that the (unchanged) state can take works
+            let mut ok = recover(bf16);
+            d.step(comm, &mut ok, 0.0)?;
+            assert!(ok.iter().all(|x| x.is_finite()), "{name}: {ok:?}");
+            assert!(
+                d.state()
+                    .u
+                    .iter()
+                    .chain(&d.state().v)
+                    .all(|x| x.is_finite()),
+                "{name}: {:?}",
+                d.state()
+            );
+            Ok(())
+        })
+        .unwrap();
+        // Skip policy: every rank skips (only rank 0's step overflows), states unchanged.
+        let skip = cfg.clone().non_finite(NonFinite::SkipStep);
+        let out = ferroccl::local::run(2, |comm| {
+            let mut d = Dgc::new(4, skip.clone())?;
+            let bf16 = skip.values == ValueFormat::Bf16;
+            let mine = if comm.rank() == 0 {
+                g.clone()
+            } else {
+                vec![1.0, 1.0, 1.0, 1.0]
+            };
+            if !bf16 {
+                d.step(comm, &mut mine.clone(), 0.0)?;
+            }
+            let before = d.state().clone();
+            let mut x = mine.clone();
+            let s = d.step(comm, &mut x, 0.0)?;
+            assert!(s.skipped, "{name}: rank {} did not skip", comm.rank());
+            assert_eq!(x, vec![0.0; 4], "{name}: zero update");
+            assert_eq!(
+                d.state(),
+                &before,
+                "{name}: state changed on rank {}",
+                comm.rank()
+            );
+            let mut ok = recover(bf16);
+            let s = d.step(comm, &mut ok, 0.0)?;
+            assert!(!s.skipped);
+            Ok(ok)
+        })
+        .unwrap();
+        assert_eq!(out[0], out[1], "{name}");
+        assert!(out[0].iter().all(|x| x.is_finite()), "{name}: {:?}", out[0]);
+    }
+}

@@ -61,7 +61,7 @@ fn a_ring_all_reduce_times_out_after_one_timeout_not_one_per_step() {
     .unwrap();
     for (rank, (r, took)) in out.iter().enumerate() {
         assert!(
-            matches!(r, Err(Error::Timeout { after, .. }) if *after == timeout),
+            matches!(r, Err(Error::Hang { after, .. }) if *after == timeout),
             "rank {rank}: {r:?} after {took:?}"
         );
         assert!(*took < 2 * timeout, "rank {rank} took {took:?}");

@@ -547,36 +547,28 @@ fn connections_over_the_limit_are_refused_and_the_store_keeps_serving() {
     let s = StoreServer::bind_with_limits("127.0.0.1:0", TOKEN, limits).unwrap();
     let addr = s.local_addr();
     let good = client(&s);
-    let silent: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
-    // Let the accept thread take the two silent connections.
-    std::thread::sleep(Duration::from_millis(200));
-    // Full: a fourth client is refused with an error naming the limit, promptly.
+    // Two more authenticated connections fill the store; silent ones do not count (issue 19).
+    let authed: Vec<TcpStream> = (0..2).map(|_| raw_authed(addr)).collect();
+    let _silent: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    // Full: a fourth client retries until its timeout, then gets an error naming the limit.
     let start = Instant::now();
-    match StoreClient::connect(&addr.to_string(), TOKEN, Duration::from_secs(2)) {
+    match StoreClient::connect(&addr.to_string(), TOKEN, Duration::from_secs(1)) {
         Err(Error::Rendezvous(m)) => assert!(m.contains("max_connections"), "{m}"),
         other => panic!("expected a refusal naming max_connections, got {other:?}"),
     }
     assert!(start.elapsed() < Duration::from_secs(3));
     let mut extra = TcpStream::connect(addr).unwrap();
+    extra.write_all(&auth_frame(TOKEN)).unwrap();
     let (reply, closed) = read_until_close(&mut extra);
     assert!(closed, "a connection over the limit was kept open");
     assert_eq!(reply.get(..3), Some(&[0xFC, 1, 0x85][..]));
     // The clients already in are served as before.
     good.set("k", b"v").unwrap();
     assert_eq!(good.get("k", T).unwrap(), b"v");
-    // Once the silent ones leave, there is room again.
-    drop(silent);
-    let start = Instant::now();
-    let c = loop {
-        match StoreClient::connect(&addr.to_string(), TOKEN, T) {
-            Ok(c) => break c,
-            Err(e) if start.elapsed() < Duration::from_secs(5) => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => panic!("no room after two connections closed: {e}"),
-        }
-    };
+    // Once two leave, there is room again (the client retries until then).
+    drop(authed);
+    let c = StoreClient::connect(&addr.to_string(), TOKEN, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("no room after two connections closed: {e}"));
     assert_eq!(c.get("k", T).unwrap(), b"v");
 }
 
@@ -668,7 +660,7 @@ fn a_waiting_get_ends_when_its_client_leaves() {
     r.write_all(&raw_frame(0x03, &get)).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert!(
-        StoreClient::connect(&addr.to_string(), TOKEN, T).is_err(),
+        StoreClient::connect(&addr.to_string(), TOKEN, Duration::from_millis(500)).is_err(),
         "the limit of 2 connections did not apply"
     );
     drop(r);
@@ -770,7 +762,8 @@ fn env_missing_vars_give_none_and_defaults_apply() {
             master_addr: "127.0.0.1".into(),
             master_port: 29500,
             token: String::new(),
-            bind: "0.0.0.0:29500".into(),
+            // no token: loopback only (issue 19)
+            bind: "127.0.0.1:29500".into(),
         }
     );
     assert_eq!(e.store_addr(), "127.0.0.1:29500");
@@ -801,6 +794,36 @@ fn env_missing_vars_give_none_and_defaults_apply() {
     .unwrap();
     assert_eq!(e.bind, "[::1]:5000");
     assert_eq!(e.store_addr(), "[::1]:29500");
+    // Without a token the store listens on loopback only; a remote MASTER_ADDR then needs a token
+    // or an explicit bind, and the error names both.
+    let e = EnvRendezvous::from_lookup(lookup(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "::1"),
+    ]))
+    .unwrap()
+    .unwrap();
+    assert_eq!(e.bind, "[::1]:29500");
+    match EnvRendezvous::from_lookup(lookup(&[
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "10.1.2.3"),
+    ])) {
+        Err(Error::Config { var, why, .. }) => {
+            assert_eq!(var, "FERROCCL_TOKEN");
+            assert!(why.contains("FERROCCL_STORE_BIND"), "{why}");
+        }
+        other => panic!("expected a config error naming FERROCCL_TOKEN, got {other:?}"),
+    }
+    let open = EnvRendezvous::from_lookup(lookup(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "10.1.2.3"),
+        ("FERROCCL_STORE_BIND", "0.0.0.0:29500"),
+    ]))
+    .unwrap()
+    .unwrap();
+    assert_eq!(open.bind, "0.0.0.0:29500");
 }
 
 #[test]

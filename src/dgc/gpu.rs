@@ -1730,6 +1730,16 @@ impl DgcKernels {
         Ok(f32::from_bits(self.read_ctl(&ws)?[CTL_THR]))
     }
 
+    /// First non-finite element of a device buffer (one `dgc_check_norm` pass; waits for the
+    /// stream), for checking what a step produced.
+    pub fn first_non_finite(&self, x: &CudaSlice<f32>) -> Result<Option<usize>> {
+        let mut ws = self.workspace(1, 1, 1)?;
+        self.reset(&mut ws)?;
+        self.launch_check_norm(x, 0.0, &mut ws)?;
+        let ctl = self.read_ctl(&ws)?;
+        Ok((ctl[CTL_BAD] != 0).then(|| (u32::MAX - ctl[CTL_BAD]) as usize))
+    }
+
     /// `dgc_check_norm` on host data: `(Σ g², clip scale for limit, first non-finite index)`.
     pub fn check_norm(&self, g: &[f32], limit: f64) -> Result<(f64, f32, Option<usize>)> {
         let gd = self.upload(g)?;
@@ -1949,8 +1959,9 @@ impl DeviceDgc {
             return Ok(stats);
         }
 
-        // Under SkipStep, keep a copy of the state to undo the update if another rank skips.
-        if cfg.non_finite == NonFinite::SkipStep {
+        // Keep a copy of the state to undo the update if another rank skips, or if this step
+        // produces a non-finite state or value from a finite gradient (issue 19; either policy).
+        {
             if self.backup.is_none() {
                 self.backup = Some((kern.alloc(n)?, kern.alloc(n)?));
             }
@@ -2023,6 +2034,41 @@ impl DeviceDgc {
             };
             select::finish_selection(&mut idx, &mut val, k);
             wire::quantize(&mut val, cfg.values);
+            // What the step produced must be finite too (issue 19): the quantized values (here on
+            // the host) and the accumulated state (one `dgc_check_norm` pass over each). Untested
+            // on a GPU in the session that added it (no device was available).
+            let produced = match select::first_non_finite(&val) {
+                Some(i) => Some(format!("quantized value {} (of index {})", val[i], idx[i])),
+                None => match kern.first_non_finite(&self.v)? {
+                    Some(i) => Some(format!("accumulated velocity at index {i}")),
+                    None => kern
+                        .first_non_finite(&self.u)?
+                        .map(|i| format!("momentum at index {i}")),
+                },
+            };
+            if let Some(what) = produced {
+                if let Some((bu, bv)) = self.backup.as_ref() {
+                    kern.stream
+                        .memcpy_dtod(bu, &mut self.u)
+                        .map_err(cuda("restore"))?;
+                    kern.stream
+                        .memcpy_dtod(bv, &mut self.v)
+                        .map_err(cuda("restore"))?;
+                }
+                if cfg.non_finite == NonFinite::Error {
+                    return Err(Error::InvalidArgument(format!(
+                        "dgc: the step would make a non-finite {what} from a finite gradient (values near the f32 maximum with clipping off, or a bf16 overflow); the residuals were not changed: enable clipping or scale the loss down"
+                    )));
+                }
+                skip_message(&cfg, k, &mut self.msg);
+                stats.skipped = true;
+                let (max_len, _) = exchange(comm, &cfg, &mut self.msg, &mut self.gathered)?;
+                kern.zero(grad)?;
+                stats.message_bytes = max_len;
+                stats.compression_ratio = (4 * n) as f64 / max_len.max(1) as f64;
+                stats.bytes_sent = comm.bytes_sent() - before;
+                return Ok(stats);
+            }
             let pad = (cfg.exchange == Exchange::FixedK).then_some(k);
             wire::encode(&idx, &val, cfg.index_coding, cfg.values, pad, &mut self.msg)?;
             if !idx.is_empty() {

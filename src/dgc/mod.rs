@@ -54,7 +54,9 @@
 //! # Bad input
 //!
 //! A NaN or ±Inf in the gradient (or a gradient whose squared norm overflows) is detected *before*
-//! the state is touched. [`NonFinite::Error`] (the default) returns [`Error::InvalidArgument`]
+//! the state is touched; so is a finite gradient whose step *produces* a non-finite value (the
+//! accumulated momentum or velocity overflows with clipping off, or a value rounds to ±Inf in bf16):
+//! the step's output is checked and the state put back as it was. [`NonFinite::Error`] (the default) returns [`Error::InvalidArgument`]
 //! naming the first bad index; [`NonFinite::SkipStep`] makes the step a no-op on every rank (the ranks
 //! agree through the exchange: a rank that skips sends an empty message with a skip flag, and the
 //! returned update is all zeros everywhere). Either way residuals and velocities are unchanged, so a
@@ -495,10 +497,38 @@ impl Dgc {
             lower: cfg.lower_bound,
             max_adapt: cfg.max_adapt,
         };
-        // Work on copies only if the step could still fail after the update: it cannot (the checks
-        // above are the only failure points besides encode, which only fails on internal errors).
+        // A finite gradient can still make a non-finite step (issue 19): with clipping off and
+        // values near the f32 maximum the accumulated velocity overflows, or bf16 rounding turns a
+        // large value into ±Inf. So the step's own output is checked too — the accumulated state
+        // and the quantized values — against a copy of the state taken first, which is put back
+        // before either policy applies: a bad step never poisons later ones.
+        let saved = (self.st.u.clone(), self.st.v.clone());
         let mut sel = select::compress(grad, &mut self.st.u, &mut self.st.v, up, &p)?;
         wire::quantize(&mut sel.val, cfg.values);
+        let produced = select::first_non_finite(&sel.val)
+            .map(|i| format!("quantized value {} (of index {})", sel.val[i], sel.idx[i]))
+            .or_else(|| {
+                select::first_non_finite(&self.st.v)
+                    .map(|i| format!("accumulated velocity {} at index {i}", self.st.v[i]))
+            })
+            .or_else(|| {
+                select::first_non_finite(&self.st.u)
+                    .map(|i| format!("momentum {} at index {i}", self.st.u[i]))
+            });
+        if let Some(what) = produced {
+            (self.st.u, self.st.v) = saved;
+            return match cfg.non_finite {
+                NonFinite::Error => Err(Error::InvalidArgument(format!(
+                    "dgc: the step would make a non-finite {what} from a finite gradient (values near the f32 maximum with clipping off, or a bf16 overflow); the residuals were not changed: enable clipping or scale the loss down"
+                ))),
+                NonFinite::SkipStep => {
+                    skip_message(cfg, k, &mut self.msg);
+                    stats.skipped = true;
+                    Ok(false)
+                }
+            };
+        }
+        drop(saved);
         let pad = (cfg.exchange == Exchange::FixedK).then_some(k);
         wire::encode(
             &sel.idx,

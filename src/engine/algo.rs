@@ -81,7 +81,17 @@ impl Engine {
     /// comparisons), and a bad call is an error rather than a panic on the worker.
     pub fn execute(&mut self, c: CollectiveRef<'_>) -> Result<()> {
         self.cur = c.kind();
+        let p2p = matches!(c, Collective::Send { .. } | Collective::Recv { .. });
+        self.sig = if p2p {
+            super::msg::Sig::NONE
+        } else {
+            super::msg::Sig::of(&c)
+        };
+        let before = self.seq;
         let r = self.with_deadline(|e| e.execute_op(c));
+        if !p2p && self.seq != before {
+            self.finish_collective();
+        }
         self.cur = crate::stats::OpKind::Recv;
         r
     }

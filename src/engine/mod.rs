@@ -18,7 +18,10 @@
 
 pub(crate) mod algo;
 pub(crate) mod direct;
+pub(crate) mod health;
 pub(crate) mod msg;
+
+pub(crate) use health::Health;
 
 use crate::buffer::BufMut;
 use crate::collective::CollectiveOwned;
@@ -27,10 +30,10 @@ use crate::link::Clock;
 use crate::stats::{OpKind, Traffic};
 use crate::{Collective, Config, Error, Result};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
-use msg::{Lend, LendGuard, Msg, Payload, Tag};
+use msg::{Lend, LendGuard, Msg, Payload, Sig, Tag};
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,35 +74,6 @@ pub(crate) use engine_communicator;
 
 fn out_of_range(what: &'static str, rank: usize, world: usize) -> Error {
     Error::RankOutOfRange { what, rank, world }
-}
-
-/// Liveness of the ranks of one communicator.
-#[derive(Debug)]
-pub(crate) struct Health {
-    /// `gone[r]`: rank r will send nothing more (set after its last message was queued).
-    pub gone: Vec<AtomicBool>,
-    /// usize::MAX while healthy; otherwise the rank whose loss broke the communicator.
-    pub broken: AtomicUsize,
-}
-
-impl Health {
-    pub fn new(n: usize) -> Arc<Health> {
-        Arc::new(Health {
-            gone: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            broken: AtomicUsize::new(usize::MAX),
-        })
-    }
-    pub fn break_for(&self, rank: usize) {
-        let _ = self
-            .broken
-            .compare_exchange(usize::MAX, rank, Ordering::AcqRel, Ordering::Acquire);
-    }
-    pub fn check(&self, during: &'static str) -> Result<()> {
-        match self.broken.load(Ordering::Acquire) {
-            usize::MAX => Ok(()),
-            rank => Err(Error::PeerLost { rank, during }),
-        }
-    }
 }
 
 /// A job for the worker.
@@ -170,6 +144,10 @@ pub(crate) struct Engine {
     /// The element type of the operation being executed: length errors found on raw bytes are
     /// reported in its elements.
     pub(crate) op_dtype: crate::DType,
+    /// The signature of the collective being executed (carried by its messages, compared on receipt).
+    pub(crate) sig: Sig,
+    /// The previous collective's number and signature (to describe a late message of it).
+    prev: (u64, Sig),
 }
 
 /// Raw view of a host buffer for the algorithms: sub-slices can be lent and written independently.
@@ -256,6 +234,8 @@ impl Engine {
             posted: Vec::new(),
             seq: 0,
             op_deadline: None,
+            sig: Sig::NONE,
+            prev: (0, Sig::NONE),
             op_dtype: crate::DType::U8,
         }
     }
@@ -322,9 +302,67 @@ impl Engine {
         }
     }
 
+    /// Number the collective being started (and publish that this rank entered it).
     pub fn next_seq(&mut self) -> u64 {
         self.seq += 1;
+        if let Some(e) = self.health.entered.get(self.rank) {
+            e.store(self.seq, Ordering::Release);
+        }
         self.seq
+    }
+
+    /// Publish that this rank finished the collective it entered last, whatever its outcome.
+    pub(crate) fn finish_collective(&mut self) {
+        if let Some(c) = self.health.completed.get(self.rank) {
+            c.store(self.seq, Ordering::Release);
+        }
+        self.prev = (self.seq, self.sig);
+    }
+
+    /// A collective message `m` that does not belong to this rank's call: a mismatch (it carries
+    /// another signature for the same collective, or it is for a collective this rank already
+    /// finished without it). Breaks the communicator and tells every peer.
+    fn mismatch_in(&self, m: &Msg, cur: u64) -> Option<Error> {
+        let Tag::Coll { seq, .. } = m.tag else {
+            return None;
+        };
+        let (mine, theirs) = if seq == cur {
+            if m.sig == self.sig {
+                return None;
+            }
+            (self.sig.describe(cur), m.sig.describe(seq))
+        } else if seq < cur && !self.health.timed_out.load(Ordering::Acquire) {
+            let mine = if seq == self.prev.0 {
+                self.prev.1.describe(seq)
+            } else {
+                format!("collective #{seq} (finished)")
+            };
+            (
+                format!("{mine}, which expected no message from rank {}", m.src),
+                m.sig.describe(seq),
+            )
+        } else {
+            return None;
+        };
+        let mm = health::Mismatch {
+            rank: self.rank,
+            mine,
+            other_rank: m.src,
+            theirs,
+        };
+        self.health.break_mismatch(mm.clone());
+        Some(Error::CollectiveMismatch {
+            rank: mm.rank,
+            mine: mm.mine,
+            other_rank: mm.other_rank,
+            theirs: mm.theirs,
+        })
+    }
+
+    /// The collective timed out: a hang diagnosis (see [`Error::Hang`]).
+    fn hang(&self, during: &'static str, waiting_for: Option<usize>) -> Error {
+        self.health
+            .hang(self.rank, self.seq, during, self.cfg.timeout, waiting_for)
     }
 
     /// The deadline every wait uses: the current operation's, or (outside one: the worker completing
@@ -365,11 +403,16 @@ impl Engine {
         if dst != self.rank {
             self.traffic.sent(self.cur, n as u64);
         }
+        let sig = match tag {
+            Tag::Coll { .. } => self.sig,
+            _ => Sig::NONE,
+        };
         peer.send(Msg {
             src: self.rank,
             tag,
             payload,
             arrive,
+            sig,
         })
         .map_err(|_| {
             if !matches!(tag, Tag::P2p(_)) {
@@ -425,20 +468,21 @@ impl Engine {
             None => Ok(()),
             Some(g) => {
                 let health = self.health.clone();
-                let peer = g.peer;
+                let (peer, me, seq) = (g.peer, self.rank, self.seq);
                 g.wait(self.deadline(), &|| {
                     health.check("waiting for a peer to read")?;
                     // peer < size: the guard was made by `post`, which checked it
-                    if health
+                    let gone = health
                         .gone
                         .get(peer)
-                        .is_some_and(|g| g.load(Ordering::Acquire))
-                    {
-                        health.break_for(peer);
-                        return Err(Error::PeerLost {
-                            rank: peer,
-                            during: "waiting for a peer to read",
-                        });
+                        .is_some_and(|g| g.load(Ordering::Acquire));
+                    let lost = if gone {
+                        Some(peer)
+                    } else {
+                        health.left_before(me, seq)
+                    };
+                    if let Some(rank) = lost {
+                        return Err(health.fail(rank, "waiting for a peer to read"));
                     }
                     Ok(())
                 })
@@ -447,11 +491,7 @@ impl Engine {
                         during,
                         waiting_for,
                         ..
-                    } => Error::Timeout {
-                        during,
-                        after: self.cfg.timeout,
-                        waiting_for,
-                    },
+                    } => self.hang(during, waiting_for),
                     e => e,
                 })
             }
@@ -608,24 +648,49 @@ impl Engine {
             return Err(out_of_range("source rank", src, self.size));
         }
         let deadline = self.deadline();
+        // The collective this message belongs to: its messages' signatures are compared with ours.
+        let cur = match tag {
+            Tag::Coll { seq, .. } => Some(seq),
+            _ => None,
+        };
+        if let Some(c) = cur {
+            // a message that arrived earlier (filed while idle, or during another wait) may already
+            // tell of a mismatch: a late message of a finished collective, or another signature
+            if let Some(e) = self.stash.iter().find_map(|m| self.mismatch_in(m, c)) {
+                return Err(e);
+            }
+        }
         if let Some(i) = self.stash.iter().position(|m| m.src == src && m.tag == tag) {
             if let Some(m) = self.stash.remove(i) {
                 return self.take_in_time(m, deadline, Some(i), during);
             }
         }
-        let p2p = matches!(tag, Tag::P2p(_));
+        let p2p = cur.is_none();
         loop {
-            if !p2p {
+            if let Some(c) = cur {
                 self.health.check(during)?;
+                // A rank that left before this collective will never send its part: fail now,
+                // naming it, whoever this rank waits for (issue 19).
+                if let Some(r) = self.health.left_before(self.rank, c) {
+                    return Err(self.health.fail(r, during));
+                }
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.inbox.recv_timeout(left.min(Duration::from_millis(10))) {
                 Ok(m) if m.src == src && m.tag == tag => {
+                    if let Some(e) = cur.and_then(|c| self.mismatch_in(&m, c)) {
+                        return Err(e);
+                    }
                     return self.take_in_time(m, deadline, None, during);
                 }
                 // another message: file it, then the checks below (a steady stream of other
                 // messages must not keep this wait past its deadline or hide a lost sender)
-                Ok(m) => self.file(m),
+                Ok(m) => {
+                    if let Some(e) = cur.and_then(|c| self.mismatch_in(&m, c)) {
+                        return Err(e);
+                    }
+                    self.file(m)
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     if !p2p {
@@ -643,13 +708,21 @@ impl Engine {
                     self.file(m);
                 }
                 if !p2p {
-                    self.health.break_for(src);
+                    return Err(self.health.fail(src, during));
                 }
                 return Err(Error::PeerLost { rank: src, during });
             }
             if Instant::now() >= deadline {
-                return Err(self.timeout(during, Some(src)));
+                return Err(self.timeout_for(tag, during, Some(src)));
             }
+        }
+    }
+
+    /// A receive's timeout: a hang diagnosis for a collective, a plain timeout for point-to-point.
+    fn timeout_for(&self, tag: Tag, during: &'static str, waiting_for: Option<usize>) -> Error {
+        match tag {
+            Tag::Coll { .. } => self.hang(during, waiting_for),
+            _ => self.timeout(during, waiting_for),
         }
     }
 
@@ -669,12 +742,12 @@ impl Engine {
             }
             return Ok(m);
         }
-        let src = m.src;
+        let (src, tag) = (m.src, m.tag);
         match at {
             Some(i) => self.stash.insert(i, m),
             None => self.stash.push_front(m),
         }
-        Err(self.timeout(during, Some(src)))
+        Err(self.timeout_for(tag, during, Some(src)))
     }
 }
 
@@ -867,6 +940,7 @@ mod tests {
             tag: Tag::P2p(tag),
             payload: Payload::Bytes(msg::Aligned::copy_of(b)),
             arrive: 0.0,
+            sig: Sig::NONE,
         }
     }
 

@@ -19,6 +19,93 @@ pub(crate) enum Tag {
     Coll { seq: u64, step: u32 },
     /// Point-to-point message with a user tag.
     P2p(u32),
+    /// A control frame between TCP ranks (see `engine::health`); never reaches an engine.
+    Ctl,
+}
+
+/// The signature of the collective a message belongs to: what checked mode compares up front, here
+/// carried by every collective message (in memory, and in the TCP frame header) so the receiver
+/// compares it with its own call for free and a mismatch is [`Error::CollectiveMismatch`] without
+/// `FERROCCL_CHECK=1`. The sequence number travels in the [`Tag`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sig {
+    pub kind: u8,
+    pub dtype: u8,
+    /// `u8::MAX`: no reduction.
+    pub op: u8,
+    /// `u32::MAX`: no root.
+    pub root: u32,
+    /// `u64::MAX`: no single count (all_to_allv, barrier).
+    pub count: u64,
+}
+
+impl Sig {
+    /// The signature of point-to-point messages (never compared).
+    pub const NONE: Sig = Sig {
+        kind: 0,
+        dtype: 0,
+        op: u8::MAX,
+        root: u32::MAX,
+        count: u64::MAX,
+    };
+    /// Bytes of the signature in a TCP frame header.
+    pub const WIRE: usize = 15;
+
+    /// The signature of `c` (from [`crate::Collective::signature`]).
+    pub fn of(c: &crate::CollectiveRef<'_>) -> Sig {
+        let s = c.signature();
+        Sig {
+            kind: s[0] as u8,
+            dtype: s[1] as u8,
+            op: if s[4] == u64::MAX {
+                u8::MAX
+            } else {
+                s[4] as u8
+            },
+            root: if s[3] == u64::MAX {
+                u32::MAX
+            } else {
+                s[3].min(u32::MAX as u64 - 1) as u32
+            },
+            count: s[2],
+        }
+    }
+
+    /// Human-readable, as checked mode writes it, with the collective's number.
+    pub fn describe(&self, seq: u64) -> String {
+        let w = |x: u64, none: u64| if x == none { u64::MAX } else { x };
+        let words = [
+            self.kind as u64,
+            self.dtype as u64,
+            self.count,
+            w(self.root as u64, u32::MAX as u64),
+            w(self.op as u64, u8::MAX as u64),
+        ];
+        format!(
+            "{} as collective #{seq}",
+            crate::comm::describe_signature(&words)
+        )
+    }
+
+    pub fn to_wire(self) -> [u8; Sig::WIRE] {
+        let mut b = [0u8; Sig::WIRE];
+        b[0] = self.kind;
+        b[1] = self.dtype;
+        b[2] = self.op;
+        b[3..7].copy_from_slice(&self.root.to_le_bytes());
+        b[7..15].copy_from_slice(&self.count.to_le_bytes());
+        b
+    }
+
+    pub fn from_wire(b: &[u8; Sig::WIRE]) -> Sig {
+        Sig {
+            kind: b[0],
+            dtype: b[1],
+            op: b[2],
+            root: u32::from_le_bytes([b[3], b[4], b[5], b[6]]),
+            count: u64::from_le_bytes([b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14]]),
+        }
+    }
 }
 
 struct LendSlot {
@@ -248,6 +335,8 @@ pub(crate) struct Msg {
     pub payload: Payload,
     /// Modelled arrival time (seconds) under a link model; 0 otherwise.
     pub arrive: f64,
+    /// The signature of the sender's collective ([`Sig::NONE`] for point-to-point).
+    pub sig: Sig,
 }
 
 /// An 8-byte-aligned byte buffer (a `Vec<u8>` is only 1-aligned, and reductions view payloads as

@@ -44,14 +44,20 @@
 //! * The first frame of a connection must be `AUTH` carrying the shared token (`FERROCCL_TOKEN`, at
 //!   most 4 KiB), which the server compares in constant time. A wrong token is answered with
 //!   `AUTH_FAILED` ([`Error::BadToken`] on the client) and the connection is closed. The
-//!   empty token means "no secret"; it only keeps mismatched jobs apart, it does not keep anyone out.
-//! * A connection that sends nothing within 10 s, sends a frame before `AUTH` or an `AUTH` longer than
+//!   empty token means "no secret"; it only keeps mismatched jobs apart, it does not keep anyone out,
+//!   so without a token [`EnvRendezvous`] binds the store (and the TCP transport its port) to
+//!   loopback only unless `FERROCCL_STORE_BIND` (`FERROCCL_TCP_BIND`) names an address, and warns.
+//! * A connection that sends nothing within 3 s, sends a frame before `AUTH` or an `AUTH` longer than
 //!   a token (refused on the header, before anything is allocated), an unknown opcode, an oversize
 //!   length, a truncated frame, a key that is not UTF-8 or plain garbage is answered with an `ERROR`
 //!   frame where possible and closed, with a `tracing::warn!`; every other connection keeps being
 //!   served (one thread per connection).
-//! * [`StoreLimits`] bound what clients can take: concurrent connections (1024; one more is sent an
-//!   `ERROR` frame and closed), stored keys and bytes (a `SET`/`ADD` over the limit gets an `ERROR`
+//! * [`StoreLimits`] bound what clients can take: authenticated connections (1024; one more is sent
+//!   an `ERROR` frame after its AUTH and closed, and a [`StoreClient`] retries under its timeout),
+//!   unauthenticated ones separately (256, read by the accept thread without blocking; past it the
+//!   oldest is closed, so silent sockets cannot lock the ranks out), the memory of partly received
+//!   frames over 64 KiB (128 MiB over all connections, reserved on the header; a frame that does
+//!   not fit is discarded with an `ERROR` reply), stored keys and bytes (a `SET`/`ADD` over the limit gets an `ERROR`
 //!   reply, [`Error::Rendezvous`] on the client, and the connection stays usable), and the longest
 //!   wait of one `GET`.
 //! * `GET` waits on the server (a condition variable woken by every `SET`/`ADD`; the map lock is not
@@ -70,7 +76,8 @@ mod store;
 
 pub use store::{
     StoreClient, StoreLimits, StoreServer, DEFAULT_AUTH_TIMEOUT, DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_KEYS,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_KEYS,
+    DEFAULT_MAX_UNAUTHENTICATED,
 };
 
 use std::time::Duration;
@@ -96,7 +103,12 @@ pub const DEFAULT_MASTER_PORT: u16 = 29500;
 /// | `MASTER_ADDR`         | `master_addr` | `127.0.0.1`                   |
 /// | `MASTER_PORT`         | `master_port` | `29500`                       |
 /// | `FERROCCL_TOKEN`      | `token`       | empty (no secret)             |
-/// | `FERROCCL_STORE_BIND` | `bind`        | `0.0.0.0:<MASTER_PORT>`       |
+/// | `FERROCCL_STORE_BIND` | `bind`        | `0.0.0.0:<MASTER_PORT>`; without a token `127.0.0.1:<MASTER_PORT>` |
+///
+/// Without `FERROCCL_TOKEN` the store (and the TCP transport) listen on loopback only, unless
+/// `FERROCCL_STORE_BIND` (`FERROCCL_TCP_BIND`) names an address; a `MASTER_ADDR` that is not a
+/// loopback address then needs a token or an explicit bind, else [`EnvRendezvous::from_env`] is an
+/// [`Error::Config`] naming `FERROCCL_TOKEN` and both fixes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvRendezvous {
     /// This process's rank, `0..world_size` (`RANK`).
@@ -110,9 +122,11 @@ pub struct EnvRendezvous {
     /// Port of the store (`MASTER_PORT`, default 29500).
     pub master_port: u16,
     /// Shared secret presented to the store (`FERROCCL_TOKEN`). The default, the empty string, means
-    /// "no secret": any process that can reach the port can join, so set a token on shared networks.
+    /// "no secret": any process that can reach the port can join, which is why the default bind is
+    /// then loopback only; set a token for multi-node jobs.
     pub token: String,
-    /// Address rank 0's store binds (`FERROCCL_STORE_BIND`, default `0.0.0.0:<MASTER_PORT>`).
+    /// Address rank 0's store binds (`FERROCCL_STORE_BIND`, default `0.0.0.0:<MASTER_PORT>` with a
+    /// token, loopback without one).
     pub bind: String,
 }
 
@@ -225,6 +239,20 @@ impl EnvRendezvous {
                 ))
             }
             Some(raw) => raw.trim().to_string(),
+            // The safe default (issue 19): without a secret, listen on loopback only, so nobody
+            // off this machine can join the job or flood the store.
+            None if token.is_empty() => {
+                if !is_loopback_host(&master_addr) {
+                    return Err(config(
+                        "FERROCCL_TOKEN",
+                        "",
+                        format!(
+                            "unset while MASTER_ADDR={master_addr} is not a loopback address: without a token, anyone who can reach the store's and transport's ports could join the job, so ferroccl only listens on loopback then; set FERROCCL_TOKEN to the same secret on every rank (e.g. export FERROCCL_TOKEN=$(openssl rand -hex 16) in the launch script), or set FERROCCL_STORE_BIND=0.0.0.0:{master_port} to run without one on a network you trust"
+                        ),
+                    ));
+                }
+                join_host_port(loopback_of(&master_addr), master_port)
+            }
             None => format!("0.0.0.0:{master_port}"),
         };
         Ok(Some(EnvRendezvous {
@@ -258,6 +286,13 @@ impl EnvRendezvous {
     /// [`StoreServer::local_addr`] and hand it to the other ranks as their `MASTER_PORT` (this is how
     /// single-machine tests avoid fixed ports).
     pub fn connect(&self, timeout: Duration) -> Result<(Option<StoreServer>, StoreClient)> {
+        if self.token.is_empty() {
+            tracing::warn!(
+                rank = self.rank,
+                bind = %self.bind,
+                "ferroccl: FERROCCL_TOKEN is not set, so the store and the TCP transport accept anyone who can reach their ports; by default they listen on loopback only (set FERROCCL_TOKEN on every rank for a multi-node job)"
+            );
+        }
         if self.rank == 0 {
             // every rank keeps its client for the communicator's lifetime (splits open more):
             // room for the whole job whatever its size, plus strangers and retries
@@ -279,6 +314,23 @@ impl EnvRendezvous {
             let client = StoreClient::connect(&self.store_addr(), &self.token, timeout)?;
             Ok((None, client))
         }
+    }
+}
+
+/// Whether `host` names this machine's loopback interface (`localhost`, 127.0.0.0/8, `::1`).
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The loopback address of the same family as `host` (a loopback host, see [`is_loopback_host`]).
+fn loopback_of(host: &str) -> &'static str {
+    if host.contains(':') {
+        "::1"
+    } else {
+        "127.0.0.1"
     }
 }
 
@@ -319,10 +371,12 @@ mod tests {
         let e = EnvRendezvous::from_lookup(lookup(&ompi)).unwrap().unwrap();
         assert_eq!((e.rank, e.world_size, e.local_rank), (3, 4, 1));
         assert_eq!(e.store_addr(), format!("127.0.0.1:{DEFAULT_MASTER_PORT}"));
-        assert_eq!(e.bind, format!("0.0.0.0:{DEFAULT_MASTER_PORT}"));
+        // no token: loopback only
+        assert_eq!(e.bind, format!("127.0.0.1:{DEFAULT_MASTER_PORT}"));
         // MASTER_* still apply; an explicit LOCAL_RANK wins over Open MPI's.
         let mut v = ompi.to_vec();
         v.extend([
+            ("FERROCCL_TOKEN", "t"),
             ("MASTER_ADDR", "10.0.0.7"),
             ("MASTER_PORT", "31000"),
             ("LOCAL_RANK", "2"),

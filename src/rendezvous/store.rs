@@ -1,9 +1,10 @@
 //! The TCP key/value store: [`StoreServer`] (hosted by rank 0) and [`StoreClient`] (one per rank).
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,8 +15,23 @@ use super::frame::{
 };
 use crate::{Error, Result};
 
-/// How long a new connection may take to send its AUTH frame before the server drops it.
-pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new connection may take to send its AUTH frame before the server drops it: short,
+/// because a real client sends AUTH the moment it connects, and every second a silent socket is kept
+/// is a second it holds a slot of [`StoreLimits::max_unauthenticated`].
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default [`StoreLimits::max_unauthenticated`].
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 256;
+/// Default [`StoreLimits::max_inflight_bytes`] (128 MiB: two frames of the largest size at once).
+pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 128 << 20;
+/// New connections taken per turn of the accept loop before the pending AUTH frames are read, so a
+/// flood of connections cannot keep the server from reading the AUTH of a real client.
+const ACCEPT_BATCH: usize = 32;
+/// Frames up to this size (every ordinary rendezvous request) need no reservation of in-flight
+/// memory, so a full budget never blocks the ranks' own small requests; the bound on partial frames
+/// is therefore `max_inflight_bytes + max_connections × SMALL_FRAME`.
+const SMALL_FRAME: usize = READ_PIECE;
+/// Rejected connections kept at once while their final ERROR frame drains (see [`Closing`]).
+const MAX_CLOSING: usize = 256;
 /// Default [`StoreLimits::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default [`StoreLimits::max_keys`].
@@ -38,8 +54,11 @@ pub struct StoreLimits {
     /// A new connection that has not sent its AUTH frame within this time is dropped (default
     /// [`DEFAULT_AUTH_TIMEOUT`], 10 s).
     pub auth_timeout: Duration,
-    /// Connections served at once (default [`DEFAULT_MAX_CONNECTIONS`]); one more is sent an ERROR
-    /// frame and closed. A job needs one per rank (plus one per split communicator's client, if any).
+    /// Authenticated connections served at once (default [`DEFAULT_MAX_CONNECTIONS`]); one more is
+    /// sent an ERROR frame after its AUTH and closed (a [`StoreClient`] retries until its timeout). A
+    /// job needs one per rank (plus one per split communicator's client, if any). Connections that
+    /// have not authenticated do not count here: they have their own budget,
+    /// [`StoreLimits::max_unauthenticated`], so strangers cannot lock the ranks out.
     pub max_connections: usize,
     /// Keys stored at once (default [`DEFAULT_MAX_KEYS`]); a SET or ADD that would create one more
     /// gets an ERROR reply, and the connection stays usable.
@@ -52,6 +71,20 @@ pub struct StoreLimits {
     /// [`EnvRendezvous::connect`](super::EnvRendezvous::connect) uses its timeout, i.e.
     /// `FERROCCL_TIMEOUT`). A waiting GET whose client disconnects ends at once either way.
     pub max_wait: Duration,
+    /// Connections that have not sent their AUTH frame yet, kept at once (default
+    /// [`DEFAULT_MAX_UNAUTHENTICATED`]). When a new connection arrives with the budget full, the
+    /// *oldest* unauthenticated one is closed, so a flood of silent sockets churns through this
+    /// budget while a real client, which sends AUTH at once, gets through. They cost no thread: the
+    /// accept thread reads their AUTH frames without blocking.
+    pub max_unauthenticated: usize,
+    /// Bytes of partly received request frames over 64 KiB, over all connections (default
+    /// [`DEFAULT_MAX_INFLIGHT_BYTES`]). Each such frame reserves its declared length when its header
+    /// arrives; one that would not fit is refused on the header (its payload is read into a small
+    /// scratch buffer and discarded, the request gets an ERROR reply and the connection stays
+    /// usable), so partial frames cannot take the store past this bound plus 64 KiB per connection,
+    /// however many connections send them. Small frames (every ordinary rendezvous request) need no
+    /// reservation, so a full budget never blocks them.
+    pub max_inflight_bytes: usize,
 }
 
 impl Default for StoreLimits {
@@ -62,6 +95,8 @@ impl Default for StoreLimits {
             max_keys: DEFAULT_MAX_KEYS,
             max_bytes: DEFAULT_MAX_BYTES,
             max_wait: crate::config::DEFAULT_TIMEOUT,
+            max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
         }
     }
 }
@@ -116,6 +151,22 @@ struct Shared {
     shutdown: AtomicBool,
     token: Vec<u8>,
     limits: StoreLimits,
+    /// Bytes reserved by partly received frames (see [`StoreLimits::max_inflight_bytes`]).
+    inflight: AtomicUsize,
+    /// Authenticated connections being served.
+    authed: AtomicUsize,
+}
+
+/// A reservation of in-flight frame memory, returned when the frame has been handled.
+struct Reserved<'a> {
+    shared: &'a Shared,
+    bytes: usize,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.shared.inflight.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -127,6 +178,20 @@ impl Shared {
 
     fn stopping(&self) -> bool {
         self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// Reserve `bytes` of in-flight frame memory, or `None` if that would pass the limit.
+    fn reserve(&self, bytes: usize) -> Option<Reserved<'_>> {
+        let max = self.limits.max_inflight_bytes;
+        self.inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                cur.checked_add(bytes).filter(|&t| t <= max)
+            })
+            .ok()?;
+        Some(Reserved {
+            shared: self,
+            bytes,
+        })
     }
 }
 
@@ -180,6 +245,11 @@ impl StoreServer {
 
     /// Like [`StoreServer::bind`], with explicit [`StoreLimits`].
     pub fn bind_with_limits(addr: &str, token: &str, limits: StoreLimits) -> Result<StoreServer> {
+        if limits.max_unauthenticated == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "rendezvous store on {addr}: StoreLimits::max_unauthenticated is 0, so no client could ever authenticate; use at least a few (default {DEFAULT_MAX_UNAUTHENTICATED})"
+            )));
+        }
         if limits.max_connections == 0 {
             return Err(Error::InvalidArgument(format!(
                 "rendezvous store on {addr}: StoreLimits::max_connections is 0, so no client could connect; use at least one per rank (default {DEFAULT_MAX_CONNECTIONS})"
@@ -206,6 +276,8 @@ impl StoreServer {
             shutdown: AtomicBool::new(false),
             token: token.as_bytes().to_vec(),
             limits,
+            inflight: AtomicUsize::new(0),
+            authed: AtomicUsize::new(0),
         });
         let s = Arc::clone(&shared);
         let accept_thread = std::thread::Builder::new()
@@ -223,6 +295,17 @@ impl StoreServer {
     /// The address actually bound (useful after binding port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Bytes currently reserved by partly received request frames, the quantity
+    /// [`StoreLimits::max_inflight_bytes`] bounds (for monitoring, and the tests that prove the bound).
+    pub fn inflight_bytes(&self) -> usize {
+        self.shared.inflight.load(Ordering::Acquire)
+    }
+
+    /// Authenticated connections being served now (those [`StoreLimits::max_connections`] bounds).
+    pub fn authenticated_connections(&self) -> usize {
+        self.shared.authed.load(Ordering::Acquire)
     }
 }
 
@@ -249,60 +332,293 @@ fn token_too_long(token: &str) -> Error {
     ))
 }
 
-/// Turn away a connection over [`StoreLimits::max_connections`]: an ERROR frame if the socket takes
-/// it at once (it is fresh, so it does), then close. Never blocks the accept thread.
-fn refuse(stream: TcpStream, peer: SocketAddr, max: usize, refused: &mut u64) {
-    *refused += 1;
-    // A flood would otherwise log a line per connection.
-    if refused.is_power_of_two() {
-        tracing::warn!(%peer, refused = *refused, "rendezvous store: {max} connections open (StoreLimits::max_connections); refusing new ones");
-    }
-    let msg = Response::Error(format!(
-        "the store already serves {max} connections, its limit (StoreLimits::max_connections on rank 0); close idle clients or raise the limit"
-    ));
-    if stream.set_nonblocking(true).is_ok() {
-        let _ = (&stream).write(&msg.encode());
-        let _ = stream.shutdown(std::net::Shutdown::Write);
+/// A connection whose AUTH frame has not fully arrived. The accept thread reads these without
+/// blocking, a few bytes at a time, so an unauthenticated peer costs a socket and at most
+/// `HEADER_LEN + MAX_TOKEN_LEN` bytes, never a thread.
+struct Unauthed {
+    stream: TcpStream,
+    peer: SocketAddr,
+    got: Vec<u8>,
+    /// Bytes of the AUTH frame expected in total (the header, then header + token).
+    need: usize,
+    deadline: Instant,
+}
+
+/// What reading an [`Unauthed`] connection gave.
+enum AuthState {
+    /// More bytes are needed.
+    Incomplete,
+    /// A complete AUTH frame carrying this token.
+    Token(Vec<u8>),
+    /// The peer closed; `got` bytes had arrived.
+    Closed(usize),
+    /// Not an AUTH frame; why (sent back in an ERROR frame).
+    Bad(String),
+}
+
+impl Unauthed {
+    /// Read what has arrived, never past the AUTH frame (requests may follow it at once).
+    fn advance(&mut self) -> AuthState {
+        let mut tmp = [0u8; 1024];
+        loop {
+            if self.got.len() == self.need {
+                if self.need > HEADER_LEN {
+                    return AuthState::Token(self.got[HEADER_LEN..].to_vec());
+                }
+                let mut h = [0u8; HEADER_LEN];
+                h.copy_from_slice(&self.got);
+                let (op, len) = match frame::parse_header(&h) {
+                    Ok(x) => x,
+                    Err(why) => return AuthState::Bad(why),
+                };
+                if let Err(why) = check_auth_header(op, len) {
+                    return AuthState::Bad(why);
+                }
+                if len == 0 {
+                    return AuthState::Token(Vec::new());
+                }
+                self.need = HEADER_LEN + len;
+                continue;
+            }
+            let want = (self.need - self.got.len()).min(tmp.len());
+            match self.stream.read(&mut tmp[..want]) {
+                Ok(0) => return AuthState::Closed(self.got.len()),
+                Ok(n) => {
+                    let first = self.got.is_empty();
+                    self.got.extend_from_slice(&tmp[..n]);
+                    if first && self.got[0] != frame::MAGIC {
+                        // Reject garbage on its first byte instead of waiting for a whole header.
+                        let mut h = [0u8; HEADER_LEN];
+                        h[0] = self.got[0];
+                        h[1] = frame::VERSION;
+                        return AuthState::Bad(
+                            frame::parse_header(&h)
+                                .err()
+                                .unwrap_or_else(|| "bad magic byte".into()),
+                        );
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return AuthState::Incomplete,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return AuthState::Bad(format!("socket error: {e}")),
+            }
+        }
     }
 }
 
+/// Before authentication only an AUTH frame of at most [`MAX_TOKEN_LEN`] bytes is read: anything
+/// else is refused on its header, before any payload is read.
+fn check_auth_header(op: u8, len: usize) -> std::result::Result<(), String> {
+    if !frame::is_request_op(op) {
+        return Err(format!("unknown request opcode 0x{op:02x}"));
+    }
+    if !frame::is_auth_op(op) {
+        return Err(format!(
+            "{} before AUTH: the first frame must authenticate",
+            frame::request_name(op)
+        ));
+    }
+    if len > MAX_TOKEN_LEN {
+        return Err(format!(
+            "AUTH payload of {len} bytes exceeds the {MAX_TOKEN_LEN}-byte token limit"
+        ));
+    }
+    Ok(())
+}
+
+/// A connection being turned away: its final frame was written (without blocking) and its write
+/// side shut; what the peer still sends is read and discarded for a short while, because closing a
+/// socket with unread input makes the kernel send a reset that can destroy the reply in flight.
+struct Closing {
+    stream: TcpStream,
+    until: Instant,
+    drained: usize,
+}
+
+/// Write `r` to a fresh non-blocking socket (a few bytes: the socket buffer takes them at once),
+/// half-close it and queue it in `closing` (or drop it at once if that queue is full).
+fn turn_away(stream: TcpStream, r: &Response, closing: &mut VecDeque<Closing>) {
+    let _ = (&stream).write(&r.encode());
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    if closing.len() >= MAX_CLOSING {
+        closing.pop_front();
+    }
+    closing.push_back(Closing {
+        stream,
+        until: Instant::now() + Duration::from_millis(200),
+        drained: 0,
+    });
+}
+
+/// Drain the connections being closed; drop those done (peer closed, drained enough, or late).
+fn drain_closing(closing: &mut VecDeque<Closing>, now: Instant) {
+    let mut sink = [0u8; 4096];
+    closing.retain_mut(|c| loop {
+        if now >= c.until || c.drained >= (1 << 20) {
+            return false;
+        }
+        match c.stream.read(&mut sink) {
+            Ok(0) => return false,
+            Ok(n) => c.drained += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    });
+}
+
+/// Counters for rate-limited warnings (a flood would otherwise log a line per connection).
+#[derive(Default)]
+struct Refusals {
+    evicted: u64,
+    full: u64,
+}
+
+/// The accept thread: takes new connections, reads their AUTH frames without blocking (each has
+/// [`StoreLimits::auth_timeout`]; at most [`StoreLimits::max_unauthenticated`] are kept, the oldest
+/// closed first), and hands each authenticated connection to a thread of its own (at most
+/// [`StoreLimits::max_connections`] at once; one more is refused after its AUTH).
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
-    let mut refused = 0u64;
+    let mut pending: VecDeque<Unauthed> = VecDeque::new();
+    let mut closing: VecDeque<Closing> = VecDeque::new();
+    let mut refused = Refusals::default();
+    let limits = &shared.limits;
     while !shared.stopping() {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                conns.retain(|h| !h.is_finished());
-                if conns.len() >= shared.limits.max_connections {
-                    refuse(stream, peer, shared.limits.max_connections, &mut refused);
-                    continue;
-                }
-                let s = Arc::clone(&shared);
-                let spawned = std::thread::Builder::new()
-                    .name(format!("ferroccl-store-conn-{peer}"))
-                    .spawn(move || serve_connection(stream, peer, s));
-                match spawned {
-                    Ok(h) => conns.push(h),
-                    Err(e) => {
-                        tracing::warn!(%peer, error = %e, "rendezvous store: cannot spawn a connection thread; dropping the connection");
+        let mut busy = false;
+        for _ in 0..ACCEPT_BATCH {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    busy = true;
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        tracing::warn!(%peer, error = %e, "rendezvous store: cannot configure a new connection; dropping it");
+                        continue;
                     }
+                    if pending.len() >= limits.max_unauthenticated {
+                        if let Some(old) = pending.pop_front() {
+                            refused.evicted += 1;
+                            if refused.evicted.is_power_of_two() {
+                                tracing::warn!(peer = %old.peer, evicted = refused.evicted, "rendezvous store: {} connections without AUTH (StoreLimits::max_unauthenticated); closing the oldest", limits.max_unauthenticated);
+                            }
+                            let msg = Response::Error(format!(
+                                "closed before authenticating: {} newer connections are waiting to authenticate (StoreLimits::max_unauthenticated); send AUTH at once after connecting",
+                                limits.max_unauthenticated
+                            ));
+                            turn_away(old.stream, &msg, &mut closing);
+                        }
+                    }
+                    let deadline = Instant::now()
+                        .checked_add(limits.auth_timeout)
+                        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+                    pending.push_back(Unauthed {
+                        stream,
+                        peer,
+                        got: Vec::new(),
+                        need: HEADER_LEN,
+                        deadline,
+                    });
                 }
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => {
-                // E.g. EMFILE or a connection reset before accept: log and keep serving.
-                tracing::warn!(error = %e, "rendezvous store: accept failed");
-                std::thread::sleep(POLL);
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // E.g. EMFILE or a connection reset before accept: log and keep serving.
+                    tracing::warn!(error = %e, "rendezvous store: accept failed");
+                    break;
+                }
             }
         }
+        let now = Instant::now();
+        let mut i = 0;
+        while i < pending.len() {
+            let state = pending[i].advance();
+            if matches!(state, AuthState::Incomplete) && now < pending[i].deadline {
+                i += 1;
+                continue;
+            }
+            busy = true;
+            let Some(u) = pending.remove(i) else { break };
+            match state {
+                AuthState::Incomplete => {
+                    let why = if u.got.is_empty() {
+                        "no AUTH frame arrived in time".to_string()
+                    } else {
+                        format!("frame incomplete after {} bytes", u.got.len())
+                    };
+                    tracing::warn!(peer = %u.peer, "rendezvous store: {why}; dropping connection");
+                    turn_away(u.stream, &Response::Error(why), &mut closing);
+                }
+                AuthState::Closed(0) => {
+                    tracing::debug!(peer = %u.peer, "rendezvous store: connection closed by peer");
+                }
+                AuthState::Closed(got) => {
+                    tracing::warn!(peer = %u.peer, got, "rendezvous store: truncated frame (peer closed mid-frame); dropping connection");
+                }
+                AuthState::Bad(why) => {
+                    tracing::warn!(peer = %u.peer, "rendezvous store: malformed frame ({why}); dropping connection");
+                    let r = Response::Error(format!("malformed frame: {why}"));
+                    turn_away(u.stream, &r, &mut closing);
+                }
+                AuthState::Token(tok) => {
+                    if !frame::constant_time_eq(&tok, &shared.token) {
+                        tracing::warn!(peer = %u.peer, "rendezvous store: wrong token; dropping connection");
+                        turn_away(u.stream, &Response::AuthFailed, &mut closing);
+                        continue;
+                    }
+                    conns.retain(|h| !h.is_finished());
+                    if shared.authed.load(Ordering::Acquire) >= limits.max_connections {
+                        refused.full += 1;
+                        if refused.full.is_power_of_two() {
+                            tracing::warn!(peer = %u.peer, refused = refused.full, "rendezvous store: {} authenticated connections open (StoreLimits::max_connections); refusing new ones", limits.max_connections);
+                        }
+                        let msg = Response::Error(format!(
+                            "the store already serves {} connections, its limit (StoreLimits::max_connections on rank 0); close idle clients or raise the limit",
+                            limits.max_connections
+                        ));
+                        turn_away(u.stream, &msg, &mut closing);
+                        continue;
+                    }
+                    start_serving(u, &shared, &mut conns);
+                }
+            }
+        }
+        drain_closing(&mut closing, now);
         // Reap finished connection threads so a long-lived server does not accumulate handles.
         conns.retain(|h| !h.is_finished());
+        if !busy {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
     drop(listener);
     for h in conns {
         let _ = h.join();
+    }
+}
+
+/// Answer a successful AUTH and serve the connection on a thread of its own.
+fn start_serving(u: Unauthed, shared: &Arc<Shared>, conns: &mut Vec<JoinHandle<()>>) {
+    let Unauthed { stream, peer, .. } = u;
+    // The OK reply is 7 bytes on a fresh socket: the non-blocking write takes it whole.
+    // Counted before the reply, so a client that has its OK is already counted.
+    shared.authed.fetch_add(1, Ordering::AcqRel);
+    let ok = Response::Ok.encode();
+    if !matches!((&stream).write(&ok), Ok(n) if n == ok.len()) {
+        shared.authed.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(%peer, "rendezvous store: cannot answer AUTH; dropping connection");
+        return;
+    }
+    let s = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name(format!("ferroccl-store-conn-{peer}"))
+        .spawn(move || {
+            serve_connection(stream, peer, &s);
+            s.authed.fetch_sub(1, Ordering::AcqRel);
+        });
+    match spawned {
+        Ok(h) => conns.push(h),
+        Err(e) => {
+            shared.authed.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(%peer, error = %e, "rendezvous store: cannot spawn a connection thread; dropping the connection");
+        }
     }
 }
 
@@ -348,20 +664,29 @@ fn read_full(
     Ok(())
 }
 
-/// Read one request. `first_deadline` bounds the wait for the frame to start (None: idle forever);
-/// once it has started, the rest must arrive within [`FRAME_TIMEOUT`] (and by `first_deadline`).
+/// One request read by [`read_request`].
+enum Got<'a> {
+    /// A request, and the in-flight memory its payload reserved (returned once it is handled).
+    Req(Request, Option<Reserved<'a>>),
+    /// A frame refused on its header because its payload would pass
+    /// [`StoreLimits::max_inflight_bytes`]; the payload was read and discarded, the connection stays
+    /// usable, and this is the ERROR reply.
+    Refused(String),
+}
+
+/// Read one request of an authenticated connection, waiting for it as long as it takes (the
+/// connection is idle until the client asks something); once a frame has started, the rest must
+/// arrive within [`FRAME_TIMEOUT`].
 ///
-/// Before authentication (`authed == false`) only an AUTH frame of at most [`MAX_TOKEN_LEN`] bytes
-/// is read: anything else is refused on its header, before any payload is allocated. The payload
-/// buffer grows as bytes arrive, so a length prefix alone cannot allocate [`MAX_PAYLOAD`] either.
-fn read_request(
+/// The payload reserves its declared length of in-flight memory on the header
+/// ([`StoreLimits::max_inflight_bytes`]); a frame that cannot fit is read into a small scratch buffer
+/// and discarded, so the sum of the payload buffers of all connections never passes the bound.
+fn read_request<'a>(
     stream: &mut TcpStream,
-    first_deadline: Option<Instant>,
-    shared: &Shared,
-    authed: bool,
-) -> std::result::Result<Request, Stop> {
+    shared: &'a Shared,
+) -> std::result::Result<Got<'a>, Stop> {
     let mut h = [0u8; HEADER_LEN];
-    read_full(stream, &mut h[..1], 0, first_deadline, shared)?;
+    read_full(stream, &mut h[..1], 0, None, shared)?;
     if h[0] != frame::MAGIC {
         // Reject garbage on its first byte instead of waiting for a whole header that may never come.
         h[1] = frame::VERSION;
@@ -371,27 +696,42 @@ fn read_request(
                 .unwrap_or_else(|| "bad magic byte".into()),
         ));
     }
-    let frame_deadline = Instant::now() + FRAME_TIMEOUT;
-    let deadline = Some(first_deadline.map_or(frame_deadline, |d| d.min(frame_deadline)));
+    let deadline = Some(Instant::now() + FRAME_TIMEOUT);
     read_full(stream, &mut h[1..], 1, deadline, shared)?;
     let (op, len) = frame::parse_header(&h).map_err(Stop::Bad)?;
     if !frame::is_request_op(op) {
         return Err(Stop::Bad(format!("unknown request opcode 0x{op:02x}")));
     }
-    if !authed {
-        if !frame::is_auth_op(op) {
-            return Err(Stop::Bad(format!(
-                "{} before AUTH: the first frame must authenticate",
-                frame::request_name(op)
-            )));
+    let reserved = if len <= SMALL_FRAME {
+        None
+    } else {
+        match shared.reserve(len) {
+            Some(r) => Some(r),
+            None => {
+                let mut scratch = [0u8; 16 << 10];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(scratch.len());
+                    read_full(
+                        stream,
+                        &mut scratch[..n],
+                        HEADER_LEN + len - left,
+                        deadline,
+                        shared,
+                    )?;
+                    left -= n;
+                }
+                return Ok(Got::Refused(format!(
+                    "a {len}-byte {} frame does not fit in the store's memory for frames in flight ({} of {} bytes taken by other connections' partial frames, StoreLimits::max_inflight_bytes on rank 0); retry, or send smaller values",
+                    frame::request_name(op),
+                    shared.inflight.load(Ordering::Acquire),
+                    shared.limits.max_inflight_bytes
+                )));
+            }
         }
-        if len > MAX_TOKEN_LEN {
-            return Err(Stop::Bad(format!(
-                "AUTH payload of {len} bytes exceeds the {MAX_TOKEN_LEN}-byte token limit"
-            )));
-        }
-    }
-    let mut payload = Vec::new();
+    };
+    // Reserved: the whole payload may be allocated at once (it is touched only as bytes arrive).
+    let mut payload = Vec::with_capacity(len);
     while payload.len() < len {
         let start = payload.len();
         payload.resize(start + (len - start).min(READ_PIECE), 0);
@@ -403,7 +743,9 @@ fn read_request(
             shared,
         )?;
     }
-    Request::decode(op, payload).map_err(Stop::Bad)
+    Request::decode(op, payload)
+        .map(|r| Got::Req(r, reserved))
+        .map_err(Stop::Bad)
 }
 
 fn send(stream: &mut TcpStream, r: &Response) -> std::io::Result<()> {
@@ -462,7 +804,8 @@ fn reject(stream: &mut TcpStream, peer: SocketAddr, stage: &str, stop: Stop) {
     }
 }
 
-fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// Serve one authenticated connection (its AUTH was answered by the accept thread).
+fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let setup = stream
         .set_nonblocking(false)
         .and_then(|_| stream.set_nodelay(true))
@@ -472,38 +815,18 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
         tracing::warn!(%peer, error = %e, "rendezvous store: cannot configure connection; dropping it");
         return;
     }
-
-    // Authentication: the very first frame must be AUTH with the right token.
-    let deadline = Instant::now().checked_add(shared.limits.auth_timeout);
-    match read_request(&mut stream, deadline, &shared, false) {
-        Ok(Request::Auth(tok)) => {
-            if !frame::constant_time_eq(&tok, &shared.token) {
-                tracing::warn!(%peer, "rendezvous store: wrong token; dropping connection");
-                send_and_close(&mut stream, &Response::AuthFailed);
-                return;
-            }
-            if send(&mut stream, &Response::Ok).is_err() {
-                return;
-            }
-        }
-        Ok(other) => {
-            tracing::warn!(%peer, request = other.name(), "rendezvous store: request before AUTH; dropping connection");
-            send_and_close(
-                &mut stream,
-                &Response::Error(format!(
-                    "{} before AUTH: the first frame must authenticate",
-                    other.name()
-                )),
-            );
-            return;
-        }
-        Err(stop) => return reject(&mut stream, peer, "AUTH", stop),
-    }
     tracing::debug!(%peer, "rendezvous store: client authenticated");
 
     loop {
-        let req = match read_request(&mut stream, None, &shared, true) {
-            Ok(r) => r,
+        let (req, reserved) = match read_request(&mut stream, shared) {
+            Ok(Got::Req(r, reserved)) => (r, reserved),
+            Ok(Got::Refused(why)) => {
+                tracing::warn!(%peer, "rendezvous store: {why}");
+                if send(&mut stream, &Response::Error(why)).is_err() {
+                    return;
+                }
+                continue;
+            }
             Err(stop) => return reject(&mut stream, peer, "request", stop),
         };
         let resp = match req {
@@ -523,12 +846,16 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
                 }
                 r
             }
-            Request::Get { key, wait_ms } => match wait_for(&shared, &key, wait_ms, &stream) {
-                Some(r) => r,
-                // shutting down (closing tells the client), or the client is gone
-                None => return,
-            },
-            Request::Add { key, delta } => add(&shared, key, delta),
+            Request::Get { key, wait_ms } => {
+                // A GET's payload is its key: nothing of it stays in flight while it waits.
+                drop(reserved);
+                match wait_for(shared, &key, wait_ms, &stream) {
+                    Some(r) => r,
+                    // shutting down (closing tells the client), or the client is gone
+                    None => return,
+                }
+            }
+            Request::Add { key, delta } => add(shared, key, delta),
             Request::Check { key } => Response::Bool(shared.lock().map.contains_key(&key)),
             Request::Delete { key } => Response::Bool(shared.lock().remove(&key)),
         };
@@ -633,6 +960,16 @@ fn add(shared: &Shared, key: String, delta: i64) -> Response {
     }
 }
 
+/// How one connection attempt of [`StoreClient::connect`] failed.
+enum Attempt {
+    /// Nothing answered (refused, unreachable, unresolvable): retry.
+    Unreachable(String),
+    /// The store answered but turned this client away (full, or closed before AUTH): retry.
+    Refused(Error),
+    /// Retrying cannot help (bad address, wrong token, a garbled reply).
+    Fatal(Error),
+}
+
 /// One connection to the rendezvous store.
 ///
 /// Methods take `&self` (a mutex serialises requests on the single connection), so a client can be
@@ -672,8 +1009,11 @@ impl StoreClient {
     /// Connect to the store at `addr` (`host:port`), then authenticate with `token`.
     ///
     /// Connection failures (refused, unreachable, unresolvable host) are retried with backoff until
-    /// `timeout`, because rank 0 may start its server after other ranks start connecting. A wrong token
-    /// gives [`Error::BadToken`]; running out of time gives [`Error::Rendezvous`] quoting the last
+    /// `timeout`, because rank 0 may start its server after other ranks start connecting; so is a
+    /// store that turns the client away (all [`StoreLimits::max_connections`] taken, or a flood of
+    /// unauthenticated sockets pushing this one out before its AUTH was read), since room may free
+    /// up. A wrong token gives [`Error::BadToken`] at once; running out of time gives the last
+    /// refusal ([`Error::Rendezvous`] naming the limit), or [`Error::Rendezvous`] quoting the last
     /// connect error.
     ///
     /// `timeout` also bounds every reply of the store on this connection, beyond the wait a request
@@ -688,43 +1028,82 @@ impl StoreClient {
         let deadline = start.checked_add(timeout);
         let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let mut backoff = Duration::from_millis(10);
-        let mut last_err: Option<String> = None;
-        let stream = 'retry: loop {
-            match addr.to_socket_addrs() {
-                Ok(addrs) => {
-                    for sa in addrs {
-                        let per_try = remaining()
-                            .unwrap_or(Duration::from_secs(5))
-                            .clamp(Duration::from_millis(10), Duration::from_secs(5));
-                        match TcpStream::connect_timeout(&sa, per_try) {
-                            Ok(s) => break 'retry s,
-                            Err(e) => last_err = Some(format!("{sa}: {e}")),
-                        }
-                    }
+        let mut last_err: Option<String>;
+        let mut refusal: Option<Error> = None;
+        loop {
+            match Self::try_connect(addr, token, timeout, remaining().unwrap_or(timeout)) {
+                Ok(c) => return Ok(c),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Unreachable(why)) => last_err = Some(why),
+                // A full store (or one that closed us before our AUTH was read, under a flood of
+                // unauthenticated sockets) may have room a moment later: retry under the timeout.
+                Err(Attempt::Refused(e)) => {
+                    last_err = Some(e.to_string());
+                    refusal = Some(e);
                 }
-                Err(e) if e.kind() == ErrorKind::InvalidInput => {
-                    return Err(Error::Config {
-                        var: "rendezvous address".into(),
-                        value: addr.into(),
-                        why: format!("{e}; expected host:port"),
-                    });
-                }
-                Err(e) => last_err = Some(format!("resolve {addr}: {e}")),
             }
             if remaining().is_some_and(|r| r.is_zero()) {
+                if let Some(e) = refusal {
+                    tracing::warn!(
+                        addr,
+                        "rendezvous: the store kept refusing this client for {:?}",
+                        start.elapsed()
+                    );
+                    return Err(e);
+                }
                 return Err(Error::Rendezvous(format!(
                     "could not connect to the store at {addr} within {:?} (last error: {}); is rank 0 running, and are MASTER_ADDR/MASTER_PORT right?",
                     start.elapsed(),
                     last_err.as_deref().unwrap_or("none")
                 )));
             }
-            tracing::debug!(addr, last_error = ?last_err, "rendezvous: store not reachable yet; retrying");
+            tracing::debug!(addr, last_error = ?last_err, "rendezvous: store not reachable or full yet; retrying");
             std::thread::sleep(backoff.min(remaining().unwrap_or(backoff)));
             backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// One connection attempt: connect (bounded by `left`), then AUTH.
+    fn try_connect(
+        addr: &str,
+        token: &str,
+        timeout: Duration,
+        left: Duration,
+    ) -> std::result::Result<StoreClient, Attempt> {
+        let mut last_err: Option<String> = None;
+        let addrs = match addr.to_socket_addrs() {
+            Ok(a) => a,
+            Err(e) if e.kind() == ErrorKind::InvalidInput => {
+                return Err(Attempt::Fatal(Error::Config {
+                    var: "rendezvous address".into(),
+                    value: addr.into(),
+                    why: format!("{e}; expected host:port"),
+                }));
+            }
+            Err(e) => return Err(Attempt::Unreachable(format!("resolve {addr}: {e}"))),
         };
-        stream
-            .set_nodelay(true)
-            .map_err(|e| Error::io(format!("rendezvous: configure connection to {addr}"), e))?;
+        let mut stream = None;
+        for sa in addrs {
+            let per_try = left.clamp(Duration::from_millis(10), Duration::from_secs(5));
+            match TcpStream::connect_timeout(&sa, per_try) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last_err = Some(format!("{sa}: {e}")),
+            }
+        }
+        let Some(stream) = stream else {
+            return Err(Attempt::Unreachable(
+                last_err.unwrap_or_else(|| format!("{addr} resolved to no address")),
+            ));
+        };
+        stream.set_nodelay(true).map_err(|e| {
+            Attempt::Fatal(Error::io(
+                format!("rendezvous: configure connection to {addr}"),
+                e,
+            ))
+        })?;
         let client = StoreClient {
             addr: addr.to_string(),
             conn: Mutex::new(Conn {
@@ -734,12 +1113,16 @@ impl StoreClient {
             reply_timeout: timeout.max(MIN_REPLY_TIMEOUT),
         };
         let auth = Request::Auth(token.as_bytes().to_vec());
-        match client.request(&auth, Duration::ZERO)? {
-            Response::Ok => Ok(client),
-            Response::AuthFailed => Err(Error::BadToken {
+        match client.request(&auth, Duration::ZERO) {
+            Ok(Response::Ok) => Ok(client),
+            Ok(Response::AuthFailed) => Err(Attempt::Fatal(Error::BadToken {
                 addr: addr.to_string(),
-            }),
-            other => Err(client.unexpected("AUTH", &other)),
+            })),
+            Ok(r @ Response::Error(_)) => Err(Attempt::Refused(client.unexpected("AUTH", &r))),
+            Ok(other) => Err(Attempt::Fatal(client.unexpected("AUTH", &other))),
+            // Closed or reset before the reply: turned away under load (or the store is going).
+            Err(e @ (Error::Rendezvous(_) | Error::Io { .. })) => Err(Attempt::Refused(e)),
+            Err(e) => Err(Attempt::Fatal(e)),
         }
     }
 
