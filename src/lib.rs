@@ -4,8 +4,8 @@
 //! backends — in-process threads ([`local`], the default, no system dependencies), TCP for
 //! torchrun-style launches ([`tcp`]), MPI (feature `mpi`) and NCCL (feature `cuda`) — and, on top,
 //! primitives that compose: bucketed all-reduce ([`bucket`]), Deep Gradient Compression ([`dgc`]),
-//! gradient coding for stragglers ([`coding`]) and a virtual-time cluster simulator ([`sim`]); local
-//! SGD and MoE all-to-all scheduling are to come (ARCHITECTURE.md says where).
+//! gradient coding for stragglers ([`coding`]), local SGD ([`local_sgd`]), MoE all-to-all
+//! dispatch/combine and its scheduling ([`moe`]) and a virtual-time cluster simulator ([`sim`]).
 //!
 //! ```
 //! use ferroccl::prelude::*;
